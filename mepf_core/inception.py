@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -272,7 +273,12 @@ def load_fid_inception(device: str | torch.device = "cpu", *, cache_dir=None) ->
 
 def _as_image_tensor(images) -> torch.Tensor:
     """Validate N x C x H x W (C in {1, 3}), uint8 or float in [0, 1]; no copy of the data."""
-    tensor = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+    if isinstance(images, np.ndarray):
+        with warnings.catch_warnings():  # read-only arrays (np.frombuffer) are fine: never written
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(images)
+    else:
+        tensor = images
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
     if tensor.ndim != 4:

@@ -1,0 +1,35 @@
+"""`custodian-release`: private images -> one noisy embedding release (the sensitive stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows.release_params import ReleaseParams
+from tasks.custodian import calibrate, charge_noise_and_release, check_budget, describe_dataset, extract_shard, reduce_sums
+
+
+class OutputExistsError(FileExistsError):
+    """The release path is taken; releases are never overwritten."""
+
+
+def preflight(params: ReleaseParams) -> None:
+    """Checks that need no private data, so a bad call fails before any work or budget is spent."""
+    out = Path(params.out)
+    if out.exists():
+        raise OutputExistsError(f"{out} already exists; releases are never overwritten, choose another --out")
+    if not out.parent.resolve().is_dir():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist")
+
+
+@flow(name="custodian-release", log_prints=False)
+def custodian_release(params: ReleaseParams) -> dict:
+    """Calibrate, check the budget, extract in shards, reduce, charge, noise once, write."""
+    preflight(params)
+    mechanism = calibrate(params)
+    check_budget(params, mechanism)
+    info = describe_dataset(params)
+    partials = [extract_shard.submit(params, shard) for shard in range(params.shards)]
+    sums = reduce_sums([p.result() for p in partials])
+    return charge_noise_and_release(params, mechanism, sums, info)

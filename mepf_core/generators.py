@@ -1,0 +1,134 @@
+"""The paper's generators: a small conv net for 28x28 grayscale, a ResNet for 32x32 / 64x64 RGB.
+
+Every generator maps a code (one-hot label concatenated with Gaussian noise when labelled, plain
+noise otherwise) to images in [0, 1], the range the feature map expects. Codes are drawn by
+`Generator.sample_codes` from an explicit `torch.Generator`, so a run is reproducible from its seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CODE_DIM = 100  # the paper's code size: K one-hot entries + (100 - K) noise entries when labelled
+MIN_NOISE_DIM = 16  # with many classes the noise part never shrinks below this
+
+
+class Generator(nn.Module):
+    """Base class: owns the code layout (labels + noise) shared by all architectures."""
+
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, labelled: bool):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.num_classes = int(num_classes)
+        self.labelled = bool(labelled)
+        label_dim = self.num_classes if self.labelled else 0
+        self.noise_dim = max(CODE_DIM - label_dim, MIN_NOISE_DIM)
+        self.code_dim = label_dim + self.noise_dim
+
+    def sample_codes(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Codes for one image per entry of `labels` (int64 N; ignored when unlabelled except for N)."""
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        if labels.ndim != 1:
+            raise ValueError(f"labels must be a 1-d tensor, got shape {tuple(labels.shape)}")
+        n = labels.shape[0]
+        device = next(self.parameters()).device
+        # Drawn on the CPU from a CPU generator, then moved: the same codes on every device.
+        noise = torch.randn(n, self.noise_dim, generator=generator).to(device)
+        if not self.labelled:
+            return noise
+        if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(
+                f"labels must be in [0, {self.num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
+            )
+        onehot = F.one_hot(labels.to(device), self.num_classes).to(noise.dtype)
+        return torch.cat([onehot, noise], dim=1)
+
+    def generate(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] (N x C x H x W) for the given labels."""
+        return self(self.sample_codes(labels, generator))
+
+
+class Conv28Generator(Generator):
+    """The paper's 28x28 single-channel generator.
+
+    FC code-500 (BN, ReLU), FC 500-784 (BN, ReLU), reshape 16x7x7, bilinear x2, conv5 16->8 (BN,
+    ReLU), bilinear x2, conv5 8->1, sigmoid.
+    """
+
+    def __init__(self, num_classes: int, labelled: bool, hidden: int = 500, channels: tuple[int, int] = (16, 8)):
+        super().__init__((1, 28, 28), num_classes, labelled)
+        c0, c1 = channels
+        self.c0 = c0
+        self.fc = nn.Sequential(
+            nn.Linear(self.code_dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, c0 * 7 * 7),
+            nn.BatchNorm1d(c0 * 7 * 7),
+            nn.ReLU(inplace=True),
+        )
+        self.conv1 = nn.Sequential(nn.Conv2d(c0, c1, 5, padding=2), nn.BatchNorm2d(c1), nn.ReLU(inplace=True))
+        self.conv2 = nn.Conv2d(c1, 1, 5, padding=2)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        x = self.fc(codes).view(codes.shape[0], self.c0, 7, 7)
+        x = self.conv1(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        x = self.conv2(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        return torch.sigmoid(x)
+
+
+class _UpBlock(nn.Module):
+    """Residual up-block: BN-ReLU-upsample-conv3-BN-ReLU-conv3, plus upsample-conv1x1 skip."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(x, scale_factor=2, mode="nearest")
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+        return h + self.skip(up)
+
+
+class ResNetGenerator(Generator):
+    """The paper's ResNet generator (ngf 64) for 3 x 32 x 32 and 3 x 64 x 64 images.
+
+    Transposed conv from the code to 512 x 4 x 4, then 3 (32x32) or 4 (64x64) residual up-blocks
+    halving the channels, BN-ReLU-conv3 to 3 channels, tanh mapped to [0, 1].
+    """
+
+    def __init__(self, image_size: int, num_classes: int, labelled: bool, ngf: int = 64):
+        super().__init__((3, image_size, image_size), num_classes, labelled)
+        n_blocks = {32: 3, 64: 4}.get(image_size)
+        if n_blocks is None:
+            raise ValueError(f"ResNetGenerator supports image sizes 32 and 64, got {image_size}")
+        channels = [ngf * 8 // 2**i for i in range(n_blocks + 1)]
+        self.project = nn.ConvTranspose2d(self.code_dim, channels[0], 4, 1, 0)
+        self.blocks = nn.Sequential(*[_UpBlock(a, b) for a, b in zip(channels[:-1], channels[1:])])
+        self.out = nn.Sequential(nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True), nn.Conv2d(channels[-1], 3, 3, padding=1))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        x = self.project(codes[:, :, None, None])
+        x = self.out(self.blocks(x))
+        return (torch.tanh(x) + 1.0) * 0.5
+
+
+def build_generator(image_shape: tuple[int, int, int], num_classes: int, labelled: bool) -> Generator:
+    """The paper's generator for this image shape: 1x28x28 -> conv28; 3x32x32 / 3x64x64 -> ResNet."""
+    shape = tuple(int(s) for s in image_shape)
+    if shape == (1, 28, 28):
+        return Conv28Generator(num_classes, labelled)
+    if shape in ((3, 32, 32), (3, 64, 64)):
+        return ResNetGenerator(shape[1], num_classes, labelled)
+    raise ValueError(
+        f"no generator for image shape {shape}; supported: (1, 28, 28), (3, 32, 32), (3, 64, 64)"
+    )

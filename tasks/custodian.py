@@ -1,0 +1,145 @@
+"""Custodian tasks: the only code that touches private images.
+
+Un-noised `FeatureSums` pass between these tasks in memory only: `persist_result=False` and
+`NO_CACHE` keep Prefect from writing them to result storage or hashing them into cache keys, and
+nothing here logs a statistic of the data (not even n, which is private under add-remove).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+
+from flows.release_params import ReleaseParams
+from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
+from mepf_core.encoders import FeatureMap, build_feature_map
+from mepf_core.features import images_to_features
+from mepf_core.privacy.mechanism import ReleaseMechanism, design_mechanism
+from storage.datasets import ImageSource, open_dataset
+from storage.ledger import BudgetLedger
+from storage.release import PartRecord, ReleaseMetadata, embedding_to_release
+
+_PRIVATE = dict(persist_result=False, cache_policy=NO_CACHE)
+
+
+def _source(params: ReleaseParams) -> ImageSource:
+    return open_dataset(params.dataset, params.split, params.data_root)
+
+
+def _feature_map(params: ReleaseParams) -> FeatureMap:
+    return build_feature_map(params.encoder, weights_path=params.encoder_weights)
+
+
+def shard_range(n: int, shard: int, shards: int) -> tuple[int, int]:
+    return n * shard // shards, n * (shard + 1) // shards
+
+
+@task(name="calibrate", persist_result=False)
+def calibrate(params: ReleaseParams) -> ReleaseMechanism:
+    """Sensitivities and autodp calibration: depends on public settings only."""
+    mech = design_mechanism(
+        target_epsilon=params.target_epsilon,
+        target_delta=params.target_delta,
+        relation=params.neighbouring,
+        labelled=params.labelled,
+        moments=params.moments,
+        norm_bound=params.norm_bound,
+        second_moment_bound=params.second_moment_bound,
+        count_share=params.count_share,
+    )
+    get_run_logger().info(
+        "calibrated: epsilon %.4g at delta %.2g, sigmas %s",
+        mech.epsilon, mech.target_delta, {p.name: round(p.sigma, 6) for p in mech.parts},
+    )
+    return mech
+
+
+@task(name="check-budget", persist_result=False)
+def check_budget(params: ReleaseParams, mechanism: ReleaseMechanism) -> None:
+    """Refuse early, before any image is read, if the ledger cannot afford this release."""
+    if params.ledger is None:
+        return
+    ledger = BudgetLedger(params.ledger)
+    if params.budget is not None:
+        ledger.set_budget(params.resolved_dataset_id, epsilon=params.budget)
+    ledger.charge(params.resolved_dataset_id, release_id="(check)", epsilon=mechanism.epsilon,
+                  delta=mechanism.target_delta, noise_multiplier=mechanism.effective_noise_multiplier, record=False)
+
+
+@task(name="describe-dataset", persist_result=False)
+def describe_dataset(params: ReleaseParams) -> dict:
+    """Public facts about the dataset's format (classes, image shape); never its size in logs."""
+    src = _source(params)
+    fm = _feature_map(params)
+    return {"class_names": src.class_names if params.labelled else ("all",), "image_shape": src.image_shape,
+            "feature_dim": fm.feature_dim, "encoder": fm.spec}
+
+
+@task(name="extract-shard", **_PRIVATE)
+def extract_shard(params: ReleaseParams, shard: int) -> FeatureSums:
+    """One streaming pass over a shard: bounded features added into float64 per-class sums."""
+    torch.set_grad_enabled(False)
+    src = _source(params)
+    n = len(src) if params.limit is None else min(params.limit, len(src))
+    start, stop = shard_range(n, shard, params.shards)
+    fm = _feature_map(params)
+    k = src.num_classes if params.labelled else 1
+    sums = FeatureSums.zeros(k, fm.feature_dim, params.moments)
+    bound2 = params.second_moment_bound if params.moments == 2 else None
+    with tqdm(total=stop - start, desc=f"shard {shard + 1}/{params.shards}", unit="img", leave=False) as bar:
+        for images, labels in src.iter_batches(params.batch_size, start, stop):
+            phi1, phi2 = images_to_features(fm, images, norm_bound=params.norm_bound, second_moment_bound=bound2)
+            sums.add(phi1, phi2, labels if params.labelled else None)
+            bar.update(len(images))
+    return sums
+
+
+@task(name="reduce-sums", **_PRIVATE)
+def reduce_sums(partials: list[FeatureSums]) -> FeatureSums:
+    total = partials[0]
+    for p in partials[1:]:
+        total = total.merge(p)
+    return total
+
+
+@task(name="charge-noise-release", persist_result=False, cache_policy=NO_CACHE)
+def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism, sums: FeatureSums,
+                             info: dict) -> dict:
+    """Charge the ledger (fsynced), then draw noise once, then write the release atomically."""
+    n_public = None
+    if not mechanism.part("counts").noised:  # replace-one, unlabelled: n is public by the relation
+        n_public = int(round(float(sums.counts.sum())))
+    parts = tuple(
+        PartRecord(p.name, tuple(sums.parts()[p.name].shape), p.sensitivity, p.sigma,
+                   p.noise_multiplier if p.noised else None)
+        for p in mechanism.parts
+    )
+    meta = ReleaseMetadata(
+        dataset_id=params.resolved_dataset_id, neighbouring=mechanism.relation.value, epsilon=mechanism.epsilon,
+        delta=mechanism.target_delta, target_epsilon=mechanism.target_epsilon, norm_bound=params.norm_bound,
+        second_moment_bound=params.second_moment_bound if params.moments == 2 else None, moments=params.moments,
+        labelled=params.labelled, class_names=tuple(info["class_names"]), image_shape=tuple(info["image_shape"]),
+        encoder=info["encoder"], parts=parts, n_public=n_public,
+    )
+    if params.ledger is not None:
+        BudgetLedger(params.ledger).charge(
+            params.resolved_dataset_id, release_id=meta.release_id, epsilon=mechanism.epsilon,
+            delta=mechanism.target_delta, noise_multiplier=mechanism.effective_noise_multiplier,
+        )
+    noisy = sums_to_noisy_parts(sums, mechanism)
+    path = embedding_to_release(params.out, meta, noisy)
+    get_run_logger().info("release %s written to %s", meta.release_id, path)
+    return {
+        "path": str(Path(path).resolve()),
+        "release_id": meta.release_id,
+        "epsilon": mechanism.epsilon,
+        "delta": mechanism.target_delta,
+        "neighbouring": mechanism.relation.value,
+        "sigmas": {p.name: p.sigma for p in mechanism.parts},
+        "shapes": {name: list(v.shape) for name, v in noisy.items()},
+    }
