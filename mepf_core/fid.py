@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import warnings
 
 import numpy as np
 
@@ -61,7 +62,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     args = [np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2)]
     # pytorch-fid prints (not logs) when it regularises a singular product; route that to logging.
     captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
+    with contextlib.redirect_stdout(captured), warnings.catch_warnings():
+        # pytorch-fid 0.3 passes scipy's deprecated `disp` flag; harmless, and not ours to fix.
+        warnings.filterwarnings("ignore", message="The `disp` argument is deprecated", category=DeprecationWarning)
         distance = float(calculate_frechet_distance(*args))
     if captured.getvalue().strip():
         logger.warning("pytorch-fid: %s", captured.getvalue().strip())

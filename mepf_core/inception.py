@@ -196,7 +196,9 @@ def load_fid_helper_model(path: Path | None = None) -> torch.jit.ScriptModule:
         raise ValueError(
             f"{path} has SHA-1 {sha1}, expected {FID_HELPER_MODEL_SHA1}; reinstall {FID_HELPER_PACKAGE}"
         )
-    return torch.jit.load(str(path), map_location="cpu").eval()
+    with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript loading; still works
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
 
 
 @contextlib.contextmanager

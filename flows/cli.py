@@ -1,0 +1,180 @@
+"""`mepf`: the command line, a thin layer over the flows.
+
+Every subcommand validates its arguments before any work starts, exits non-zero with a one-line
+message on bad input, and with --json prints one JSON object on stdout (logs go to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+logger = logging.getLogger("mepf")
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _emit(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write(human(result) + "\n")
+
+
+# --- release --------------------------------------------------------------------------------------
+
+def _add_release(sub) -> None:
+    p = sub.add_parser("release", help="custodian: private images -> noisy embedding release (spends budget)")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | mnist | cifar10 | celeba | imagefolder:PATH")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--data-root", default=None, help="folder with the dataset files")
+    p.add_argument("--target-epsilon", type=float, required=True)
+    p.add_argument("--target-delta", type=float, default=1e-5)
+    p.add_argument("--out", required=True, help="release file (.h5) to create")
+    p.add_argument("--labelled", action="store_true", help="one embedding per class")
+    p.add_argument("--moments", type=int, default=1, choices=[1, 2])
+    p.add_argument("--encoder", default="efficientnet-lite0")
+    p.add_argument("--encoder-weights", default=None, help="encoder weights file (default: packaged/cached)")
+    p.add_argument("--norm-bound", type=float, default=1.0)
+    p.add_argument("--second-moment-bound", type=float, default=1.0)
+    p.add_argument("--neighbouring", default="add-remove", choices=["add-remove", "replace-one"])
+    p.add_argument("--dataset-id", default=None, help="ledger key (default DATASET:SPLIT)")
+    p.add_argument("--ledger", default=None, help="budget ledger file")
+    p.add_argument("--budget", type=float, default=None, help="total epsilon budget of the dataset")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT images")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_release)
+
+
+def _cmd_release(args) -> dict:
+    from flows.custodian_release import custodian_release, preflight
+    from flows.release_params import ReleaseParams
+
+    params = _model(ReleaseParams, {
+        "dataset": args.dataset, "split": args.split, "data_root": args.data_root, "out": args.out,
+        "target_epsilon": args.target_epsilon, "target_delta": args.target_delta, "labelled": args.labelled,
+        "moments": args.moments, "encoder": args.encoder, "encoder_weights": args.encoder_weights,
+        "norm_bound": args.norm_bound, "second_moment_bound": args.second_moment_bound,
+        "neighbouring": args.neighbouring, "dataset_id": args.dataset_id, "ledger": args.ledger,
+        "budget": args.budget, "batch_size": args.batch_size, "shards": args.shards, "limit": args.limit,
+    })
+    _dataset_available(params.dataset, params.split, params.data_root)
+    preflight(params)
+    result = custodian_release(params)
+    _emit(result, args.json, lambda r: (
+        f"release {r['release_id']} written to {r['path']}\n"
+        f"  epsilon {r['epsilon']:.4f} at delta {r['delta']:g} ({r['neighbouring']})\n"
+        + "\n".join(f"  {k}: sigma {v:.4g}, shape {r['shapes'][k]}" for k, v in r["sigmas"].items())
+    ))
+    return result
+
+
+def _dataset_available(dataset: str, split: str, root: str | None) -> None:
+    from storage.datasets import open_dataset
+
+    open_dataset(dataset, split, root)  # raises DatasetNotFoundError / ValueError with a clear message
+
+
+# --- inspect / budget -----------------------------------------------------------------------------
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="print a release file's metadata (validates checksums)")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_inspect)
+
+
+def _cmd_inspect(args) -> dict:
+    from storage.release import read_release
+
+    rel = read_release(args.file)
+    meta = json.loads(rel.metadata.to_json())
+    _emit(meta, args.json, lambda m: "\n".join(f"{k}: {json.dumps(v)}" for k, v in sorted(m.items())))
+    return meta
+
+
+def _add_budget(sub) -> None:
+    p = sub.add_parser("budget", help="show spent and remaining privacy budget per dataset")
+    p.add_argument("--ledger", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_budget)
+
+
+def _cmd_budget(args) -> dict:
+    from storage.ledger import BudgetLedger
+
+    if not os.path.isfile(args.ledger):
+        raise CliError(f"ledger {args.ledger} does not exist")
+    rows = [b.as_dict() for b in BudgetLedger(args.ledger).summary()]
+    result = {"ledger": args.ledger, "datasets": rows}
+    _emit(result, args.json, lambda r: "\n".join(
+        f"{d['dataset_id']}: spent epsilon {d['spent_epsilon']:.4f} (delta {d['spent_delta']:.2g}) in "
+        f"{d['releases']} release(s); budget {d['budget_epsilon']}, remaining {d['remaining_epsilon']}"
+        for d in r["datasets"]) or "no datasets in this ledger")
+    return result
+
+
+# --- plumbing -------------------------------------------------------------------------------------
+
+def _model(cls, values: dict):
+    from pydantic import ValidationError
+
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        msgs = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'arguments'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise CliError(msgs) from None
+
+
+SUBCOMMANDS: list[Callable] = [_add_release, _add_inspect, _add_budget]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mepf", description="DP-MEPF: private image generation from a noisy feature embedding")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mepf_core.encoders import EncoderWeightsMissingError, UnknownEncoderError
+    from storage.datasets import CorruptImageError, DatasetNotFoundError
+    from storage.ledger import BudgetExceededError, LedgerError
+    from storage.release import ReleaseError
+
+    known = (CliError, ValueError, FileNotFoundError, FileExistsError, PermissionError, UnknownEncoderError,
+             EncoderWeightsMissingError, DatasetNotFoundError, CorruptImageError, BudgetExceededError,
+             LedgerError, ReleaseError)
+    try:
+        args.run(args)
+    except known as exc:
+        sys.stderr.write(f"mepf {args.command}: error: {type(exc).__name__}: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"mepf {args.command}: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

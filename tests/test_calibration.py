@@ -1,0 +1,62 @@
+"""Calibration with autodp: pinned values and a property test that the target is never exceeded."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mepf_core.privacy.calibration import calibrate_parts, effective_noise_multiplier, epsilon_spent
+from mepf_core.privacy.mechanism import design_mechanism
+from mepf_core.privacy.sensitivity import Neighbouring
+
+
+def test_pinned_analytic_gaussian_sigma():
+    # sensitivity 1, delta 1e-5, epsilon 1: the analytic Gaussian mechanism needs sigma = 3.7306
+    assert effective_noise_multiplier(target_epsilon=1.0, target_delta=1e-5) == pytest.approx(3.7306, abs=1e-4)
+
+
+def test_composition_of_gaussians_is_one_gaussian():
+    # two parts with z = 5 each compose to a single Gaussian with z = 5 / sqrt(2)
+    assert epsilon_spent([5.0, 5.0], delta=1e-5) == pytest.approx(epsilon_spent([5 / math.sqrt(2)], delta=1e-5), rel=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    eps=st.floats(0.1, 10.0),
+    delta=st.sampled_from([1e-5, 1e-6]),
+    weights=st.lists(st.floats(0.05, 1.0), min_size=1, max_size=3),
+)
+def test_spent_epsilon_never_exceeds_target(eps, delta, weights):
+    shares = {f"part{i}": w / sum(weights) for i, w in enumerate(weights)}
+    shares[f"part{len(weights) - 1}"] += 1.0 - sum(shares.values())  # exact sum 1 after rounding
+    z = calibrate_parts(shares, target_epsilon=eps, target_delta=delta)
+    spent = epsilon_spent(list(z.values()), delta=delta)
+    assert spent <= eps
+    assert spent >= eps * (1 - 1e-6)  # and it is tight: no budget wasted
+
+
+def test_mechanism_parts_and_sigmas():
+    m = design_mechanism(target_epsilon=1.0, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE, labelled=True,
+                         moments=2, norm_bound=2.0, second_moment_bound=1.0)
+    assert [p.name for p in m.parts] == ["moment1", "moment2", "counts"]
+    assert m.part("moment1").sensitivity == 2.0 and m.part("counts").sensitivity == 1.0
+    assert m.part("moment1").sigma == pytest.approx(2.0 * m.part("moment1").noise_multiplier)
+    assert m.epsilon <= 1.0
+    assert m.effective_noise_multiplier == pytest.approx(3.7306, abs=1e-4)
+    r = design_mechanism(target_epsilon=1.0, target_delta=1e-5, relation=Neighbouring.REPLACE_ONE, labelled=False,
+                         moments=1, norm_bound=1.0, second_moment_bound=1.0)
+    assert not r.part("counts").noised and r.part("moment1").sensitivity == 2.0
+    assert r.part("moment1").noise_multiplier == pytest.approx(3.7306, abs=1e-4)
+
+
+@pytest.mark.parametrize("eps,delta,msg", [
+    (0.0, 1e-5, "epsilon must be a finite number > 0, got 0.0"),
+    (-1.0, 1e-5, "epsilon must be a finite number > 0, got -1.0"),
+    (1.0, 1.5, r"delta must be in \(0, 1\), got 1.5"),
+    (1.0, 0.0, r"delta must be in \(0, 1\), got 0.0"),
+    (float("inf"), 1e-5, "epsilon must be a finite number > 0, got inf"),
+])
+def test_bad_privacy_parameters(eps, delta, msg):
+    with pytest.raises(ValueError, match=msg):
+        effective_noise_multiplier(target_epsilon=eps, target_delta=delta)
