@@ -166,7 +166,16 @@ def read_release(path: str | os.PathLike) -> Release:
         raise
     except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files
         raise ReleaseCorruptError(f"{path} is not a readable release file ({type(exc).__name__}: {exc})") from None
+    try:
+        meta = _validate(path, attrs, arrays)
+    except ReleaseError:
+        raise
+    except Exception as exc:  # damaged attribute bytes: bad UTF-8, non-numeric version, ...
+        raise ReleaseCorruptError(f"{path}: damaged metadata ({type(exc).__name__})") from None
+    return Release(path, meta, arrays)
 
+
+def _validate(path: Path, attrs: dict, arrays: dict[str, np.ndarray]) -> ReleaseMetadata:
     version = attrs.get("schema_version")
     if version is None or "metadata_json" not in attrs or "metadata_sha256" not in attrs:
         missing = [k for k in ("schema_version", "metadata_json", "metadata_sha256") if k not in attrs]
@@ -195,4 +204,4 @@ def read_release(path: str | os.PathLike) -> Release:
     k = meta.num_classes
     if arrays["counts"].shape != (k,) or arrays["moment1"].shape[0] != k:
         raise ReleaseSchemaError(f"{path}: array shapes do not match {k} classes")
-    return Release(path, meta, arrays)
+    return meta

@@ -1,0 +1,100 @@
+"""Synthetic-dataset files round-trip in both formats and are written atomically."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from storage import synthetic
+from storage.synthetic import read_synthetic, write_synthetic
+
+META = {
+    "epsilon": 1.0,
+    "delta": 1e-5,
+    "release_id": "rel-123",
+    "encoder": "efficientnet-lite0",
+    "class_names": ["a", "b", "c"],
+    "steps": 4000,
+}
+
+
+def _data(channels: int, size: int, n: int = 7):
+    rng = np.random.default_rng(channels)
+    images = rng.integers(0, 256, size=(n, channels, size, size), dtype=np.uint8)
+    return images, rng.integers(0, 3, size=n).astype(np.int64)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".parquet"])
+@pytest.mark.parametrize(("channels", "size", "labelled"), [(1, 28, True), (3, 8, False)])
+def test_round_trip(tmp_path, suffix, channels, size, labelled):
+    images, labels = _data(channels, size)
+    path = tmp_path / f"synthetic{suffix}"
+    write_synthetic(path, images, labels if labelled else None, META)
+    got_images, got_labels, got_meta = read_synthetic(path)
+    assert got_images.dtype == np.uint8
+    np.testing.assert_array_equal(got_images, images)
+    if labelled:
+        assert got_labels.dtype == np.int64
+        np.testing.assert_array_equal(got_labels, labels)
+    else:
+        assert got_labels is None
+    assert got_meta == META
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "temporary file left behind"
+
+
+def test_parquet_is_one_png_row_per_image(tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    images, labels = _data(3, 8)
+    path = write_synthetic(tmp_path / "s.parquet", images, labels, META)
+    table = pq.read_table(path)
+    assert table.num_rows == len(images) and table.column_names == ["image", "label"]
+    first = np.asarray(Image.open(io.BytesIO(table.column("image")[0].as_py())))
+    np.testing.assert_array_equal(first, images[0].transpose(1, 2, 0))
+    assert table.column("label").to_pylist() == labels.tolist()
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".parquet"])
+def test_failed_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch, suffix):
+    images, labels = _data(1, 8)
+    path = write_synthetic(tmp_path / f"s{suffix}", images, labels, META)
+    before = path.read_bytes()
+
+    def half_write(tmp, *args):
+        tmp.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(synthetic, "_write_h5" if suffix == ".h5" else "_write_parquet", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_synthetic(path, images[:3], labels[:3], META)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_unknown_extension_is_rejected(tmp_path):
+    images, labels = _data(1, 8)
+    with pytest.raises(ValueError, match=r"must end in one of \('.h5', '.parquet'\), got 'x.npz'"):
+        write_synthetic(tmp_path / "x.npz", images, labels, META)
+    with pytest.raises(ValueError, match="must end in one of"):
+        read_synthetic(tmp_path / "x.csv")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "meta", "message"),
+    [
+        (np.zeros((2, 1, 4, 4), np.float32), None, META, "uint8"),
+        (np.zeros((2, 4, 4), np.uint8), None, META, "N x C x H x W"),
+        (np.zeros((2, 1, 4, 4), np.uint8), np.array([0, 5]), META, "label 5 has no entry in class_names"),
+        (np.zeros((2, 1, 4, 4), np.uint8), np.array([0]), META, r"labels must have shape \(2,\)"),
+        (np.zeros((2, 1, 4, 4), np.uint8), None, {"epsilon": 1.0}, "metadata lacks"),
+        (np.zeros((2, 1, 4, 4), np.uint8), None, {**META, "epsilon": float("inf")}, "JSON"),
+    ],
+)
+def test_bad_input_is_rejected_and_writes_nothing(tmp_path, images, labels, meta, message):
+    with pytest.raises(ValueError, match=message):
+        write_synthetic(tmp_path / "s.h5", images, labels, meta)
+    assert list(tmp_path.iterdir()) == []
