@@ -1,0 +1,66 @@
+"""Evaluation tasks: public data only (a real test split) and the synthetic dataset.
+
+Nothing here feeds back into training or checkpoint choice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import get_run_logger, task
+
+from mepf_core.classifiers import downstream_accuracy
+from mepf_core.fid import activation_statistics, frechet_distance
+from mepf_core.inception import images_to_inception_activations, load_fid_inception
+from storage.datasets import open_dataset
+from storage.metrics import load_or_compute_reference_stats
+from storage.synthetic import read_synthetic
+
+
+def parse_reference(reference: str) -> tuple[str, str]:
+    """'fashion-mnist:test' -> ('fashion-mnist', 'test'); the split defaults to test."""
+    name, _, split = reference.rpartition(":") if reference.endswith((":test", ":train")) else (reference, "", "test")
+    return name, split
+
+
+@task(name="load-synthetic", persist_result=False)
+def load_synthetic(path: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    return read_synthetic(path)
+
+
+@task(name="load-reference", persist_result=False)
+def load_reference(reference: str, data_root: str | None = None, limit: int | None = None):
+    name, split = parse_reference(reference)
+    return open_dataset(name, split, data_root).load_all(limit)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@task(name="fid", persist_result=False)
+def fid_task(synthetic: np.ndarray, reference_images: np.ndarray, reference_key: str, fid_samples: int) -> float:
+    """FID of up to `fid_samples` synthetic images against cached statistics of the reference split."""
+    logger = get_run_logger()
+    model = load_fid_inception(_device())
+    key = f"{reference_key}|n={len(reference_images)}|pytorch-fid-pool3|gray->rgb|bilinear299"
+    mu_r, sigma_r = load_or_compute_reference_stats(key, lambda: activation_statistics(
+        images_to_inception_activations(model, reference_images, device=_device(), progress=True)))
+    acts = images_to_inception_activations(model, synthetic[:fid_samples], device=_device(), progress=True)
+    mu, sigma = activation_statistics(acts)
+    fid = frechet_distance(mu, sigma, mu_r, sigma_r)
+    logger.info("FID %.2f on %d synthetic images against %s", fid, len(acts), reference_key)
+    return fid
+
+
+@task(name="downstream-accuracy", persist_result=False)
+def accuracy_task(train_images, train_labels, test_images, test_labels, classifiers: list[str], seed: int = 0) -> dict:
+    if train_labels is None:
+        raise ValueError("downstream accuracy needs a labelled synthetic dataset (release made with --labelled)")
+    return downstream_accuracy(train_images, train_labels, test_images, test_labels, classifiers=classifiers, seed=seed)
+
+
+def synthetic_path_for(run_dir: str) -> Path:
+    return Path(run_dir) / "synthetic.h5"
