@@ -23,13 +23,21 @@ def preflight(params: ReleaseParams) -> None:
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
 
 
+def extract_sums(params: ReleaseParams):
+    """Fan out one extraction task per shard (on whatever task runner the flow has), then reduce."""
+    partials = [extract_shard.submit(params, shard) for shard in range(params.shards)]
+    return reduce_sums([p.result() for p in partials])
+
+
 @flow(name="custodian-release", log_prints=False)
 def custodian_release(params: ReleaseParams) -> dict:
-    """Calibrate, check the budget, extract in shards, reduce, charge, noise once, write."""
+    """Calibrate, check the budget, extract in shards, reduce, charge, noise once, write.
+
+    Runs unchanged on a Dask cluster: `custodian_release.with_options(task_runner=DaskTaskRunner(...))`.
+    """
     preflight(params)
     mechanism = calibrate(params)
     check_budget(params, mechanism)
     info = describe_dataset(params)
-    partials = [extract_shard.submit(params, shard) for shard in range(params.shards)]
-    sums = reduce_sums([p.result() for p in partials])
+    sums = extract_sums(params)
     return charge_noise_and_release(params, mechanism, sums, info)
