@@ -125,6 +125,137 @@ def _cmd_budget(args) -> dict:
     return result
 
 
+# --- public stage --------------------------------------------------------------------------------
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="public: train a generator from a release file alone")
+    p.add_argument("--release", required=True)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--lr-gen", type=float, default=None)
+    p.add_argument("--lr-mavg", type=float, default=None)
+    p.add_argument("--loss", choices=["mavg", "mmd"], default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--encoder-weights", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_train)
+
+
+def _cmd_train(args) -> dict:
+    from flows.train_generator import TrainParams, train_generator
+
+    values = {"release": args.release, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
+              "device": args.device, "resume": args.resume, "encoder_weights": args.encoder_weights,
+              "lr_gen": args.lr_gen, "lr_mavg": args.lr_mavg, "loss": args.loss,
+              "checkpoint_every": args.checkpoint_every, "seed": args.seed}
+    params = _model(TrainParams, {k: v for k, v in values.items() if v is not None})
+    result = train_generator(params)
+    _emit(result, args.json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
+    return result
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="public: draw a synthetic dataset from a trained run")
+    p.add_argument("--run", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--out", required=True, help="synthetic.h5 or synthetic.parquet")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_sample)
+
+
+def _cmd_sample(args) -> dict:
+    from flows.train_generator import SampleParams, sample
+
+    params = _model(SampleParams, {"run": args.run, "n": args.n, "out": args.out, "seed": args.seed})
+    result = sample(params)
+    _emit(result, args.json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
+    return result
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="public: FID and downstream accuracy on a real test split")
+    p.add_argument("--run", required=True)
+    p.add_argument("--synthetic", default=None, help="synthetic dataset (default RUN/synthetic.h5)")
+    p.add_argument("--reference", default="fashion-mnist:test")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--fid-samples", type=int, default=5000)
+    p.add_argument("--fid-reference", type=int, default=None, help="real images for the FID statistics")
+    p.add_argument("--classifiers", default="logreg,mlp,cnn")
+    p.add_argument("--train-samples", type=int, default=None)
+    p.add_argument("--ceiling", action="store_true", help="also train on real training images")
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> dict:
+    from flows.evaluate import EvaluateParams, evaluate
+    from tasks.evaluation import synthetic_path_for
+
+    params = _model(EvaluateParams, {
+        "run": args.run, "synthetic": args.synthetic, "reference": args.reference, "data_root": args.data_root,
+        "fid_samples": args.fid_samples, "fid_reference": args.fid_reference, "classifiers": args.classifiers,
+        "train_samples": args.train_samples, "ceiling": args.ceiling, "out": args.out})
+    synthetic = params.synthetic or str(synthetic_path_for(params.run))
+    if not os.path.isfile(synthetic):
+        raise CliError(f"{synthetic} does not exist; draw it first with `mepf sample --run {params.run} --n N --out {synthetic}`")
+    result = evaluate(params)
+    _emit(result, args.json, _metrics_text)
+    return result
+
+
+def _metrics_text(r: dict) -> str:
+    lines = [f"report: {r['report']}"]
+    lines += [f"  {k}: {v:.4f}" for k, v in r["metrics"].items()]
+    lines += [f"  ceiling {k}: {v:.4f}" for k, v in r.get("ceiling", {}).items()]
+    return "\n".join(lines)
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="the whole pipeline: release -> train -> sample -> evaluate")
+    p.add_argument("--config", default=None, help="YAML or JSON file with the pipeline's parameters")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--target-epsilon", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_run)
+
+
+def _cmd_run(args) -> dict:
+    import yaml
+
+    from flows.pipeline import PipelineParams, dp_mepf_pipeline
+
+    values: dict = {}
+    if args.config is not None:
+        if not os.path.isfile(args.config):
+            raise CliError(f"config file {args.config} does not exist")
+        with open(args.config) as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise CliError(f"config file {args.config} is not valid YAML/JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise CliError(f"config file {args.config} must hold a mapping of parameters")
+    overrides = {"out_dir": args.out_dir, "target_epsilon": args.target_epsilon, "steps": args.steps}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    params = _model(PipelineParams, values)
+    try:
+        params.stage_params()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    result = dp_mepf_pipeline(params)
+    _emit(result, args.json, lambda r: (
+        f"release:  {r['release']} (epsilon {r['epsilon']:.3g}, delta {r['delta']:g})\n"
+        f"run:      {r['run']['run_dir']}\nsamples:  {r['samples']['path']}\n" + _metrics_text(r)))
+    return result
+
+
 # --- plumbing -------------------------------------------------------------------------------------
 
 def _model(cls, values: dict):
@@ -140,7 +271,14 @@ def _model(cls, values: dict):
         raise CliError(msgs) from None
 
 
-SUBCOMMANDS: list[Callable] = [_add_release, _add_inspect, _add_budget]
+def _add_audit(sub) -> None:
+    from flows.cli_audit import add_audit_subcommand
+
+    add_audit_subcommand(sub)
+
+
+SUBCOMMANDS: list[Callable] = [_add_release, _add_inspect, _add_budget, _add_train, _add_sample, _add_evaluate,
+                               _add_run, _add_audit]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ class EvaluateParams(BaseModel):
     data_root: str | None = None
     out: str = Field(..., description="folder for metrics.parquet, metrics.json, report.md, metrics.png")
     fid_samples: int = Field(5000, ge=0, description="synthetic images for FID (0: skip FID)")
+    fid_reference: int | None = Field(None, ge=100, description="real images for the FID statistics (default all)")
     classifiers: tuple[str, ...] = ("logreg", "mlp", "cnn")
     train_samples: int | None = Field(None, ge=100, description="synthetic images to train classifiers on (default all)")
     ceiling: bool = Field(False, description="also train the classifiers on real training images")
@@ -60,7 +61,8 @@ def evaluate(params: EvaluateParams) -> dict:
     test_images, test_labels = load_reference(params.reference, params.data_root)
     metrics: dict[str, float] = {}
     if params.fid_samples > 0:
-        metrics["fid"] = fid_task(images, test_images, params.reference, params.fid_samples)
+        reference_images = test_images[: params.fid_reference] if params.fid_reference else test_images
+        metrics["fid"] = fid_task(images, reference_images, params.reference, params.fid_samples)
     n = params.train_samples or len(images)
     if params.classifiers:
         accs = accuracy_task(images[:n], None if labels is None else labels[:n], test_images, test_labels,

@@ -46,7 +46,7 @@ def _fit_quietly(model, x: np.ndarray, y: np.ndarray, name: str):
 
 
 def logreg_accuracy(train_x, train_y, test_x, test_y, *, num_classes: int, seed: int,
-                    max_iter: int = 300) -> float:
+                    max_iter: int = 200) -> float:
     """Multinomial logistic regression (L-BFGS) on pixels in [0, 1]."""
     from sklearn.linear_model import LogisticRegression
 
@@ -190,7 +190,8 @@ CLASSIFIERS: dict[str, ClassifierFn] = {
 
 def _check_images(images, name: str) -> None:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise ValueError(f"{name} must be a uint8 numpy array, got {getattr(images, 'dtype', type(images).__name__)}")
+        got = getattr(images, "dtype", type(images).__name__)
+        raise ValueError(f"{name} must be a uint8 numpy array, got {got}")
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"{name} must be N x C x H x W with C in {{1, 3}}, got shape {images.shape}")
     if images.shape[0] == 0:

@@ -64,7 +64,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured), warnings.catch_warnings():
         # pytorch-fid 0.3 passes scipy's deprecated `disp` flag; harmless, and not ours to fix.
-        warnings.filterwarnings("ignore", message="The `disp` argument is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The `disp` argument is deprecated",
+                                category=DeprecationWarning)
         distance = float(calculate_frechet_distance(*args))
     if captured.getvalue().strip():
         logger.warning("pytorch-fid: %s", captured.getvalue().strip())

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import pickle
 import tempfile
 import threading
 import warnings
@@ -263,10 +264,15 @@ def load_fid_inception(device: str | torch.device = "cpu", *, cache_dir=None) ->
     from pytorch_fid.inception import InceptionV3
 
     path = provision_fid_weights(cache_dir)
-    with _pytorch_fid_reads(lambda: torch.load(path, map_location="cpu", weights_only=True)):
-        model = InceptionV3(
-            [InceptionV3.BLOCK_INDEX_BY_DIM[POOL3_DIM]], resize_input=True, normalize_input=True
-        )
+    try:
+        with _pytorch_fid_reads(lambda: torch.load(path, map_location="cpu", weights_only=True)):
+            model = InceptionV3(
+                [InceptionV3.BLOCK_INDEX_BY_DIM[POOL3_DIM]], resize_input=True, normalize_input=True
+            )
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise RuntimeError(
+            f"cannot load FID Inception weights from {path} ({err}); delete it to re-provision"
+        ) from err
     return model.to(device).eval()
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from mepf_core.encoders import EncoderSpec, FeatureMap, build_feature_map
 from mepf_core.features import bound_norm, second_moment
+from mepf_core.fused_encoder import fuse_feature_map
 
 
 class EncoderMismatchError(ValueError):
@@ -43,16 +44,29 @@ class PublicFeatureMap(nn.Module):
 
     The same map as the custodian's `images_to_features` (phi_1 = bound_norm(raw, C1), phi_2 =
     bound_norm(phi_1 ** 2, C2)), but differentiable and in float32: generated images are already
-    in [0, 1], and the public side needs gradients, not the custodian's float64 sums.
+    in [0, 1], and the public side needs gradients, not the custodian's float64 sums. With
+    `fused` (the default) the raw features come from the batch-norm-folded copy of the encoder,
+    checked equal to float32 rounding when built.
     """
 
-    def __init__(self, feature_map: FeatureMap, *, norm_bound: float, second_moment_bound: float | None, moments: int):
+    def __init__(
+        self,
+        feature_map: FeatureMap,
+        *,
+        norm_bound: float,
+        second_moment_bound: float | None,
+        moments: int,
+        fused: bool = True,
+    ):
         super().__init__()
         if moments not in (1, 2):
             raise ValueError(f"moments must be 1 or 2, got {moments}")
         if moments == 2 and second_moment_bound is None:
             raise ValueError("second_moment_bound is required when moments = 2, got None")
         self.feature_map = feature_map
+        # the batch-norm-folded copy computes the same function, faster (see fused_encoder.py)
+        fast = fuse_feature_map(feature_map) if fused else None
+        self.raw = fast if fast is not None else feature_map
         self.norm_bound = float(norm_bound)
         self.second_moment_bound = None if second_moment_bound is None else float(second_moment_bound)
         self.moments = moments
@@ -62,7 +76,7 @@ class PublicFeatureMap(nn.Module):
         return self.feature_map.spec
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        raw = self.feature_map(images).float()
+        raw = self.raw(images).float()
         phi1 = bound_norm(raw, self.norm_bound)
         if self.moments == 1:
             return {"moment1": phi1}
@@ -76,10 +90,13 @@ def build_public_map(
     second_moment_bound: float | None,
     moments: int,
     weights_path: str | os.PathLike | None = None,
+    fused: bool = True,
 ) -> PublicFeatureMap:
     """Rebuild the release's feature map here and check it against the recorded spec."""
     fm = build_feature_map(
         encoder.name, weights_path=weights_path, random_init=encoder.random_init, image_size=encoder.image_size
     )
     check_encoder(encoder, fm.spec)
-    return PublicFeatureMap(fm, norm_bound=norm_bound, second_moment_bound=second_moment_bound, moments=moments)
+    return PublicFeatureMap(
+        fm, norm_bound=norm_bound, second_moment_bound=second_moment_bound, moments=moments, fused=fused
+    )

@@ -52,6 +52,8 @@ class MetricRow:
             raise ValueError(f"value of {self.run}/{self.metric} must be finite, got {self.value}")
         if self.epsilon is not None and not self.epsilon > 0:
             raise ValueError(f"epsilon of {self.run} must be positive or None, got {self.epsilon}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"delta of {self.run} must be in (0, 1) or None, got {self.delta}")
         if self.steps < 0:
             raise ValueError(f"steps of {self.run} must be non-negative, got {self.steps}")
 
@@ -156,7 +158,8 @@ def _plot(rows: list[MetricRow], path: Path) -> None:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, (label, wanted) in zip(axes, groups):
             for metric in dict.fromkeys(r.metric for r in rows if wanted(r.metric)):
-                private = sorted((r.epsilon, r.value) for r in rows if r.metric == metric and r.epsilon is not None)
+                private = sorted((r.epsilon, r.value) for r in rows
+                                 if r.metric == metric and r.epsilon is not None)
                 line = ax.plot(*zip(*private), marker="o", label=metric)[0] if private else None
                 for r in rows:
                     if r.metric == metric and r.epsilon is None:
@@ -224,8 +227,11 @@ def _valid_stats(mu, sigma, where: str) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def load_or_compute_reference_stats(key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]],
-                                    cache_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_or_compute_reference_stats(
+    key: str,
+    compute: Callable[[], tuple[np.ndarray, np.ndarray]],
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """FID statistics (mu, sigma) of a real split, computed once per key and then read from disk.
 
     ``key`` must name everything the statistics depend on (dataset, split, preprocessing). The key is

@@ -101,7 +101,8 @@ def _write_h5(tmp: Path, images: np.ndarray, labels, meta_json: str) -> None:
     import h5py
 
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("images", data=images, compression="gzip", chunks=(min(len(images), 256), *images.shape[1:]))
+        chunks = (min(len(images), 256), *images.shape[1:])
+        f.create_dataset("images", data=images, compression="gzip", chunks=chunks)
         if labels is not None:
             f.create_dataset("labels", data=labels)
         f.attrs[_META_ATTR] = meta_json
@@ -162,7 +163,7 @@ def _read_parquet(path: Path):
 
     table = pq.read_table(path)
     meta = table.schema.metadata or {}
-    if _META_ATTR.encode() not in meta or _SHAPE_KEY.encode() not in meta or "image" not in table.column_names:
+    if not {_META_ATTR.encode(), _SHAPE_KEY.encode()} <= set(meta) or "image" not in table.column_names:
         raise ValueError(f"{path} is not a synthetic dataset (needs column 'image' and schema metadata)")
     if table.num_rows == 0:
         raise ValueError(f"{path} holds no images")

@@ -44,7 +44,7 @@ def fashion_accuracy(fashion):
 
 @pytest.mark.parametrize("name", ["logreg", "mlp", "cnn"])
 def test_classifier_trained_on_real_fashion_mnist_is_sane(fashion_accuracy, name):
-    # Seen when written (3k train / 1k test, seed 0): logreg 0.824, mlp 0.841, cnn 0.832.
+    # Seen when written (3k train / 1k test, seed 0): logreg 0.822, mlp 0.841, cnn 0.832.
     assert fashion_accuracy[name] > 0.7, f"{name} accuracy {fashion_accuracy[name]:.3f}"
 
 
@@ -62,11 +62,12 @@ def test_training_is_deterministic_and_leaves_caller_rng_alone(fashion):
 def test_resnet9_learns_a_separable_rgb_task():
     # Class = which colour channel is bright; trivially separable, so a working net gets ~100%.
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 3, size=240)
-    images = rng.integers(0, 80, size=(240, 3, 32, 32)).astype(np.uint8)
-    images[np.arange(240), labels] += 150
-    accuracy = resnet9_accuracy(images[:180], labels[:180], images[180:], labels[180:], num_classes=3,
-                                seed=0, epochs=2, batch_size=32, width=8)
+    labels = rng.integers(0, 3, size=480)
+    images = rng.integers(0, 80, size=(480, 3, 32, 32)).astype(np.uint8)
+    images[np.arange(480), labels] += 150
+    # 3 epochs of 12 steps: enough for batch-norm running statistics to settle (1.0 seen for seeds 0-4).
+    accuracy = resnet9_accuracy(images[:360], labels[:360], images[360:], labels[360:], num_classes=3,
+                                seed=0, epochs=3, batch_size=32, width=8)
     assert accuracy > 0.9
 
 

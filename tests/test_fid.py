@@ -161,7 +161,8 @@ def test_activations_of_grayscale_uint8_match_manual_preprocessing(fid_model):
     with torch.inference_mode():
         manual = fid_model(torch.from_numpy(rgb))[0].reshape(2, -1).numpy()
     np.testing.assert_allclose(acts, manual, atol=1e-4)
-    as_float = inception.images_to_inception_activations(fid_model, gray.astype(np.float32) / 255.0)
+    as_float = inception.images_to_inception_activations(fid_model, gray.astype(np.float32) / 255.0,
+                                                         progress=True)
     np.testing.assert_allclose(acts, as_float, atol=1e-4)
 
 

@@ -1,0 +1,70 @@
+"""`mepf audit`: check the release path's privacy claim empirically (registered by flows.cli).
+
+Exit status 0 when the empirical lower bound does not exceed the claimed epsilon, 1 when it does
+(the claim is refuted), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+
+def add_audit_subcommand(sub) -> None:
+    p = sub.add_parser("audit", help="draw many releases of neighbouring datasets and bound epsilon from below")
+    p.add_argument("--epsilon", type=float, default=1.0, help="target epsilon of the audited release")
+    p.add_argument("--delta", type=float, default=1e-5, help="target delta, in (0, 1)")
+    p.add_argument("--draws", type=int, default=None, help="releases per dataset and mechanism (default 5000)")
+    p.add_argument("--neighbouring", default="add-remove", choices=["add-remove", "replace-one"])
+    p.add_argument("--labelled", action="store_true", help="audit a labelled release (two classes)")
+    p.add_argument("--moments", type=int, default=1, choices=[1, 2])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_cmd_audit)
+
+
+def _validate(args) -> None:
+    from flows.cli import CliError
+
+    if not (math.isfinite(args.epsilon) and args.epsilon > 0):
+        raise CliError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
+    if not 0 < args.delta < 1:
+        raise CliError(f"--delta must be in (0, 1), got {args.delta}")
+    if args.draws is not None and args.draws < 100:
+        raise CliError(f"--draws must be >= 100, got {args.draws}")
+
+
+def _human(r: dict) -> str:
+    lines = [
+        f"audit of the {r['neighbouring']} release path ({r['encoder']}, D={r['feature_dim']}, "
+        f"{'labelled' if r['labelled'] else 'unlabelled'}, moments={r['moments']}): {r['draws']} releases "
+        f"per dataset",
+        f"  claimed epsilon {r['claimed_epsilon']:.4f} at delta {r['delta']:g}",
+        f"  empirical lower bound {r['empirical_epsilon_lower_bound']:.4f} "
+        f"({r['confidence']:.0%} CI {_interval(r['ci'])}, test {r['bound']['test']})",
+        f"  {'PASS' if r['pass'] else 'FAIL'}: the lower bound {'does not exceed' if r['pass'] else 'exceeds'} the claim",
+    ]
+    for b in r.get("broken_releases", []):
+        lines.append(f"  broken release {b['bug']}: lower bound {b['lower_bound']:.4f} "
+                     f"({'caught' if b['caught'] else 'not caught'})")
+    lines.append(f"  {r['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def _interval(ci: list) -> str:
+    return f"[{ci[0]:.4f}, {'inf' if ci[1] is None else format(ci[1], '.4f')}]"
+
+
+def _cmd_audit(args) -> dict:
+    from flows.cli import _emit
+    from mepf_core.privacy.sensitivity import Neighbouring
+    from tasks.audit import DEFAULT_DRAWS, run_audit
+
+    _validate(args)
+    report = run_audit(target_epsilon=args.epsilon, target_delta=args.delta,
+                       draws=args.draws if args.draws is not None else DEFAULT_DRAWS,
+                       relation=Neighbouring(args.neighbouring), labelled=args.labelled, moments=args.moments)
+    _emit(report, args.json, _human)
+    if not report["pass"]:
+        sys.stdout.flush()
+        raise SystemExit(1)
+    return report

@@ -1,0 +1,285 @@
+"""Training a generator to match a released embedding: pure torch, no files, no real data.
+
+The loop draws class-balanced labels and codes from one seeded `torch.Generator`, so a run is a
+function of (release, config); `Trainer.state_dict()` holds everything that trajectory depends on
+(generator, optimisers, moving-average gaps, step, RNG state), and loading it continues the same
+trajectory bit-for-bit on the CPU. Checkpoints are chosen by a criterion computed from the release
+alone: the distance between the mean embedding of a fixed-seed sample and the released one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from mepf_core.generators import Generator, build_generator
+from mepf_core.losses import LOSS_MODES, MatchingLoss, class_means, class_weight_matrix
+from mepf_core.public_map import PublicFeatureMap
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("constant", "cosine")
+CRITERION_SEED = 2_147_483_647  # fixed codes for the selection criterion, independent of the run seed
+CRITERION_CHUNK = 500  # images per no-grad forward pass when evaluating the criterion or sampling
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run besides the release (saved in every checkpoint)."""
+
+    steps: int  # total generator updates; a resumed run continues up to this many
+    batch_size: int = 100  # generated images per step (the paper: 100 for MNIST/FMNIST, 128 otherwise)
+    lr_gen: float = 1e-3  # generator Adam learning rate (peak value under a schedule)
+    lr_mavg: float = 1e-3  # Adam learning rate of the moving-average gaps ("LRmavg"; "mavg" loss only)
+    beta1: float = 0.5  # Adam beta1 of the generator (the paper: 0.5)
+    loss: str = "mavg"  # "mavg" (moving-average gap, the paper's) or "mmd" (plain squared distance)
+    lr_schedule: str = "constant"  # "constant" or "cosine" (decays lr_gen to 0 at `steps`)
+    seed: int = 0  # seeds the generator's initial weights and every code and label drawn in training
+    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
+    mixed_precision: bool = True  # autocast to bfloat16 on cuda where supported; ignored on cpu
+    checkpoint_every: int = 500  # steps between checkpoints (the criterion is evaluated at each)
+    eval_samples: int = 2000  # fixed-seed, class-balanced images behind the selection criterion
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "eval_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be an integer > 0, got {value!r}")
+        for name in ("lr_gen", "lr_mavg"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not 0 <= self.beta1 < 1:
+            raise ValueError(f"beta1 must be in [0, 1), got {self.beta1!r}")
+        if self.loss not in LOSS_MODES:
+            raise ValueError(f"loss must be one of {LOSS_MODES}, got {self.loss!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
+        return cls(**d)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cuda" without a GPU is an error, not a fallback."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch sees no CUDA device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ...: n labels, class counts differing by at most one."""
+    return torch.arange(n) % num_classes
+
+
+@torch.no_grad()
+def generate(generator: Generator, labels: torch.Tensor, *, seed: int, chunk: int = CRITERION_CHUNK) -> torch.Tensor:
+    """Images (CPU, float32 in [0, 1]) for `labels`, codes from `seed`, batch norm in eval mode."""
+    rng = torch.Generator().manual_seed(seed)
+    was_training = generator.training
+    generator.eval()
+    try:
+        return torch.cat([generator.generate(labels[i : i + chunk], rng).float().cpu() for i in range(0, len(labels), chunk)])
+    finally:
+        generator.train(was_training)
+
+
+class Trainer:
+    """A generator, its optimiser, the matching loss and the RNG: one resumable training run."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        feature_map: PublicFeatureMap,
+        targets: dict[str, np.ndarray | torch.Tensor],
+        *,
+        image_shape: tuple[int, int, int],
+        labelled: bool,
+    ):
+        self.config = config
+        self.device = resolve_device(config.device)
+        k = int(np.shape(targets["moment1"])[0])
+        if config.batch_size < k:
+            raise ValueError(f"batch_size must be >= the number of classes ({k}) to match every class, got {config.batch_size}")
+        self.num_classes = k
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left untouched
+            torch.manual_seed(config.seed)
+            self.generator = build_generator(image_shape, k, labelled).to(self.device)
+        self.feature_map = feature_map.to(self.device)
+        self.loss = MatchingLoss(
+            {name: torch.as_tensor(t, dtype=torch.float32, device=self.device) for name, t in targets.items()},
+            mode=config.loss,
+            lr_mavg=config.lr_mavg,
+        )
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr_gen, betas=(config.beta1, 0.999))
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.amp_dtype = (
+            torch.bfloat16
+            if config.mixed_precision and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            else None
+        )
+        self.step = 0
+        self.history: list[float] = []  # squared distance of each step's batch, step 1 first
+        self.criteria: list[tuple[int, float]] = []  # (step, criterion) at each checkpoint
+        self.best_criterion = math.inf
+        self.best_step = 0
+        self.train_seconds = 0.0  # wall time spent in training steps, all sessions together
+        self._pending: list[torch.Tensor] = []
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def _learning_rate(self, step: int) -> float:
+        if self.config.lr_schedule == "constant":
+            return self.config.lr_gen
+        progress = min(step / self.config.steps, 1.0)
+        return self.config.lr_gen * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def _step_labels(self) -> torch.Tensor:
+        """Class-balanced labels; which classes get the B mod K extra examples is drawn at random."""
+        perm = torch.randperm(self.num_classes, generator=self.rng)
+        return perm[balanced_labels(self.config.batch_size, self.num_classes)]
+
+    def train_step(self) -> torch.Tensor:
+        """One generator update; returns the batch's squared distance (detached, on the device)."""
+        labels = self._step_labels()
+        codes = self.generator.sample_codes(labels, self.rng)
+        weights = class_weight_matrix(labels, self.num_classes).to(self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._learning_rate(self.step)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else contextlib.nullcontext()
+        )
+        with autocast:
+            features = self.feature_map(self.generator(codes))
+        loss, distance = self.loss(class_means({k: f.float() for k, f in features.items()}, weights))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return distance
+
+    def _flush_history(self) -> None:
+        if self._pending:
+            self.history.extend(torch.stack(self._pending).cpu().tolist())
+            self._pending.clear()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def train(
+        self,
+        until: int | None = None,
+        on_checkpoint: Callable[["Trainer", bool], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        """Train up to step `until` (default: config.steps), evaluating and calling
+        `on_checkpoint(trainer, is_best)` every `checkpoint_every` steps and at the end."""
+        from tqdm.auto import tqdm
+
+        until = self.config.steps if until is None else until
+        if not isinstance(until, int) or until <= 0:
+            raise ValueError(f"until must be an integer > 0, got {until!r}")
+        self.generator.train()
+        bar = tqdm(total=until, initial=self.step, disable=not progress, desc="train", unit="step", mininterval=1.0)
+        try:
+            while self.step < until:
+                start = time.perf_counter()
+                self._pending.append(self.train_step())
+                self.train_seconds += time.perf_counter() - start
+                bar.update(1)
+                if len(self._pending) >= 25:
+                    self._flush_history()
+                    bar.set_postfix(loss=f"{self.history[-1]:.3e}", refresh=False)
+                if self.step % self.config.checkpoint_every == 0 or self.step == until:
+                    self._flush_history()
+                    is_best = self.evaluate()
+                    if on_checkpoint is not None:
+                        on_checkpoint(self, is_best)
+        finally:
+            self._flush_history()
+            bar.close()
+
+    # --- selection criterion (release only) -------------------------------------------------
+
+    @torch.no_grad()
+    def criterion(self) -> float:
+        """Squared distance between a fixed-seed sample's class means and the released means."""
+        labels = balanced_labels(self.config.eval_samples, self.num_classes)
+        rng = torch.Generator().manual_seed(CRITERION_SEED)
+        sums = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in self.loss.targets.items()}
+        counts = torch.zeros(self.num_classes, dtype=torch.float64, device=self.device)
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            for i in range(0, len(labels), CRITERION_CHUNK):
+                chunk = labels[i : i + CRITERION_CHUNK]
+                onehot = torch.nn.functional.one_hot(chunk, self.num_classes).to(self.device, torch.float64).T
+                features = self.feature_map(self.generator.generate(chunk, rng))
+                for name in sums:
+                    sums[name] += onehot @ features[name].double()
+                counts += onehot.sum(dim=1)
+        finally:
+            self.generator.train(was_training)
+        return float(sum(((sums[n] / counts[:, None] - self.loss.targets[n].double()) ** 2).sum() for n in sums))
+
+    def evaluate(self) -> bool:
+        """Record the criterion at the current step; True when it is the best so far."""
+        value = self.criterion()
+        self.criteria.append((self.step, value))
+        is_best = value < self.best_criterion
+        if is_best:
+            self.best_criterion, self.best_step = value, self.step
+        return is_best
+
+    # --- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        self._flush_history()
+        return {
+            "step": self.step,
+            "generator": self.generator.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "loss": self.loss.state_dict(),
+            "rng": self.rng.get_state(),
+            "history": list(self.history),
+            "criteria": [list(c) for c in self.criteria],
+            "best_criterion": self.best_criterion,
+            "best_step": self.best_step,
+            "train_seconds": self.train_seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss.load_state_dict(state["loss"])
+        self.rng.set_state(state["rng"])
+        self.step = int(state["step"])
+        self.history = [float(v) for v in state["history"]]
+        self.criteria = [(int(s), float(v)) for s, v in state["criteria"]]
+        self.best_criterion = float(state["best_criterion"])
+        self.best_step = int(state["best_step"])
+        self.train_seconds = float(state["train_seconds"])
+        self._pending = []

@@ -1,0 +1,328 @@
+"""Audit runner: many real releases of two worst-case neighbouring datasets, through the production path.
+
+Features come from `images_to_features` with the production encoder, sums from `FeatureSums.add`,
+the mechanism from `design_mechanism` (autodp calibration) and every release from
+`sums_to_noisy_parts` (os.urandom noise). Only the data are small: public Fashion-MNIST test images
+stand in for the private set, and labelled audits use two classes, because noise on rows that the
+differing record cannot touch changes nothing in the test and costs os.urandom time per draw.
+
+Not a Prefect task: nothing private is read, and Prefect's start-up would cost more than the draws.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from mepf_core.embedding import FeatureSums, mean_embeddings, sums_to_noisy_parts
+from mepf_core.encoders import FeatureMap, build_feature_map
+from mepf_core.features import images_to_features
+from mepf_core.privacy.audit import (ShiftTest, audit_epsilon, clopper_pearson, clustered_bootstrap_auc,
+                                     gaussian_auc, max_auc, roc_auc, tpr_at_fpr)
+from mepf_core.privacy.mechanism import ReleaseMechanism, design_mechanism
+from mepf_core.privacy.sensitivity import Neighbouring
+from storage.datasets import open_dataset
+
+DEFAULT_DRAWS = 5000  # per hypothesis and mechanism: about 40 s for the whole audit on 2 cores
+AUDIT_CLASSES = 2
+BASE_SIZE = 16  # records of D; their number does not change the sums' sensitivity
+REFERENCE_SIZE = 1000  # public test images whose class means calibrate the membership attack
+
+
+@dataclass(frozen=True, repr=False)
+class Neighbours:
+    """Un-noised sums of D and of its neighbour D' (computed the custodian's way)."""
+
+    base: FeatureSums
+    neighbour: FeatureSums
+    description: str
+
+
+def public_images(n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n Fashion-MNIST images of a public split, in [0, 1], with their labels."""
+    images, labels = next(open_dataset("fashion-mnist", split).iter_batches(n))
+    return images, labels
+
+
+def dataset_sums(feature_map: FeatureMap, images: torch.Tensor, labels: torch.Tensor | None, *, classes: int,
+                 moments: int, norm_bound: float, second_moment_bound: float, batch_size: int = 64) -> FeatureSums:
+    """Per-class sums exactly as `tasks.custodian.extract_shard` computes them (bounded, batched)."""
+    sums = FeatureSums.zeros(classes, feature_map.feature_dim, moments)
+    bound2 = second_moment_bound if moments == 2 else None
+    for lo in range(0, len(images), batch_size):
+        phi1, phi2 = images_to_features(feature_map, images[lo:lo + batch_size], norm_bound=norm_bound,
+                                        second_moment_bound=bound2)
+        sums.add(phi1, phi2, None if labels is None else labels[lo:lo + batch_size])
+    return sums
+
+
+def _extreme_images(like: torch.Tensor) -> torch.Tensor:
+    """Records an adversary would pick as the differing one: blank, saturated, checkerboard, inverted."""
+    shape = like.shape[1:]
+    checker = ((torch.arange(shape[-1])[None, :] + torch.arange(shape[-2])[:, None]) % 2).float()
+    return torch.stack([torch.zeros(shape), torch.ones(shape), checker.expand(shape), 1.0 - like[0]])
+
+
+def _replace_one_choice(phi: torch.Tensor, labels: torch.Tensor, base_size: int, sigma: dict[str, float],
+                        labelled: bool) -> tuple[int, int, int]:
+    """(record j of D, candidate index, its new label) maximising the claimed-noise shift of the sums.
+
+    Shift^2 = |phi_new - phi_j|^2 / s1^2 (same class) or (|phi_new|^2 + |phi_j|^2) / s1^2 + 2 / sc^2
+    (class changes). Computed from first-moment features: the second moment follows the same records.
+    """
+    s1, sc = sigma["moment1"], sigma.get("counts", 0.0)
+    best, choice = -1.0, (0, base_size, int(labels[0]))
+    for j, c in itertools.product(range(base_size), range(len(phi))):
+        if c == j:
+            continue
+        for y in (range(AUDIT_CLASSES) if labelled else (int(labels[j]),)):
+            if y == int(labels[j]):
+                shift2 = float(((phi[c] - phi[j]) ** 2).sum()) / s1**2
+            else:
+                shift2 = float((phi[c] ** 2).sum() + (phi[j] ** 2).sum()) / s1**2 + (2 / sc**2 if sc > 0 else 0)
+            if shift2 > best:
+                best, choice = shift2, (j, c, y)
+    return choice
+
+
+def neighbouring_sums(feature_map: FeatureMap, mechanism: ReleaseMechanism, *, labelled: bool, moments: int,
+                      norm_bound: float, second_moment_bound: float, base_size: int = BASE_SIZE) -> Neighbours:
+    """Worst-case neighbours under the mechanism's relation.
+
+    add-remove: D' = D plus one real record; every record with non-zero features moves each sum by
+    exactly its norm bound and its class count by 1, so any canary attains the sensitivity.
+    replace-one: record j of D is replaced by the candidate (real or extreme image, any label) that
+    moves the sums most; real features are never exactly antipodal, so the 2C bound is not reached.
+    """
+    images, labels = public_images(base_size + 1)
+    labels = labels % AUDIT_CLASSES if labelled else torch.zeros_like(labels)
+    classes = AUDIT_CLASSES if labelled else 1
+    kw = dict(classes=classes, moments=moments, norm_bound=norm_bound, second_moment_bound=second_moment_bound)
+    base_images, base_labels = images[:base_size], labels[:base_size]
+    base = dataset_sums(feature_map, base_images, base_labels, **kw)
+    if mechanism.relation is Neighbouring.ADD_REMOVE:
+        neighbour = dataset_sums(feature_map, images, labels, **kw)
+        return Neighbours(base, neighbour, "add-remove: D plus one Fashion-MNIST test image")
+    pool = torch.cat([images, _extreme_images(images)])
+    pool_labels = torch.cat([labels, labels[: len(pool) - len(images)]])
+    phi, _ = images_to_features(feature_map, pool, norm_bound=norm_bound)
+    sigma = {p.name: p.sigma for p in mechanism.parts}
+    j, c, y = _replace_one_choice(phi, pool_labels, base_size, sigma, labelled)
+    swapped, swapped_labels = base_images.clone(), base_labels.clone()
+    swapped[j], swapped_labels[j] = pool[c], y
+    neighbour = dataset_sums(feature_map, swapped, swapped_labels, **kw)
+    return Neighbours(base, neighbour, f"replace-one: record {j} of D replaced by candidate {c} with label {y}")
+
+
+def broken_mechanisms(mechanism: ReleaseMechanism) -> dict[str, ReleaseMechanism]:
+    """Deliberately wrong versions of `mechanism`, each a bug the audit must be able to catch.
+
+    counts-unnoised: the class counts released exactly (the reference code's flaw); when the counts
+    are exact legitimately, the first moment is left un-noised instead. sigma-halved: every
+    sensitivity under-estimated by 2, so every sigma is half the calibrated one.
+    """
+    victim = "counts" if mechanism.part("counts").noised else "moment1"
+    unnoised = tuple(replace(p, sensitivity=0.0) if p.name == victim else p for p in mechanism.parts)
+    halved = tuple(replace(p, sensitivity=p.sensitivity / 2) for p in mechanism.parts)
+    return {f"{victim}-unnoised": replace(mechanism, parts=unnoised),
+            "sigma-halved": replace(mechanism, parts=halved)}
+
+
+def draw_scores(sums: FeatureSums, mechanism: ReleaseMechanism, test: ShiftTest, draws: int) -> dict[str, np.ndarray]:
+    """`draws` independent releases of `sums`, each reduced to the test's scores."""
+    out = {name: np.empty(draws) for name in test.names}
+    for i in range(draws):
+        for name, value in test.scores(sums_to_noisy_parts(sums, mechanism)).items():
+            out[name][i] = value
+    return out
+
+
+def _audit_one(neighbours: Neighbours, drawn: ReleaseMechanism, test: ShiftTest, draws: int, delta: float,
+               confidence: float):
+    null = draw_scores(neighbours.base, drawn, test, draws)
+    alternative = draw_scores(neighbours.neighbour, drawn, test, draws)
+    return audit_epsilon(null, alternative, delta=delta, confidence=confidence)
+
+
+def _validate_run(draws: int, confidence: float, moments: int) -> None:
+    if not (isinstance(draws, int) and not isinstance(draws, bool) and draws >= 100):
+        raise ValueError(f"draws must be an integer >= 100, got {draws!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if moments not in (1, 2):
+        raise ValueError(f"moments must be 1 or 2, got {moments!r}")
+
+
+def run_audit(*, target_epsilon: float = 1.0, target_delta: float = 1e-5, draws: int = DEFAULT_DRAWS,
+              relation: Neighbouring = Neighbouring.ADD_REMOVE, labelled: bool = False, moments: int = 1,
+              norm_bound: float = 1.0, second_moment_bound: float = 1.0, confidence: float = 0.95,
+              broken: bool = True, feature_map: FeatureMap | None = None) -> dict:
+    """Audit the claimed epsilon of the production release path; with `broken`, show the test's power.
+
+    PASS when the empirical lower bound does not exceed the claimed epsilon. The power check draws
+    the same neighbours from each `broken_mechanisms` variant: the audit is shown able to catch a
+    bug when the first variant's lower bound exceeds the claim.
+    """
+    _validate_run(draws, confidence, moments)
+    started = time.perf_counter()
+    mechanism = design_mechanism(target_epsilon=target_epsilon, target_delta=target_delta, relation=relation,
+                                 labelled=labelled, moments=moments, norm_bound=norm_bound,
+                                 second_moment_bound=second_moment_bound)
+    fm = feature_map if feature_map is not None else build_feature_map("efficientnet-lite0")
+    neighbours = neighbouring_sums(fm, mechanism, labelled=labelled, moments=moments, norm_bound=norm_bound,
+                                   second_moment_bound=second_moment_bound)
+    base, other = neighbours.base.parts(), neighbours.neighbour.parts()
+    test = ShiftTest(base, {k: other[k] - base[k] for k in base}, {p.name: p.sigma for p in mechanism.parts})
+    bound = _audit_one(neighbours, mechanism, test, draws, target_delta, confidence)
+    claim = mechanism.epsilon
+    report = {
+        "claimed_epsilon": claim,
+        "target_epsilon": target_epsilon,
+        "delta": target_delta,
+        "neighbouring": relation.value,
+        "labelled": labelled,
+        "moments": moments,
+        "encoder": fm.spec.name,
+        "feature_dim": fm.feature_dim,
+        "neighbours": neighbours.description,
+        "draws": draws,
+        "shift": test.joint_shift,  # in noise standard deviations; 1 / z for worst-case neighbours
+        "shift_bound": 1.0 / mechanism.effective_noise_multiplier,
+        "empirical_epsilon_lower_bound": bound.lower,
+        "ci": [bound.lower, bound.upper],
+        "confidence": confidence,
+        "bound": bound.as_dict(),
+        "pass": bound.lower <= claim,
+    }
+    if broken:
+        rows = []
+        for bug, drawn in broken_mechanisms(mechanism).items():
+            b = _audit_one(neighbours, drawn, test, draws, target_delta, confidence)
+            rows.append({"bug": bug, "lower_bound": b.lower, "ci": [b.lower, b.upper], "test": b.test,
+                         "caught": b.lower > claim})
+        report["broken_releases"] = rows
+        report["broken_release_lower_bound"] = rows[0]["lower_bound"]
+        report["power_shown"] = rows[0]["caught"]
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+# --- membership inference against the release ---------------------------------------------------
+
+def _membership_stats(table: np.ndarray, members: int, *, fpr: float, confidence: float,
+                      rng: np.random.Generator) -> dict:
+    """AUC (bootstrap interval over releases and candidates) and TPR at `fpr` (Clopper-Pearson)."""
+    member_scores, nonmember_scores = table[:, :members], table[:, members:]
+    tp, n1, fp, n0 = tpr_at_fpr(member_scores, nonmember_scores, fpr=fpr)
+    tpr_lo, tpr_hi = clopper_pearson(tp, n1, confidence=confidence)
+    fpr_lo, fpr_hi = clopper_pearson(fp, n0, confidence=confidence)
+    return {
+        "releases": table.shape[0],
+        "auc": roc_auc(member_scores, nonmember_scores),
+        "auc_ci": list(clustered_bootstrap_auc(member_scores, nonmember_scores, rng=rng, confidence=confidence)),
+        "fpr_target": fpr,
+        "tpr": tp / n1,
+        "tpr_ci": [float(tpr_lo), float(tpr_hi)],
+        "fpr": fp / n0,
+        "fpr_ci": [float(fpr_lo), float(fpr_hi)],
+    }
+
+
+def membership_inference(*, members: int = 100, target_epsilon: float = 1.0, target_delta: float = 1e-5,
+                         releases: int = 40, fpr: float = 1e-3, confidence: float = 0.95, seed: int = 0,
+                         feature_map: FeatureMap | None = None) -> dict:
+    """Membership inference against a labelled release of Fashion-MNIST training images.
+
+    Members are the first `members` training images, non-members the next `members`; the release
+    (10 classes, first moment, add-remove) is drawn `releases` times through the production path.
+    The attack is distance-based: a candidate scores high when its bounded features are closer to
+    its class's released mean embedding than to the mean of public test images of that class (the
+    reference cancels how typical the image is, leaving the member's own contribution). "control"
+    runs the same attack on the un-noised means, to show the attack has power.
+    """
+    if members < 10 or releases < 2:
+        raise ValueError(f"need members >= 10 and releases >= 2, got {members} and {releases}")
+    fm = feature_map if feature_map is not None else build_feature_map("efficientnet-lite0")
+    source = open_dataset("fashion-mnist", "train")
+    images, labels = next(source.iter_batches(2 * members))
+    ref_images, ref_labels = next(open_dataset("fashion-mnist", "test").iter_batches(REFERENCE_SIZE))
+    mechanism = design_mechanism(target_epsilon=target_epsilon, target_delta=target_delta,
+                                 relation=Neighbouring.ADD_REMOVE, labelled=True, moments=1,
+                                 norm_bound=1.0, second_moment_bound=1.0)
+    kw = dict(classes=source.num_classes, moments=1, norm_bound=1.0, second_moment_bound=1.0)
+    phi = torch.cat([images_to_features(fm, images[lo:lo + 64], norm_bound=1.0)[0]
+                     for lo in range(0, len(images), 64)])
+    sums = FeatureSums.zeros(source.num_classes, fm.feature_dim, 1)
+    sums.add(phi[:members], None, labels[:members])  # the members, accumulated the custodian's way
+    reference = mean_embeddings(dataset_sums(fm, ref_images, ref_labels, **kw).parts())["moment1"]
+    phi, rows = phi.numpy(), labels.numpy()
+    typicality = ((phi - reference[rows]) ** 2).sum(1)
+
+    def scores(release: dict[str, np.ndarray]) -> np.ndarray:
+        return typicality - ((phi - mean_embeddings(release)["moment1"][rows]) ** 2).sum(1)
+
+    rng = np.random.default_rng(seed)
+    noisy = np.stack([scores(sums_to_noisy_parts(sums, mechanism)) for _ in range(releases)])
+    shift = 1.0 / mechanism.effective_noise_multiplier
+    return {
+        "epsilon": mechanism.epsilon,
+        "delta": target_delta,
+        "members": members,
+        "auc_max_for_claim": max_auc(mechanism.epsilon, target_delta),  # any (eps, delta)-DP release
+        "tpr_max_for_claim": min(1.0, math.exp(mechanism.epsilon) * fpr + target_delta),
+        "auc_optimal_gaussian": gaussian_auc(shift),  # the best test against this exact mechanism
+        "attack": _membership_stats(noisy, members, fpr=fpr, confidence=confidence, rng=rng),
+        "control": _membership_stats(scores(sums.parts())[None, :], members, fpr=fpr, confidence=confidence,
+                                     rng=rng),
+    }
+
+
+def synthetic_membership_inference(*, members: int = 100, target_epsilon: float = 1.0, target_delta: float = 1e-5,
+                                   steps: int = 100, batch_size: int = 100, samples: int = 1000, fpr: float = 1e-3,
+                                   confidence: float = 0.95, seed: int = 0,
+                                   feature_map: FeatureMap | None = None) -> dict:
+    """Distance-to-nearest-synthetic-sample attack on a generator trained (briefly) on the release.
+
+    Same members and non-members as `membership_inference`; one release at `target_epsilon`, a
+    public-stage `Trainer` run of `steps` steps on its mean embeddings, then `samples`
+    class-balanced synthetic images. A candidate scores high when a synthetic image is close to it
+    in pixel space (the attack on generators that memorise). A smoke test: one release, one run.
+    """
+    from mepf_core.public_map import PublicFeatureMap
+    from mepf_core.training import TrainConfig, Trainer, balanced_labels, generate
+
+    if members < 10 or steps < 1 or samples < 10:
+        raise ValueError(f"need members >= 10, steps >= 1, samples >= 10, got {members}, {steps}, {samples}")
+    fm = feature_map if feature_map is not None else build_feature_map("efficientnet-lite0")
+    source = open_dataset("fashion-mnist", "train")
+    images, labels = next(source.iter_batches(2 * members))
+    mechanism = design_mechanism(target_epsilon=target_epsilon, target_delta=target_delta,
+                                 relation=Neighbouring.ADD_REMOVE, labelled=True, moments=1,
+                                 norm_bound=1.0, second_moment_bound=1.0)
+    sums = dataset_sums(fm, images[:members], labels[:members], classes=source.num_classes, moments=1,
+                        norm_bound=1.0, second_moment_bound=1.0)
+    targets = mean_embeddings(sums_to_noisy_parts(sums, mechanism))
+    config = TrainConfig(steps=steps, batch_size=batch_size, checkpoint_every=steps, eval_samples=100, device="cpu",
+                         seed=seed)
+    public_map = PublicFeatureMap(fm, norm_bound=1.0, second_moment_bound=None, moments=1)
+    trainer = Trainer(config, public_map, targets, image_shape=source.image_shape, labelled=True)
+    trainer.train(progress=False)
+    synthetic = generate(trainer.generator, balanced_labels(samples, source.num_classes), seed=seed + 1)
+    distances = torch.cdist(images.flatten(1).double(), synthetic.flatten(1).double()).min(dim=1).values
+    table = (-distances).numpy()[None, :]
+    return {
+        "epsilon": mechanism.epsilon,
+        "delta": target_delta,
+        "members": members,
+        "steps": steps,
+        "samples": samples,
+        "auc_max_for_claim": max_auc(mechanism.epsilon, target_delta),
+        "tpr_max_for_claim": min(1.0, math.exp(mechanism.epsilon) * fpr + target_delta),
+        "attack": _membership_stats(table, members, fpr=fpr, confidence=confidence,
+                                    rng=np.random.default_rng(seed)),
+    }

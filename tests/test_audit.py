@@ -1,0 +1,170 @@
+"""Privacy audit: the statistics are right, the production path keeps its claim, the test has power,
+and a membership-inference attack finds no more than the claim allows."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from flows import cli
+from flows.cli_audit import add_audit_subcommand
+from mepf_core.privacy.audit import (ShiftTest, audit_epsilon, clopper_pearson, epsilon_from_rates, gaussian_auc,
+                                     max_auc, roc_auc, tpr_at_fpr)
+from mepf_core.privacy.calibration import epsilon_spent
+from mepf_core.privacy.sensitivity import Neighbouring
+from tasks.audit import membership_inference, run_audit, synthetic_membership_inference
+from tests.helpers import lite0
+
+# --- statistics ----------------------------------------------------------------------------------
+
+
+def test_clopper_pearson_pinned():
+    lo, hi = clopper_pearson(5, 10)
+    assert (float(lo), float(hi)) == pytest.approx((0.187086, 0.812914), abs=1e-6)
+    lo, hi = clopper_pearson(np.array([0, 10]), 10)
+    assert hi[0] == pytest.approx(1 - 0.025 ** (1 / 10)) and lo[0] == 0.0  # closed forms at the edges
+    assert lo[1] == pytest.approx(0.025 ** (1 / 10)) and hi[1] == 1.0
+    with pytest.raises(ValueError, match="successes"):
+        clopper_pearson(11, 10)
+
+
+def test_epsilon_from_rates():
+    assert float(epsilon_from_rates(0.01, 0.5, delta=0.0)) == pytest.approx(math.log(50))
+    assert float(epsilon_from_rates(0.5, 0.01, delta=0.0)) == pytest.approx(math.log(50))  # the other inequality
+    assert float(epsilon_from_rates(0.5, 0.5, delta=0.0)) == 0.0  # random guessing certifies nothing
+    assert float(epsilon_from_rates(0.0, 0.0, delta=1e-5)) == math.inf  # a perfect test: no DP at all
+    with pytest.raises(ValueError, match="delta"):
+        epsilon_from_rates(0.1, 0.1, delta=1.5)
+
+
+@pytest.mark.parametrize("shift", [0.27, 0.54, 1.0, 2.0])
+def test_bound_never_exceeds_the_true_epsilon_of_a_gaussian(shift):
+    """Scores with a known shift are a Gaussian mechanism with z = 1 / shift: its exact epsilon (autodp)
+    bounds what any sound audit may certify."""
+    rng = np.random.default_rng(int(shift * 100))
+    n = 20_000
+    null = {"joint": rng.normal(-shift / 2, 1, n)}
+    alt = {"joint": rng.normal(shift / 2, 1, n)}
+    bound = audit_epsilon(null, alt, delta=1e-5)
+    true_eps = epsilon_spent([1 / shift], delta=1e-5)
+    assert 0 <= bound.lower <= true_eps
+    assert bound.upper is None or bound.lower <= bound.upper
+    if shift >= 1.0:  # enough signal for 20k draws to certify a non-trivial epsilon
+        assert bound.lower > 1.0
+
+
+def test_a_part_without_noise_is_caught_by_its_own_test():
+    n = 1000
+    null = {"joint": np.random.default_rng(0).normal(-0.13, 1, n), "counts": np.full(n, -0.04)}
+    alt = {"joint": np.random.default_rng(1).normal(0.13, 1, n), "counts": np.full(n, 0.04)}
+    bound = audit_epsilon(null, alt, delta=1e-5)
+    assert bound.test == "counts" and bound.false_positives == bound.false_negatives == 0
+    assert bound.lower > 4 and bound.upper is None and bound.hypotheses == 2 * 15
+
+
+def test_shift_test_scores_are_centred_at_minus_half_the_shift():
+    centre = {"moment1": np.zeros((1, 4)), "counts": np.array([3.0])}
+    diff = {"moment1": np.array([[0.6, 0.8, 0, 0]]), "counts": np.array([1.0])}
+    test = ShiftTest(centre, diff, {"moment1": 2.0, "counts": 4.0})
+    assert test.shifts["moment1"] == pytest.approx(0.5) and test.shifts["counts"] == pytest.approx(0.25)
+    assert test.joint_shift == pytest.approx(math.hypot(0.5, 0.25))
+    at_d = test.scores(centre)
+    at_d_prime = test.scores({k: centre[k] + diff[k] for k in centre})
+    for name, m in test.shifts.items():
+        assert at_d[name] == pytest.approx(-m / 2) and at_d_prime[name] == pytest.approx(m / 2)
+    with pytest.raises(ValueError, match="claimed sigma"):
+        ShiftTest(centre, diff, {"moment1": 2.0, "counts": 0.0})
+
+
+def test_membership_statistics():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.5, 1, 300), rng.normal(0, 1, 400)
+    a[:20] = b[:20]  # ties across groups
+    assert roc_auc(a, b) == pytest.approx(roc_auc_score(np.r_[np.ones(300), np.zeros(400)], np.r_[a, b]))
+    tp, n1, fp, n0 = tpr_at_fpr(np.arange(10.0), np.arange(1000.0) / 100, fpr=0.01)
+    assert (tp, n1, fp, n0) == (0, 10, 10, 1000)  # threshold 9.89: ten non-members above, no member
+    assert max_auc(0.0, 0.0) == pytest.approx(0.5) and max_auc(1.0, 0.0) == pytest.approx(math.e / (1 + math.e))
+    grid = np.linspace(0, 1, 200_001)
+    numeric = np.minimum.reduce([math.exp(1) * grid + 1e-3, 1 - math.exp(-1) * (1 - 1e-3 - grid), np.ones_like(grid)])
+    assert max_auc(1.0, 1e-3) == pytest.approx(float(np.trapezoid(numeric, grid)), abs=1e-8)
+    assert gaussian_auc(0.0) == 0.5
+
+
+# --- the production release path -----------------------------------------------------------------
+
+
+def test_audit_passes_and_catches_unnoised_counts():
+    report = run_audit(draws=1000, feature_map=lite0())
+    assert report["claimed_epsilon"] <= 1.0 and report["claimed_epsilon"] == pytest.approx(1.0, abs=1e-6)
+    assert report["shift"] == pytest.approx(report["shift_bound"], rel=1e-9)  # add-remove: the bound is attained
+    assert report["pass"] and report["empirical_epsilon_lower_bound"] <= report["claimed_epsilon"]
+    bugs = {b["bug"]: b for b in report["broken_releases"]}
+    assert bugs["counts-unnoised"]["caught"] and bugs["counts-unnoised"]["lower_bound"] > 3
+    assert report["broken_release_lower_bound"] == bugs["counts-unnoised"]["lower_bound"]
+
+
+def test_replace_one_audit_stays_within_the_sensitivity():
+    report = run_audit(draws=300, relation=Neighbouring.REPLACE_ONE, labelled=True, moments=2, broken=False,
+                       feature_map=lite0())
+    assert 0 < report["shift"] <= report["shift_bound"] * (1 + 1e-9)
+    assert report["pass"]
+
+
+def test_membership_inference_at_epsilon_1():
+    """The attack separates members from non-members of an un-noised release (control) far beyond
+    what any (1, 1e-5)-DP release allows, and finds no such signal in the real release."""
+    r = membership_inference(feature_map=lite0())
+    attack, control = r["attack"], r["control"]
+    assert control["auc_ci"][0] > r["auc_max_for_claim"]  # the attack has power
+    assert control["tpr_ci"][0] > r["tpr_max_for_claim"]
+    assert attack["auc_ci"][1] < r["auc_max_for_claim"]  # and the release keeps its claim
+    assert attack["tpr_ci"][0] <= r["tpr_max_for_claim"]
+    assert attack["auc_ci"][0] < 0.575  # at most the optimal test's AUC against this exact mechanism
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _main(argv, monkeypatch) -> tuple[int, str, str]:
+    if add_audit_subcommand not in cli.SUBCOMMANDS:
+        monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, add_audit_subcommand])
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_audit_json(monkeypatch):
+    code, out, _ = _main(["audit", "--json", "--draws", "200"], monkeypatch)
+    report = json.loads(out)
+    assert code == 0 and report["pass"] and report["draws"] == 200
+    for key in ("claimed_epsilon", "delta", "empirical_epsilon_lower_bound", "ci", "broken_release_lower_bound"):
+        assert key in report
+
+
+@pytest.mark.parametrize("argv,bad", [
+    (["--epsilon", "0"], "0.0"), (["--epsilon", "nan"], "nan"), (["--epsilon", "inf"], "inf"),
+    (["--delta", "1.5"], "1.5"), (["--delta", "0"], "0.0"), (["--draws", "5"], "5"), (["--epsilon", "one"], "one"),
+])
+def test_cli_audit_refuses_bad_arguments(monkeypatch, argv, bad):
+    code, out, err = _main(["audit", *argv], monkeypatch)
+    assert code == 2 and out == "" and bad in err
+
+
+def test_nearest_synthetic_sample_attack_at_epsilon_1():
+    """Smoke test of the public stage: a generator briefly trained on an epsilon-1 release does not
+    put synthetic images measurably closer to members than to non-members."""
+    r = synthetic_membership_inference(steps=20, batch_size=50, samples=500, feature_map=lite0())
+    attack = r["attack"]
+    assert 0 <= attack["auc_ci"][0] <= attack["auc"] <= attack["auc_ci"][1]
+    assert attack["auc_ci"][1] < r["auc_max_for_claim"]
+    assert attack["tpr_ci"][0] <= r["tpr_max_for_claim"]
