@@ -244,11 +244,7 @@ def _cmd_run(args) -> dict:
             raise CliError(f"config file {args.config} must hold a mapping of parameters")
     overrides = {"out_dir": args.out_dir, "target_epsilon": args.target_epsilon, "steps": args.steps}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    params = _model(PipelineParams, values)
-    try:
-        params.stage_params()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    params = _model(PipelineParams, values, check=lambda p: p.stage_params())
     result = dp_mepf_pipeline(params)
     _emit(result, args.json, lambda r: (
         f"release:  {r['release']} (epsilon {r['epsilon']:.3g}, delta {r['delta']:g})\n"
@@ -258,11 +254,15 @@ def _cmd_run(args) -> dict:
 
 # --- plumbing -------------------------------------------------------------------------------------
 
-def _model(cls, values: dict):
+def _model(cls, values: dict, check: Callable | None = None):
+    """Build a parameter model (and run `check` on it); validation errors become one CliError line."""
     from pydantic import ValidationError
 
     try:
-        return cls(**values)
+        model = cls(**values)
+        if check is not None:
+            check(model)
+        return model
     except ValidationError as exc:
         msgs = "; ".join(
             f"{'.'.join(str(x) for x in e['loc']) or 'arguments'}: {e['msg'].removeprefix('Value error, ')}"

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.custodian_release import custodian_release
 from flows.evaluate import EvaluateParams, evaluate
@@ -22,7 +22,7 @@ class PipelineParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    out_dir: str | None = Field(None, description="folder for release.h5, run/ and report/ (default runs/TIMESTAMP)")
+    out_dir: str = Field(None, description="folder for release.h5, run/ and report/ (default runs/TIMESTAMP)")
     # custodian stage
     dataset: str = "fashion-mnist"
     data_root: str | None = None
@@ -48,12 +48,16 @@ class PipelineParams(BaseModel):
     classifiers: tuple[str, ...] = ("logreg", "mlp", "cnn")
     device: str = "auto"
 
-    def resolved_out_dir(self) -> Path:
-        return Path(self.out_dir) if self.out_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    @model_validator(mode="before")
+    @classmethod
+    def _default_out_dir(cls, values):
+        if isinstance(values, dict) and not values.get("out_dir"):
+            values = {**values, "out_dir": str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))}
+        return values
 
     def stage_params(self) -> tuple[ReleaseParams, dict, dict]:
         """Validate every stage's parameters up front, before any work is done."""
-        out = self.resolved_out_dir()
+        out = Path(self.out_dir)
         release = ReleaseParams(
             dataset=self.dataset, data_root=self.data_root, out=str(out / "release.h5"),
             target_epsilon=self.target_epsilon, target_delta=self.target_delta, labelled=self.labelled,

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
@@ -83,7 +82,6 @@ def describe_dataset(params: ReleaseParams) -> dict:
 @task(name="extract-shard", **_PRIVATE)
 def extract_shard(params: ReleaseParams, shard: int) -> FeatureSums:
     """One streaming pass over a shard: bounded features added into float64 per-class sums."""
-    torch.set_grad_enabled(False)
     src = _source(params)
     n = len(src) if params.limit is None else min(params.limit, len(src))
     start, stop = shard_range(n, shard, params.shards)
