@@ -254,6 +254,14 @@ def _cmd_run(args) -> dict:
 
 # --- plumbing -------------------------------------------------------------------------------------
 
+def _describe_error(e: dict) -> str:
+    where = ".".join(str(x) for x in e["loc"]) or "arguments"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e.get("type") != "value_error" and "input" in e:  # pydantic's own messages omit the value
+        msg += f" (got {e['input']!r})"
+    return f"{where}: {msg}"
+
+
 def _model(cls, values: dict, check: Callable | None = None):
     """Build a parameter model (and run `check` on it); validation errors become one CliError line."""
     from pydantic import ValidationError
@@ -264,10 +272,7 @@ def _model(cls, values: dict, check: Callable | None = None):
             check(model)
         return model
     except ValidationError as exc:
-        msgs = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or 'arguments'}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
+        msgs = "; ".join(_describe_error(e) for e in exc.errors())
         raise CliError(msgs) from None
 
 

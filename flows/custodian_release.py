@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.release_params import ReleaseParams
+from mepf_core.encoders import build_feature_map
 from tasks.custodian import calibrate, charge_noise_and_release, check_budget, describe_dataset, extract_shard, reduce_sums
 
 
@@ -21,6 +22,11 @@ def preflight(params: ReleaseParams) -> None:
         raise OutputExistsError(f"{out} already exists; releases are never overwritten, choose another --out")
     if not out.parent.resolve().is_dir():
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
+    if params.ledger is not None and not Path(params.ledger).parent.resolve().is_dir():
+        raise FileNotFoundError(f"ledger folder {Path(params.ledger).parent} does not exist")
+    if params.encoder_weights is not None and not Path(params.encoder_weights).is_file():
+        raise FileNotFoundError(f"encoder weights file {params.encoder_weights} does not exist")
+    build_feature_map(params.encoder, weights_path=params.encoder_weights)  # weights present and loadable
 
 
 def extract_sums(params: ReleaseParams):

@@ -21,22 +21,45 @@ class ReleaseParams(BaseModel):
     split: Literal["train", "test"] = "train"
     data_root: str | None = Field(None, description="folder holding the dataset files (default: standard places)")
     out: str = Field("release.h5", description="release file to write (must not exist)")
-    target_epsilon: float = Field(..., description="epsilon of this release, > 0")
-    target_delta: float = Field(1e-5, description="delta of this release, in (0, 1)")
-    labelled: bool = Field(True, description="one embedding per class (labels are private too)")
+    target_epsilon: float = Field(..., strict=True, description="epsilon of this release, > 0")
+    target_delta: float = Field(1e-5, strict=True, description="delta of this release, in (0, 1)")
+    labelled: bool = Field(True, strict=True, description="one embedding per class (labels are private too)")
     moments: Literal[1, 2] = Field(1, description="1: mean of features; 2: also mean of squared features")
     encoder: str = "efficientnet-lite0"
     encoder_weights: str | None = Field(None, description="weights file for the encoder (default: packaged or cached)")
-    norm_bound: float = Field(1.0, description="L2 norm C of each example's first-moment features")
-    second_moment_bound: float = Field(1.0, description="L2 norm of each example's second-moment features")
+    norm_bound: float = Field(1.0, strict=True, description="L2 norm C of each example's first-moment features")
+    second_moment_bound: float = Field(1.0, strict=True, description="L2 norm of each example's second-moment features")
     neighbouring: Neighbouring = Neighbouring.ADD_REMOVE
-    count_share: float = Field(0.1, description="share of the privacy precision spent on the class counts")
+    count_share: float = Field(0.1, strict=True, description="share of the privacy precision spent on the class counts")
     dataset_id: str | None = Field(None, description="ledger key for this dataset (default: DATASET:SPLIT)")
     ledger: str | None = Field(None, description="budget ledger file (JSON lines)")
-    budget: float | None = Field(None, description="total epsilon budget of the dataset (sets it in a new ledger)")
-    batch_size: int = Field(256, ge=1, le=65536)
-    shards: int = Field(1, ge=1, le=1024, description="extraction tasks; each returns partial sums")
-    limit: int | None = Field(None, description="use only the first LIMIT images (for tests and benchmarks)")
+    budget: float | None = Field(None, strict=True, description="total epsilon budget of the dataset (sets it in a new ledger)")
+    batch_size: int = Field(256, strict=True, ge=1, le=65536)
+    shards: int = Field(1, strict=True, ge=1, le=1024, description="extraction tasks; each returns partial sums")
+    limit: int | None = Field(None, strict=True, description="use only the first LIMIT images (for tests and benchmarks)")
+
+    @field_validator("moments", mode="before")
+    @classmethod
+    def _moments(cls, v):
+        if isinstance(v, bool) or v not in (1, 2):
+            raise ValueError(f"moments must be 1 or 2, got {v!r}")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        from storage.datasets import DATASETS
+
+        if v not in DATASETS[:-1] and not (v.startswith("imagefolder:") and len(v) > len("imagefolder:")):
+            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS)}")
+        return v
+
+    @field_validator("dataset_id")
+    @classmethod
+    def _dataset_id(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(f"dataset_id must be a non-empty name when given, got {v!r}")
+        return v
 
     @field_validator("target_epsilon")
     @classmethod

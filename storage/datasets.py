@@ -235,9 +235,13 @@ def _decode_image(path: Path, size: int) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
+                if img.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits, not a saturated convert
+                    img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
+                elif img.mode in ("I", "F"):
+                    raise ValueError(f"unsupported image mode {img.mode} (32-bit integer or float pixels)")
                 rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}") from None
+        raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
 

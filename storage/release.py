@@ -130,6 +130,8 @@ def embedding_to_release(path: str | os.PathLike, metadata: ReleaseMetadata, noi
         arr = np.asarray(noisy[p.name], dtype=np.float64)
         if arr.shape != tuple(p.shape):
             raise ValueError(f"part {p.name} has shape {arr.shape}, metadata says {p.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"part {p.name} holds non-finite values; refusing to write a release")
         parts.append(PartRecord(**{**asdict(p), "shape": tuple(p.shape), "sha256": _sha256(arr)}))
     meta = ReleaseMetadata(**{**metadata.__dict__, "parts": tuple(parts)})
     text = meta.to_json()

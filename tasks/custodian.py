@@ -89,7 +89,9 @@ def extract_shard(params: ReleaseParams, shard: int) -> FeatureSums:
     k = src.num_classes if params.labelled else 1
     sums = FeatureSums.zeros(k, fm.feature_dim, params.moments)
     bound2 = params.second_moment_bound if params.moments == 2 else None
-    with tqdm(total=stop - start, desc=f"shard {shard + 1}/{params.shards}", unit="img", leave=False) as bar:
+    # The bar shows a percentage and times only: image counts would print n, which is private.
+    with tqdm(total=stop - start, desc=f"extract shard {shard + 1}/{params.shards}", leave=False,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
         for images, labels in src.iter_batches(params.batch_size, start, stop):
             phi1, phi2 = images_to_features(fm, images, norm_bound=params.norm_bound, second_moment_bound=bound2)
             sums.add(phi1, phi2, labels if params.labelled else None)

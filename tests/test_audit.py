@@ -13,7 +13,6 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from flows import cli
-from flows.cli_audit import add_audit_subcommand
 from mepf_core.privacy.audit import (ShiftTest, audit_epsilon, clopper_pearson, epsilon_from_rates, gaussian_auc,
                                      max_auc, roc_auc, tpr_at_fpr)
 from mepf_core.privacy.calibration import epsilon_spent
@@ -117,23 +116,30 @@ def test_replace_one_audit_stays_within_the_sensitivity():
 
 
 def test_membership_inference_at_epsilon_1():
-    """The attack separates members from non-members of an un-noised release (control) far beyond
-    what any (1, 1e-5)-DP release allows, and finds no such signal in the real release."""
+    """In the in/out game the attack separates in from out well without noise (control), far
+    beyond what a (1, 1e-5)-DP release allows, and finds no such signal in the real releases."""
     r = membership_inference(feature_map=lite0())
     attack, control = r["attack"], r["control"]
-    assert control["auc_ci"][0] > r["auc_max_for_claim"]  # the attack has power
-    assert control["tpr_ci"][0] > r["tpr_max_for_claim"]
-    assert attack["auc_ci"][1] < r["auc_max_for_claim"]  # and the release keeps its claim
-    assert attack["tpr_ci"][0] <= r["tpr_max_for_claim"]
-    assert attack["auc_ci"][0] < 0.575  # at most the optimal test's AUC against this exact mechanism
+    assert control["auc_ci"][0] > control["auc_max_for_claim"]  # the attack has power
+    assert attack["auc_ci"][1] < attack["auc_max_for_claim"]  # and the release keeps its claim
+    assert attack["tpr_ci"][0] <= attack["tpr_max_for_claim"]
+    assert attack["auc_ci"][0] < r["auc_optimal_gaussian"]  # no better than the optimal test on this mechanism
+
+
+def test_nearest_synthetic_sample_attack_at_epsilon_1():
+    """Smoke test of the public stage: a generator briefly trained on an epsilon-1 release does not
+    put synthetic images measurably closer to members than to non-members."""
+    r = synthetic_membership_inference(steps=10, batch_size=50, samples=500, feature_map=lite0())
+    attack = r["attack"]
+    assert 0 <= attack["auc_ci"][0] < attack["auc_ci"][1] <= 1
+    assert attack["auc_ci"][1] < attack["auc_max_for_claim"]
+    assert attack["tpr_ci"][0] <= attack["tpr_max_for_claim"]
 
 
 # --- the command line ----------------------------------------------------------------------------
 
 
-def _main(argv, monkeypatch) -> tuple[int, str, str]:
-    if add_audit_subcommand not in cli.SUBCOMMANDS:
-        monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, add_audit_subcommand])
+def _main(argv) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         try:
@@ -143,8 +149,8 @@ def _main(argv, monkeypatch) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def test_cli_audit_json(monkeypatch):
-    code, out, _ = _main(["audit", "--json", "--draws", "200"], monkeypatch)
+def test_cli_audit_json():
+    code, out, _ = _main(["audit", "--json", "--draws", "200"])
     report = json.loads(out)
     assert code == 0 and report["pass"] and report["draws"] == 200
     for key in ("claimed_epsilon", "delta", "empirical_epsilon_lower_bound", "ci", "broken_release_lower_bound"):
@@ -155,16 +161,7 @@ def test_cli_audit_json(monkeypatch):
     (["--epsilon", "0"], "0.0"), (["--epsilon", "nan"], "nan"), (["--epsilon", "inf"], "inf"),
     (["--delta", "1.5"], "1.5"), (["--delta", "0"], "0.0"), (["--draws", "5"], "5"), (["--epsilon", "one"], "one"),
 ])
-def test_cli_audit_refuses_bad_arguments(monkeypatch, argv, bad):
-    code, out, err = _main(["audit", *argv], monkeypatch)
+def test_cli_audit_refuses_bad_arguments(argv, bad):
+    code, out, err = _main(["audit", *argv])
     assert code == 2 and out == "" and bad in err
 
-
-def test_nearest_synthetic_sample_attack_at_epsilon_1():
-    """Smoke test of the public stage: a generator briefly trained on an epsilon-1 release does not
-    put synthetic images measurably closer to members than to non-members."""
-    r = synthetic_membership_inference(steps=20, batch_size=50, samples=500, feature_map=lite0())
-    attack = r["attack"]
-    assert 0 <= attack["auc_ci"][0] <= attack["auc"] <= attack["auc_ci"][1]
-    assert attack["auc_ci"][1] < r["auc_max_for_claim"]
-    assert attack["tpr_ci"][0] <= r["tpr_max_for_claim"]

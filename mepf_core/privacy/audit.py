@@ -127,9 +127,9 @@ class EpsilonBound:
     false_negatives: int  # draws from D' that the test called D
     null_draws: int
     alternative_draws: int
-    epsilon: float | None  # point estimate from the raw rates (None: unbounded)
-    lower: float  # lower confidence bound on epsilon, simultaneous over all pairs
-    upper: float | None  # upper end of the same interval (None: unbounded)
+    epsilon: float | None  # what this pair certifies, from the raw rates (None: unbounded)
+    lower: float  # lower confidence bound of that (simultaneous over all pairs): the mechanism's epsilon is >= it
+    upper: float | None  # upper end of the interval for what this pair certifies (None: unbounded)
     confidence: float
     hypotheses: int  # (test, threshold) pairs tried
 
@@ -224,18 +224,19 @@ def gaussian_auc(shift: float) -> float:
     return float(ndtr(shift / math.sqrt(2.0)))
 
 
-def clustered_bootstrap_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray, *, rng: np.random.Generator,
+def clustered_bootstrap_auc(positive_scores: np.ndarray, negative_scores: np.ndarray, *, rng: np.random.Generator,
                             resamples: int = 1000, confidence: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the AUC over (releases x candidates) score tables.
+    """Percentile interval of the AUC of two score tables that share their rows.
 
-    Rows are releases, columns candidates. Candidates scored against one release share its noise,
-    so the resampling draws releases and candidates (members, non-members) with replacement: an
+    Rows are what both tables share (the releases candidates were scored against, or the
+    candidates themselves), columns the scores within a row. Scores in one row are dependent, so
+    the resampling draws rows for both tables together and columns of each with replacement: an
     interval that treated every score as independent would be too narrow.
     """
     _check_confidence(confidence)
-    a, b = np.atleast_2d(member_scores), np.atleast_2d(nonmember_scores)
+    a, b = np.atleast_2d(positive_scores), np.atleast_2d(negative_scores)
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"member and non-member tables need the same releases, got {a.shape} and {b.shape}")
+        raise ValueError(f"the two tables need the same rows, got shapes {a.shape} and {b.shape}")
     if resamples < 10:
         raise ValueError(f"resamples must be >= 10, got {resamples}")
     r, m, k = a.shape[0], a.shape[1], b.shape[1]

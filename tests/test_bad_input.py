@@ -1,0 +1,278 @@
+"""Bad input is refused, by name, before any work: generated release configurations and command
+lines (hypothesis, 1,000 of each), and corrupt or hostile image files in an imagefolder dataset.
+
+The command-line property runs `flows.cli.main` with the release flow replaced by a tripwire: an
+invalid value that got past validation would fail the test at once instead of starting a release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from pydantic import ValidationError
+
+import flows.custodian_release
+from flows import cli
+from flows.release_params import ReleaseParams
+from mepf_core.encoders import available_encoders
+from storage.datasets import CorruptImageError, open_dataset
+
+EXAMPLES = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# --- generated values: (value, is_valid) per field -------------------------------------------------
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+positive = st.floats(min_value=1e-6, max_value=1e6)
+non_positive_or_odd = st.one_of(st.floats(max_value=0.0), st.sampled_from([math.nan, math.inf, -math.inf]))
+outside_unit = st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0), st.just(math.nan))
+junk_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+unknown_encoder = junk_text.filter(lambda s: s not in available_encoders())
+bad_suffix = st.sampled_from(["out", "out.h6", "out.H5", "out.h5.tmp", "out.hdf", "out.json", ".h5", "out.h5 "])
+
+
+def _field(valid, invalid):
+    return st.one_of(valid.map(lambda v: (v, True)), invalid.map(lambda v: (v, False)))
+
+
+FIELDS = {
+    "target_epsilon": _field(positive, st.one_of(non_positive_or_odd, st.sampled_from(["abc", "", "1e", "eps"]))),
+    "target_delta": _field(st.floats(min_value=1e-12, max_value=0.5), outside_unit),
+    "moments": _field(st.sampled_from([1, 2]), st.sampled_from([0, 3, -1, 1.5, "two"])),
+    "encoder": _field(st.sampled_from(available_encoders()), unknown_encoder),
+    "norm_bound": _field(positive, non_positive_or_odd),
+    "second_moment_bound": _field(positive, non_positive_or_odd),
+    "count_share": _field(st.floats(min_value=0.01, max_value=0.99), st.one_of(outside_unit, st.just(math.inf))),
+    "limit": _field(st.integers(1, 10**6), st.integers(max_value=0)),
+    "out": _field(st.sampled_from(["r.h5", "dir/r.hdf5"]), bad_suffix),
+    "neighbouring": _field(st.sampled_from(["add-remove", "replace-one"]), st.sampled_from(["add_remove", "", "x"])),
+}
+
+
+def _forms(value) -> set[str]:
+    """Ways a message may name `value`."""
+    if isinstance(value, float):
+        return {str(value), repr(value), f"{value:g}"}
+    return {str(value), repr(value)}
+
+
+@EXAMPLES
+@given(st.fixed_dictionaries({}, optional=FIELDS), st.sampled_from(["none", "valid", "invalid", "no-ledger"]))
+def test_release_params_refuse_every_invalid_value_by_name(fields, budget_case):
+    values = {name: v for name, (v, _) in fields.items()}
+    bad = [v for v, ok in fields.values() if not ok]
+    values.setdefault("target_epsilon", 1.0)
+    if budget_case != "none":
+        values["budget"] = {"valid": 2.0, "invalid": -1.5, "no-ledger": 2.0}[budget_case]
+        if budget_case != "no-ledger":
+            values["ledger"] = "ledger.jsonl"
+        if budget_case == "invalid":
+            bad.append(-1.5)
+        if budget_case == "no-ledger":
+            bad.append("--ledger")
+    event("invalid: refused" if bad else "valid: accepted unchanged")
+    if not bad:
+        params = ReleaseParams(**values)  # valid: accepted, and nothing was "corrected"
+        for name, value in values.items():
+            got = getattr(params, name)
+            assert (got.value if name == "neighbouring" else got) == value
+        return
+    with pytest.raises(ValidationError) as info:
+        ReleaseParams(**values)
+    message = str(info.value)
+    assert any(form in message for v in bad for form in _forms(v)), message
+
+
+# --- the command line --------------------------------------------------------------------------
+
+def _arg_float(value: float) -> tuple[str, str]:
+    return repr(value), str(float(repr(value)))
+
+
+CLI_BAD = {  # option -> strategy of (argument text, text the error message must contain)
+    "--target-epsilon": st.one_of(non_positive_or_odd.map(_arg_float),
+                                  st.sampled_from([("abc", "abc"), ("", "''"), ("1e-400", "0.0")])),
+    "--target-delta": outside_unit.map(_arg_float),
+    "--moments": st.sampled_from([("0", "0"), ("3", "3"), ("two", "two"), ("1.5", "1.5")]),
+    "--encoder": unknown_encoder.map(lambda s: (s, repr(s))),
+    "--norm-bound": non_positive_or_odd.map(_arg_float),
+    "--second-moment-bound": non_positive_or_odd.map(_arg_float),
+    "--neighbouring": st.sampled_from([("add_remove", "add_remove"), ("replace", "replace")]),
+    "--limit": st.integers(-10**6, 0).map(lambda i: (str(i), f"got {i}")),
+    "--split": st.sampled_from([("val", "val"), ("TRAIN", "TRAIN")]),
+    "--batch-size": st.sampled_from([("0", "batch_size"), ("65537", "batch_size")]),  # pydantic names the field
+    "--shards": st.sampled_from([("0", "shards"), ("2000", "shards")]),
+}
+DATASET_BAD = st.one_of(
+    junk_text.filter(lambda s: s and not s.startswith("imagefolder:") and s not in
+                     ("fashion-mnist", "mnist", "cifar10", "celeba")).map(lambda s: (s, repr(s))),
+    st.text("abcxyz", min_size=1, max_size=8).map(lambda s: (f"imagefolder:/nonexistent/{s}", f"/nonexistent/{s}")),
+)
+
+
+@pytest.fixture(scope="module")
+def out_dir():
+    with tempfile.TemporaryDirectory() as d:
+        yield Path(d)
+
+
+def _tripwire(*args, **kwargs):
+    raise AssertionError(f"an invalid release reached the flow: {args} {kwargs}")
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.object(flows.custodian_release, "custodian_release", _tripwire):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:  # argparse refuses malformed values itself
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@EXAMPLES
+@given(data=st.data())
+def test_cli_release_refuses_every_invalid_command_line(out_dir, data):
+    chosen = data.draw(st.lists(st.sampled_from(sorted(CLI_BAD)), min_size=0, max_size=3, unique=True))
+    case = data.draw(st.sampled_from(["options", "suffix", "budget-without-ledger", "dataset"]) if chosen
+                     else st.sampled_from(["suffix", "budget-without-ledger", "dataset"]))
+    out = out_dir / ("r.json" if case == "suffix" else "r.h5")
+    argv = ["release", "--target-epsilon=1", f"--out={out}"]
+    expected = []
+    for option in chosen:
+        text, form = data.draw(CLI_BAD[option])
+        argv[1:] = [a for a in argv[1:] if not a.startswith(option + "=")]
+        argv.append(f"{option}={text}")
+        expected.append(form)
+    if case == "suffix":
+        expected.append(repr(str(out)))
+    elif case == "budget-without-ledger":
+        argv.append("--budget=3")
+        expected.append("--ledger")
+    elif case == "dataset":
+        text, form = data.draw(DATASET_BAD)
+        argv.append(f"--dataset={text}")
+        expected.append(form)
+    code, stdout, stderr = _run_cli(argv)
+    event("refused by argparse" if "usage:" in stderr else "refused by validation")
+    assert code == 2, (argv, stderr)
+    assert stdout == ""
+    assert any(form in stderr for form in expected), (argv, expected, stderr)
+    assert not any(out_dir.iterdir()), "a refused release left a file behind"
+
+
+def test_cli_refuses_an_existing_output_and_a_missing_folder(tmp_path):
+    taken = tmp_path / "taken.h5"
+    taken.write_bytes(b"old")
+    code, _, err = _run_cli(["release", "--target-epsilon=1", f"--out={taken}"])
+    assert code == 2 and "already exists" in err and taken.read_bytes() == b"old"
+    missing = tmp_path / "no" / "such" / "r.h5"
+    code, _, err = _run_cli(["release", "--target-epsilon=1", f"--out={missing}"])
+    assert code == 2 and str(missing.parent) in err and not (tmp_path / "no").exists()
+
+
+# --- corrupt and hostile image files ---------------------------------------------------------------
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR chunk (valid CRC) claiming width x height, and no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def _noise_png(path: Path) -> bytes:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    return path.read_bytes()
+
+
+def _folder(tmp_path: Path, name: str, write) -> tuple[str, Path]:
+    """An imagefolder dataset: class "a" holds the hostile file, class "b" a valid image."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.new("L", (28, 28), 40).save(tmp_path / "b" / "ok.png")
+    target = tmp_path / "a" / name
+    write(target)
+    return f"imagefolder:{tmp_path}", target
+
+
+HOSTILE = {
+    "truncated.png": lambda p: p.write_bytes(_noise_png(p)[:1500]),
+    "truncated.jpg": lambda p: (Image.new("RGB", (64, 64), (9, 99, 199)).save(p, quality=95),
+                                p.write_bytes(p.read_bytes()[:300])),
+    "zero-bytes.png": lambda p: p.write_bytes(b""),
+    "huge-100000x100000.png": lambda p: p.write_bytes(_png_header(100_000, 100_000)),
+    "huge-10000x10000.png": lambda p: p.write_bytes(_png_header(10_000, 10_000)),
+    "zero-width.png": lambda p: p.write_bytes(_png_header(0, 28)),
+    "text.png": lambda p: p.write_text("this is not an image\n"),
+    "flipped-idat.png": lambda p: p.write_bytes(bytes(b ^ 0xFF if i == 200 else b for i, b in enumerate(_noise_png(p)))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_corrupt_image_raises_a_named_error(tmp_path, name):
+    spec, target = _folder(tmp_path, name, HOSTILE[name])
+    source = open_dataset(spec)
+    with pytest.raises(CorruptImageError, match=re.escape(str(target))):
+        source.load_all()
+    with pytest.raises(CorruptImageError, match=re.escape(str(target))):
+        list(source.iter_batches(8))
+
+
+ODD_MODES = {  # name -> (writer, expected RGB of every pixel)
+    "cmyk.jpg": (lambda p: Image.new("CMYK", (16, 16), (0, 255, 0, 0)).save(p, quality=100), (255, 0, 255)),
+    "palette.png": (lambda p: _palette(p), (10, 200, 30)),
+    "gray-alpha.png": (lambda p: Image.new("LA", (16, 16), (90, 0)).save(p), (90, 90, 90)),
+    "bilevel.png": (lambda p: Image.new("1", (16, 16), 1).save(p), (255, 255, 255)),
+    "animated.gif": (lambda p: _animated(p), (10, 200, 30)),
+}
+
+
+def _palette(path: Path) -> None:
+    img = Image.new("P", (16, 16), 0)
+    img.putpalette([10, 200, 30] + [0] * 765)
+    img.save(path)
+
+
+def _animated(path: Path) -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((10, 200, 30), (250, 0, 0))]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+
+
+@pytest.mark.parametrize("name", sorted(ODD_MODES))
+def test_unusual_modes_decode_to_the_right_rgb(tmp_path, name):
+    write, rgb = ODD_MODES[name]
+    spec, _ = _folder(tmp_path, name, write)
+    images, labels = open_dataset(spec).load_all()
+    assert images.shape == (2, 3, 32, 32) and images.dtype == np.uint8 and list(labels) == [0, 1]
+    assert np.abs(images[0].reshape(3, -1).astype(int) - np.array(rgb)[:, None]).max() <= 2
+
+
+@pytest.mark.parametrize("mode,value,expected", [("I;16", 32768, 128), ("I;16", 1000, 4)])
+def test_sixteen_bit_images_are_scaled_or_refused(tmp_path, mode, value, expected):
+    """A 16-bit grayscale PNG must decode to its 8-bit equivalent (value / 257) or be refused by
+    name; saturating it to white would silently feed the encoder a different image."""
+    spec, target = _folder(tmp_path, "deep.png",
+                           lambda p: Image.fromarray(np.full((16, 16), value, np.uint16)).save(p))
+    assert Image.open(target).mode == mode
+    try:
+        images, _ = open_dataset(spec).load_all()
+    except CorruptImageError as exc:
+        assert str(target) in str(exc)
+        return
+    assert abs(int(images[0, 0, 0, 0]) - expected) <= 1

@@ -1,0 +1,185 @@
+"""Nothing un-noised about the private data leaves the custodian: not in logs (at DEBUG), stdout,
+stderr, Prefect's home (database, result storage), the ledger or the release file.
+
+The private set is an imagefolder of Fashion-MNIST images with unusual class sizes, so that its
+size n is private (a `limit` above n, unlike `limit` below n, does not reveal it). The release runs
+in a fresh process with Prefect at DEBUG and results persisted by default, the settings most
+likely to write something out; the test recomputes the clean statistics itself and looks for
+them in every byte the run wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mepf_core.encoders import EncoderSpec
+from mepf_core.features import sanitize_images
+from mepf_core.privacy.mechanism import design_mechanism
+from mepf_core.privacy.sensitivity import Neighbouring
+from storage.datasets import open_dataset
+from storage.release import PartRecord, ReleaseMetadata
+from tests.helpers import fmnist_subset, lite0, sums_of
+
+CLASS_SIZES = {"coat": 23, "dress": 31, "sandal": 19}  # n = 73; FMNIST labels 4, 3, 5
+LABELS = {"coat": 4, "dress": 3, "sandal": 5}
+TARGET_EPSILON = 1.0
+MOMENTS = 2
+
+
+@pytest.fixture(scope="module")
+def private_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("private")
+    images, labels = fmnist_subset(600)
+    for name, size in CLASS_SIZES.items():
+        (root / name).mkdir()
+        picked = torch.nonzero(labels == LABELS[name]).flatten()[:size]
+        assert len(picked) == size
+        for i, idx in enumerate(picked):
+            pixels = (images[idx, 0] * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return root
+
+
+RUNNER = textwrap.dedent("""
+    import json, logging, sys
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)  # third-party chatter (SQL) stays quiet
+    for name in ("mepf_core", "storage", "tasks", "flows", "mepf"):  # the project's own loggers at DEBUG
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    from flows.custodian_release import custodian_release
+    from flows.release_params import ReleaseParams
+    params = ReleaseParams(**json.loads(sys.argv[1]))
+    result = custodian_release(params)
+    sys.stdout.write(json.dumps(result, default=str) + "\\n")
+""")
+
+
+@pytest.fixture(scope="module")
+def run(private_folder, tmp_path_factory) -> dict:
+    """One release in a fresh process; everything it wrote, as bytes."""
+    work = tmp_path_factory.mktemp("run")
+    home, out_dir = work / "prefect-home", work / "out"
+    home.mkdir()
+    out_dir.mkdir()
+    params = {"dataset": f"imagefolder:{private_folder}", "target_epsilon": TARGET_EPSILON, "labelled": True,
+              "moments": MOMENTS, "limit": 100, "out": str(out_dir / "release.h5"),
+              "ledger": str(out_dir / "ledger.jsonl"), "budget": 3.0, "batch_size": 16}
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "DEBUG",
+           "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(params)], capture_output=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    files = {p: p.read_bytes() for d in (home, out_dir) for p in sorted(d.rglob("*")) if p.is_file()}
+    return {"stdout": proc.stdout, "stderr": proc.stderr, "files": files, "release": out_dir / "release.h5",
+            "home": home, "result": json.loads(proc.stdout.decode().strip().splitlines()[-1])}
+
+
+@pytest.fixture(scope="module")
+def clean(private_folder) -> dict:
+    """The un-noised statistics a careless custodian might print, computed here the same way."""
+    source = open_dataset(f"imagefolder:{private_folder}")
+    fm = lite0()
+    images, labels = next(source.iter_batches(len(source)))
+    with torch.no_grad():
+        raw = fm(sanitize_images(images)).to(torch.float64)
+    sums = sums_of(images, labels, num_classes=source.num_classes, moments=MOMENTS, batch_size=16)  # as the flow
+    sums1, sums2, counts = sums.moment1, sums.moment2, sums.counts
+    mech = design_mechanism(target_epsilon=TARGET_EPSILON, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
+                            labelled=True, moments=MOMENTS, norm_bound=1.0, second_moment_bound=1.0)
+    sigma1, d = mech.part("moment1").sigma, fm.feature_dim
+    means1 = sums1 / counts[:, None]
+    floats = [
+        *raw.norm(dim=1).tolist(),  # per-example feature norms before bounding
+        *np.linalg.norm(sums1, axis=1), *np.linalg.norm(sums2, axis=1),  # clean per-class sums
+        *np.linalg.norm(means1, axis=1), float(np.linalg.norm(sums1.sum(0) / counts.sum())),  # clean means
+        *(np.linalg.norm(sums1, axis=1) / (sigma1 * np.sqrt(d))),  # signal-to-noise ratios
+        *(np.linalg.norm(means1, axis=1) / (sigma1 / counts * np.sqrt(d))),
+        *(np.linalg.norm(sums1, axis=1) ** 2 / (sigma1**2 * d)),
+    ]
+    return {"floats": floats, "counts": counts.astype(int).tolist(), "n": int(counts.sum()),
+            "sums": [sums1, sums2], "images": images}
+
+
+def _float_forms(x: float) -> set[str]:
+    """How a float is usually printed: repr, %.6f, %.6g, %.4g, %.5e (only forms with 4+ digits)."""
+    forms = {repr(x), f"{x:.6f}", f"{x:.6g}", f"{x:.4g}", f"{x:.5e}"}
+    return {f for f in forms if len(f.strip("-0.")) >= 4}
+
+
+def _count_patterns(counts: list[int], n: int) -> list[str]:
+    """Class counts as a list, and n where a log or a progress bar would put it."""
+    listed = [", ".join(map(str, counts)), ", ".join(f"{c}.0" for c in counts), " ".join(f"{c}." for c in counts)]
+    around_n = [rf"(?<!\d)\d+/{n}(?!\d)", rf"\bn\s*[=:]\s*{n}\b",
+                rf"(?<![\d.]){n} (?:images?|img|examples?|records?|samples?|items?)\b",
+                rf"(?:total|size|count|len)\W{{0,3}}{n}\b"]
+    return [re.escape(s) for s in listed] + around_n
+
+
+def _texts(run) -> dict[str, str]:
+    out = {"stdout": run["stdout"].decode(errors="replace"), "stderr": run["stderr"].decode(errors="replace")}
+    out.update({str(p): data.decode("latin-1") for p, data in run["files"].items()})
+    return out
+
+
+def test_no_clean_statistic_in_any_output(run, clean):
+    texts = _texts(run)
+    forms = {f for x in clean["floats"] for f in _float_forms(float(x))}
+    found = set()
+    for where, text in texts.items():
+        for form in forms:
+            if form in text:  # a cheap filter, then the exact check: a whole number, not part of one
+                for m in re.finditer(rf"(?<![\w.]){re.escape(form)}(?!\d)", text):
+                    found.add((where, m.group(0)))
+        for pattern in _count_patterns(clean["counts"], clean["n"]):
+            found |= {(where, m.group(0)) for m in re.finditer(pattern, text)}
+    assert not found, f"un-noised statistics found: {sorted(found)[:10]}"
+    assert len(texts) >= 4 and any("prefect.db" in w for w in texts)  # the scan saw the database too
+
+
+def test_no_clean_array_bytes_in_any_file(run, clean):
+    """Pickled or raw copies of the clean sums (or of the images) would contain these bytes."""
+    needles = [s[c, j:j + 4].tobytes() for s in clean["sums"] for c in range(s.shape[0]) for j in (0, 100)]
+    needles += [s[c, j:j + 4].astype(np.float32).tobytes() for s in clean["sums"] for c in range(s.shape[0])
+                for j in (0, 100)]
+    for img in clean["images"][:8]:
+        row = (img[0, 14] * 255).round().to(torch.uint8).numpy()
+        if len(set(row.tolist())) >= 10:
+            needles.append(row.tobytes())
+    assert len(needles) > 20
+    for path, data in run["files"].items():
+        for needle in needles:
+            assert needle not in data, f"clean bytes found in {path}"
+
+
+def test_release_file_holds_only_the_documented_fields(run, clean):
+    with h5py.File(run["release"], "r") as f:
+        assert set(f.keys()) == {"moment1", "moment2", "counts"}
+        assert set(f.attrs.keys()) == {"schema_version", "metadata_json", "metadata_sha256"}
+        meta = json.loads(f.attrs["metadata_json"])
+        noisy_counts = f["counts"][()]
+    assert set(meta) == {fld.name for fld in dataclasses.fields(ReleaseMetadata)}
+    assert set(meta["encoder"]) == {fld.name for fld in dataclasses.fields(EncoderSpec)}
+    for part in meta["parts"]:
+        assert set(part) == {fld.name for fld in dataclasses.fields(PartRecord)}
+    assert meta["n_public"] is None  # add-remove: n is private
+    assert meta["class_names"] == sorted(CLASS_SIZES)
+    assert not np.array_equal(noisy_counts, np.asarray(clean["counts"], dtype=float))
+    assert all(abs(c - round(c)) > 1e-9 for c in noisy_counts)  # noised, not rounded clean counts
+
+
+def test_the_run_wrote_logs_at_debug(run):
+    """The scan is only meaningful if the run was verbose."""
+    assert b"DEBUG" in run["stderr"] and run["result"]["path"] == str(run["release"].resolve())
