@@ -2,11 +2,12 @@
 
 For each epsilon: `mepf release` (full 60k train split) -> `mepf train` (the same --steps for all)
 -> `mepf sample` -> `mepf evaluate` (FID against the real test split; logreg, MLP and CNN trained on
-synthetic images, tested on the real test split). The first run also trains the same classifiers
-on real training images: the non-private ceiling. Every number in the result file comes with the
+synthetic images, tested on the real test split). With --ceiling, the first run also trains the
+same classifiers on real training images: the non-private ceiling. Every number in the result file comes with the
 command that produced it.
 
     python bench/bench_quality.py [--epsilons 0.2 1 10] [--steps 4000] [--n-samples 10000] [--fid-samples 5000]
+                                  [--fid-reference N] [--ceiling]
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--n-samples", type=int, default=10_000)
     ap.add_argument("--fid-samples", type=int, default=5000)
+    ap.add_argument("--fid-reference", type=int, default=None, help="real test images for the FID statistics")
+    ap.add_argument("--ceiling", action="store_true", help="train the classifiers on real images too (first run)")
     ap.add_argument("--workdir", default="runs/bench-quality")
     args = ap.parse_args()
     work = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
@@ -57,7 +60,9 @@ def main() -> None:
         smp, t_smp, c3 = mepf("sample", "--run", str(d / "run"), "--n", str(args.n_samples), "--out", str(d / "run" / "synthetic.h5"))
         ev_args = ["evaluate", "--run", str(d / "run"), "--reference", "fashion-mnist:test", "--fid-samples",
                    str(args.fid_samples), "--classifiers", "logreg,mlp,cnn", "--out", str(d / "report")]
-        if i == 0:
+        if args.fid_reference:
+            ev_args += ["--fid-reference", str(args.fid_reference)]
+        if args.ceiling and i == 0:
             ev_args.append("--ceiling")
         ev, t_ev, c4 = mepf(*ev_args)
         commands += [c1, c2, c3, c4]
