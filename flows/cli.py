@@ -58,7 +58,7 @@ def _add_release(sub) -> None:
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT images")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_cmd_release)
+    p.set_defaults(handler=_cmd_release)
 
 
 def _cmd_release(args) -> dict:
@@ -96,7 +96,7 @@ def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a release file's metadata (validates checksums)")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_cmd_inspect)
+    p.set_defaults(handler=_cmd_inspect)
 
 
 def _cmd_inspect(args) -> dict:
@@ -112,7 +112,7 @@ def _add_budget(sub) -> None:
     p = sub.add_parser("budget", help="show spent and remaining privacy budget per dataset")
     p.add_argument("--ledger", required=True)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_cmd_budget)
+    p.set_defaults(handler=_cmd_budget)
 
 
 def _cmd_budget(args) -> dict:
@@ -146,7 +146,7 @@ def _add_train(sub) -> None:
     p.add_argument("--encoder-weights", default=None)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_cmd_train)
+    p.set_defaults(handler=_cmd_train)
 
 
 def _cmd_train(args) -> dict:
@@ -169,7 +169,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--out", required=True, help="synthetic.h5 or synthetic.parquet")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_cmd_sample)
+    p.set_defaults(handler=_cmd_sample)
 
 
 def _cmd_sample(args) -> dict:
@@ -194,7 +194,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--ceiling", action="store_true", help="also train on real training images")
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_cmd_evaluate)
+    p.set_defaults(handler=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> dict:
@@ -227,7 +227,7 @@ def _add_run(sub) -> None:
     p.add_argument("--target-epsilon", type=float, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_cmd_run)
+    p.set_defaults(handler=_cmd_run)
 
 
 def _cmd_run(args) -> dict:
@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              EncoderWeightsMissingError, DatasetNotFoundError, CorruptImageError, BudgetExceededError,
              LedgerError, ReleaseError)
     try:
-        args.run(args)
+        args.handler(args)
     except known as exc:
         sys.stderr.write(f"mepf {args.command}: error: {type(exc).__name__}: {exc}\n")
         return 2

@@ -19,7 +19,7 @@ def add_audit_subcommand(sub) -> None:
     p.add_argument("--labelled", action="store_true", help="audit a labelled release (two classes)")
     p.add_argument("--moments", type=int, default=1, choices=[1, 2])
     p.add_argument("--json", action="store_true")
-    p.set_defaults(run=_cmd_audit)
+    p.set_defaults(handler=_cmd_audit)
 
 
 def _validate(args) -> None:

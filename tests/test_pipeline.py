@@ -31,6 +31,19 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     for name in ("report.md", "metrics.parquet", "metrics.json", "metrics.png"):
         assert (report.parent / name).is_file()
 
+    # the public commands on their own, from the same run: resume, sample to Parquet, evaluate
+    run_dir = result["run"]["run_dir"]
+    assert main(["train", "--release", result["release"], "--out", run_dir, "--steps", "25", "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps_done"] == 25
+    parquet = tmp_path / "synthetic.parquet"
+    assert main(["sample", "--run", run_dir, "--n", "60", "--out", str(parquet), "--json"]) == 0
+    capsys.readouterr()
+    images, labels, meta = read_synthetic(parquet)
+    assert images.shape == (60, 1, 28, 28) and meta["release_id"] == release.metadata.release_id
+    assert main(["evaluate", "--run", run_dir, "--synthetic", str(parquet), "--fid-samples", "0",
+                 "--classifiers", "logreg", "--out", str(tmp_path / "eval"), "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["metrics"]) == {"acc_logreg"}
+
 
 def test_bad_config_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "out"), "target_epsilon": -1}))
