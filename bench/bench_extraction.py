@@ -1,9 +1,14 @@
 """Extraction benchmark: images/s and peak RSS of the custodian's streaming pass, by n and encoder.
 
 Each (encoder, n) runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own; memory must
-stay flat in n because only K x D float64 sums are kept. Repeats give a median rate.
+stay flat in n because only K x D float64 sums are kept (target: peak RSS at the largest n within
+10% of the smallest n's, reported per encoder as `memory_flat`). Repeats give a median rate.
 
     python bench/bench_extraction.py [--sizes 10000 30000 60000] [--encoders efficientnet-lite0 vgg19] [--repeats 1]
+
+Results merge into bench/results/extraction.json by (encoder, n, env), so slow encoders can run with
+smaller sizes in a separate invocation; each row keeps the command that produced it and the OpenMP
+environment it ran under (`env`; on a shared machine OMP_WAIT_POLICY=PASSIVE changes the rate a lot).
 
 VGG19 uses random weights when its ImageNet file is absent offline (speed does not depend on them).
 """
@@ -12,13 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import common  # noqa: E402
 from bench.common import median, table, write_result  # noqa: E402
+
+ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")  # threading settings recorded per row
+FLAT_TOLERANCE = 0.10  # peak RSS may grow at most 10% from the smallest to the largest n
 
 CHILD = r"""
 import json, resource, sys, time
@@ -49,12 +59,44 @@ def run(encoder: str, n: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def command_line() -> str:
+    """The exact invocation: threading variables that were set, then the interpreter (relative to
+    the repository when inside it) and the arguments."""
+    root = Path(__file__).resolve().parents[1]
+    exe = Path(sys.executable)
+    exe = exe.relative_to(root) if exe.is_relative_to(root) else exe
+    return " ".join([*(f"{k}={os.environ[k]}" for k in ENV_KEYS if k in os.environ), str(exe), *sys.argv])
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """Earlier rows for other (encoder, n, env) keys are kept, so one file holds every encoder's run."""
+    key = lambda r: (r["encoder"], r["n"], r.get("env", "default"))  # noqa: E731
+    fresh = {key(r) for r in new}
+    kept = [r for r in old if key(r) not in fresh]
+    return sorted(kept + new, key=lambda r: (r.get("env", "default"), r["encoder"], r["n"]))
+
+
+def memory_flat(rows: list[dict]) -> dict:
+    """Per encoder (and OpenMP environment): peak RSS at the largest n over the smallest n's."""
+    out = {}
+    for env, encoder in sorted({(r.get("env", "default"), r["encoder"]) for r in rows}):
+        mine = sorted((r for r in rows if r["encoder"] == encoder and r.get("env", "default") == env),
+                      key=lambda r: r["n"])
+        ratio = mine[-1]["peak_rss_mib"] / mine[0]["peak_rss_mib"]
+        out[encoder if env == "default" else f"{encoder} ({env})"] = {
+            "n_from": mine[0]["n"], "n_to": mine[-1]["n"], "rss_ratio": round(ratio, 3),
+            "within_10pct": ratio <= 1 + FLAT_TOLERANCE}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 60_000])
     ap.add_argument("--encoders", nargs="+", default=["efficientnet-lite0"])
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
+    command = command_line()
+    env = ",".join(f"{k}={os.environ[k]}" for k in ENV_KEYS if k in os.environ) or "default"
     rows = []
     for encoder in args.encoders:
         base_rss = None
@@ -66,10 +108,18 @@ def main() -> None:
                          "random_init": runs[0]["random_init"],
                          "images_per_s": round(median([n / r["seconds"] for r in runs]), 1),
                          "wall_s": round(median([r["seconds"] for r in runs]), 1),
-                         "peak_rss_mib": round(rss, 1), "rss_vs_smallest": round(rss / base_rss, 3)})
-            print(table(rows[-1:], list(rows[-1])), flush=True)
-    path = write_result("extraction", {"command": "python " + " ".join(sys.argv), "rows": rows})
-    print(table(rows, list(rows[0])))
+                         "peak_rss_mib": round(rss, 1), "rss_vs_smallest": round(rss / base_rss, 3),
+                         "repeats": args.repeats, "env": env, "command": command})
+            print(table(rows[-1:], [c for c in rows[-1] if c != "command"]), flush=True)
+    previous = common.RESULTS / "extraction.json"  # read at call time, so tests can redirect it
+    old = json.loads(previous.read_text()).get("rows", []) if previous.is_file() else []
+    rows = merge_rows(old, rows)
+    commands = list(dict.fromkeys(r["command"] for r in rows))
+    path = write_result("extraction", {"commands": commands, "rows": rows, "memory_flat": memory_flat(rows)})
+    print(table(rows, [c for c in rows[0] if c != "command"]))
+    for encoder, check in memory_flat(rows).items():
+        print(f"{encoder}: peak RSS x{check['rss_ratio']} from n={check['n_from']} to n={check['n_to']} "
+              f"({'within' if check['within_10pct'] else 'OUTSIDE'} the 10% target)")
     print(f"wrote {path}")
 
 

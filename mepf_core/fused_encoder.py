@@ -91,8 +91,22 @@ class FusedFeatureMap(nn.Module):
     def train(self, mode: bool = True) -> "FusedFeatureMap":  # noqa: ARG002 - frozen, always eval
         return super().train(False)
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """FeatureMap.preprocess with the resize before the grayscale repeat: the same numbers
+        (bilinear resizing acts on each channel alone), a third of the work for grayscale."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be N x C x H x W with C in (1, 3), got shape {tuple(images.shape)}")
+        mean, std = self.original._mean, self.original._std
+        x = images.to(mean.dtype)
+        size = self.spec.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - mean) / std
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.original.preprocess(images)
+        x = self.preprocess(images)
         outputs = []
         for stage in self.stages:
             x = stage(x)
@@ -120,11 +134,14 @@ def fuse_feature_map(feature_map: FeatureMap) -> FusedFeatureMap | None:
         return None
     fused = FusedFeatureMap(feature_map, nn.ModuleList(fused_stages))
     size = feature_map.spec.image_size
-    probe = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(PROBE_SEED))
-    probe = probe.to(next(feature_map.buffers()).device)
-    want, have = feature_map(probe), fused(probe)
-    error = float((want - have).norm() / want.norm().clamp_min(1e-30))
-    if not error <= PROBE_RELATIVE_TOLERANCE:
-        logger.warning("fused encoder differs from %s by %.2e (relative); using the original", feature_map.spec.name, error)
-        return None
+    rng = torch.Generator().manual_seed(PROBE_SEED)
+    device = next(feature_map.buffers()).device
+    probes = [torch.rand(4, 3, size, size, generator=rng), torch.rand(4, 1, 28, 28, generator=rng)]
+    for probe in probes:  # RGB at the encoder's size, and grayscale that needs resizing
+        probe = probe.to(device)
+        want, have = feature_map(probe), fused(probe)
+        error = float((want - have).norm() / want.norm().clamp_min(1e-30))
+        if not error <= PROBE_RELATIVE_TOLERANCE:
+            logger.warning("fused encoder differs from %s by %.2e (relative); using the original", feature_map.spec.name, error)
+            return None
     return fused

@@ -6,6 +6,15 @@ import torch
 from mepf_core.generators import CODE_DIM, Conv28Generator, ResNetGenerator, build_generator
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Numbers, not speed: one thread avoids oversubscribing a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     ("shape", "cls"), [((1, 28, 28), Conv28Generator), ((3, 32, 32), ResNetGenerator), ((3, 64, 64), ResNetGenerator)]
 )

@@ -1,0 +1,81 @@
+"""The benchmark scripts run, compare like with like, and merge their result files; nothing is timed.
+
+Speed is only ever measured by the benchmarks themselves (DESIGN.md section 7), so these tests check
+plumbing and the one correctness fact a speed ratio rests on: the published-code baseline computes
+the same features as the registry's VGG19 map.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from bench import bench_extraction, bench_training_step, common
+from mepf_core.encoders import build_feature_map
+
+
+def test_baseline_vgg_features_equal_the_registry_map():
+    """Hooked full-VGG19 features (published approach) == our staged map, given the same weights."""
+    torch.manual_seed(0)
+    ours = build_feature_map("vgg19", random_init=True)
+    baseline = bench_training_step.PublishedVGGFeatures()
+    ours_convs = [m for m in ours.stages.modules() if isinstance(m, nn.Conv2d)]
+    base_convs = [m for m in baseline.net.features if isinstance(m, nn.Conv2d)]
+    assert len(ours_convs) == len(base_convs) == 16
+    with torch.no_grad():
+        for a, b in zip(ours_convs, base_convs):
+            b.weight.copy_(a.weight)
+            b.bias.copy_(a.bias)
+        images = torch.rand(2, 3, 32, 32)
+        want, have = ours(images), baseline(images)
+    assert have.shape == want.shape == (2, ours.feature_dim)
+    assert torch.allclose(have, want, rtol=1e-4, atol=1e-5)
+
+
+def test_baseline_generator_matches_the_paper_shape():
+    gen = bench_training_step.PublishedResNetGenerator()
+    with torch.no_grad():
+        images = gen(torch.randn(4, 100))
+    assert images.shape == (4, 3, 32, 32)
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+
+
+@pytest.mark.slow
+def test_training_step_bench_runs_tiny(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    argv = ["bench_training_step.py", "--configs", "fmnist", "--steps", "1", "--repeats", "2", "--warmup", "1",
+            "--options", "default", "unfused", "threads1", "--peak-size", "256"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_training_step.main()
+    result = json.loads((tmp_path / "training_step.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"default", "unfused", "threads1"}
+    assert rows["default"]["ratio"] == 1.0 and rows["default"]["timed_steps"] == 2
+    assert rows["default"]["gflop_per_step"] > 0 and rows["default"]["conv_peak_fraction"] > 0
+    assert rows["default"]["command"].endswith("--peak-size 256")
+    assert "images_per_s" in capsys.readouterr().out
+
+    monkeypatch.setattr(sys, "argv", argv[:-5] + ["default", "--peak-size", "256"])  # a second run merges
+    bench_training_step.main()
+    result = json.loads((tmp_path / "training_step.json").read_text())
+    assert sorted(r["variant"] for r in result["rows"]) == ["default", "threads1", "unfused"]
+    assert len(result["commands"]) == 2
+
+
+def test_extraction_rows_merge_and_memory_check():
+    old = [{"encoder": "efficientnet-lite0", "n": n, "peak_rss_mib": 1000.0 + n / 1000, "command": "a"}
+           for n in (10, 20)]
+    new = [{"encoder": "vgg19", "n": n, "peak_rss_mib": rss, "env": "default", "command": "b"}
+           for n, rss in ((5, 3000.0), (10, 3500.0))]
+    rows = bench_extraction.merge_rows(old, new)
+    assert [(r["encoder"], r["n"]) for r in rows] == [("efficientnet-lite0", 10), ("efficientnet-lite0", 20),
+                                                      ("vgg19", 5), ("vgg19", 10)]
+    flat = bench_extraction.memory_flat(rows)
+    assert flat["efficientnet-lite0"]["within_10pct"] is True
+    assert flat["vgg19"]["within_10pct"] is False and flat["vgg19"]["rss_ratio"] == pytest.approx(3500 / 3000, abs=1e-3)
+    replaced = bench_extraction.merge_rows(rows, [{**new[0], "peak_rss_mib": 1.0}])
+    assert len(replaced) == 4 and [r["peak_rss_mib"] for r in replaced if r["encoder"] == "vgg19"][0] == 1.0
