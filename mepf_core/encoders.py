@@ -84,20 +84,24 @@ class FeatureMap(nn.Module):
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be N x C x H x W with C in (1, 3), got shape {tuple(images.shape)}")
         x = images.to(self._mean.dtype)
+        size = self.spec.image_size
+        if x.shape[-2:] != (size, size):  # resize before the grayscale repeat: same numbers, less work
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        size = self.spec.image_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
         return (x - self._mean) / self._std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(images)
-        outputs = []
-        for stage in self.stages:
-            x = stage(x)
-            outputs.append(x.flatten(1))
-        return torch.cat(outputs, dim=1)
+        return stage_features(self.stages, self.preprocess(images))
+
+
+def stage_features(stages: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Run the stages in order and concatenate every stage's flattened output."""
+    outputs = []
+    for stage in stages:
+        x = stage(x)
+        outputs.append(x.flatten(1))
+    return torch.cat(outputs, dim=1)
 
 
 def weights_sha256(module: nn.Module) -> str:

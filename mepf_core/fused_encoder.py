@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mepf_core.encoders import FeatureMap
+from mepf_core.encoders import FeatureMap, stage_features
 
 logger = logging.getLogger(__name__)
 
@@ -91,27 +91,8 @@ class FusedFeatureMap(nn.Module):
     def train(self, mode: bool = True) -> "FusedFeatureMap":  # noqa: ARG002 - frozen, always eval
         return super().train(False)
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """FeatureMap.preprocess with the resize before the grayscale repeat: the same numbers
-        (bilinear resizing acts on each channel alone), a third of the work for grayscale."""
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must be N x C x H x W with C in (1, 3), got shape {tuple(images.shape)}")
-        mean, std = self.original._mean, self.original._std
-        x = images.to(mean.dtype)
-        size = self.spec.image_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return (x - mean) / std
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(images)
-        outputs = []
-        for stage in self.stages:
-            x = stage(x)
-            outputs.append(x.flatten(1))
-        return torch.cat(outputs, dim=1)
+        return stage_features(self.stages, self.original.preprocess(images))
 
 
 def _fuse_stage(stage: nn.Module) -> nn.Module | None:
