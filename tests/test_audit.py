@@ -118,7 +118,7 @@ def test_replace_one_audit_stays_within_the_sensitivity():
 def test_membership_inference_at_epsilon_1():
     """In the in/out game the attack separates in from out well without noise (control), far
     beyond what a (1, 1e-5)-DP release allows, and finds no such signal in the real releases."""
-    r = membership_inference(feature_map=lite0())
+    r = membership_inference(feature_map=lite0(), confidence=0.999)  # wide intervals: noise is unseeded, no flakes
     attack, control = r["attack"], r["control"]
     assert control["auc_ci"][0] > control["auc_max_for_claim"]  # the attack has power
     assert attack["auc_ci"][1] < attack["auc_max_for_claim"]  # and the release keeps its claim
