@@ -17,8 +17,9 @@ mkldnn off, mkldnn implicit bf16 for fp32 convs/matmuls, flush-denormal, one int
 two that need a fresh process, run in a child driven step by step over a pipe: `omp_passive`
 (OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning) and `malloc_heap` (glibc
 keeps freed memory instead of unmapping it, so large per-step tensors do not page-fault fresh
-zeroed pages every step). For Lite0 also the unfused (batch norms kept) public map. Options
-combine with '+', e.g. channels_last+threads1 or omp_passive+malloc_heap. Variants run interleaved in rounds
+zeroed pages every step; the training task's own `keep_freed_memory()`). For Lite0 also the
+unfused (batch norms kept) public map. Options combine with '+', e.g. channels_last+threads1,
+omp_passive+malloc_heap, or baseline+malloc_heap (the baseline under the same allocator). Variants run interleaved in rounds
 (A B C, then B C A, ...) because the machine is shared: every s/step is a median over all timed steps,
 every ratio a median over rounds. The fp32 matmul peak is measured in each round too (with a large
 channels-last conv as a second reference: on AMD CPUs MKL's matmul reaches only about half of what
@@ -60,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
 from bench.common import median, table, write_result  # noqa: E402
+from mepf_core.allocator import keep_freed_memory  # noqa: E402
 from mepf_core.encoders import build_feature_map  # noqa: E402
 from mepf_core.losses import class_weight_matrix  # noqa: E402
 from mepf_core.public_map import PublicFeatureMap  # noqa: E402
@@ -77,8 +79,14 @@ ENV_OPTIONS = {
     "omp_passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # idle OpenMP threads sleep instead of spinning
     # glibc serves every allocation from its heap and keeps freed memory: no fresh zeroed pages
     # (page faults) for each step's large activation tensors
-    "malloc_heap": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**36)},
 }
+# Options that change the process itself, applied first thing in the child: production's own calls.
+CHILD_SETUP: dict[str, Callable[[], object]] = {
+    # glibc keeps freed memory (the training task's keep_freed_memory), so large per-step tensors
+    # do not page-fault fresh zeroed pages every step
+    "malloc_heap": keep_freed_memory,
+}
+FRESH_PROCESS = ENV_OPTIONS.keys() | CHILD_SETUP.keys()
 ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "MALLOC_MMAP_MAX_",
             "MALLOC_TRIM_THRESHOLD_")
 
@@ -280,14 +288,21 @@ class RemoteStep:
 
 
 def worker(config: str, parts: str, device: str) -> None:
-    """Child side of RemoteStep: build the variant's trainer, then one step per 'step' line."""
-    trainer, flags, _ = modified_trainer(CONFIGS[config], device, [p for p in parts.split("+") if p != "default"])
+    """Child side of RemoteStep: build the variant's step, then one step per 'step' line."""
+    names = [p for p in parts.split("+") if p != "default"]
+    for name in names:
+        if name in CHILD_SETUP:
+            CHILD_SETUP[name]()
+    trainer, flags, _ = modified_trainer(CONFIGS[config], device, [p for p in names if p != "baseline"])
+    step = trainer.train_step
+    if "baseline" in names:
+        step = BaselineStep(trainer.loss.targets["moment1"], CONFIGS[config].batch_size, device)
     with flags():
-        print(f"ready {count_flops(trainer.train_step)}", flush=True)
+        print(f"ready {count_flops(step)}", flush=True)
     for line in sys.stdin:
         if line.strip() == "step":
             with flags():
-                trainer.train_step()
+                step()
             synchronize(device)
             print("ok", flush=True)
 
@@ -345,11 +360,13 @@ def option_name(value: str) -> str:
     parts = value.split("+")
     if len(parts) == 1 and value in ALL_OPTIONS:
         return value
-    bad = [p for p in parts if p not in MODIFIERS and p not in ENV_OPTIONS and p != "unfused"]
+    bad = [p for p in parts if p not in MODIFIERS and p not in FRESH_PROCESS and p not in ("unfused", "baseline")]
+    if "baseline" in parts and not FRESH_PROCESS & set(parts):
+        bad.append("baseline (combines only with " + ", ".join(sorted(FRESH_PROCESS)) + ")")
     if bad or len(set(parts)) != len(parts):
         raise argparse.ArgumentTypeError(
-            f"unknown option {value!r}; choose from {', '.join(ALL_OPTIONS)} or join "
-            f"{', '.join([*MODIFIERS, *ENV_OPTIONS])} and unfused with '+'")
+            f"unknown option {value!r} ({', '.join(bad) or 'a part repeats'}); choose from {', '.join(ALL_OPTIONS)} or join "
+            f"{', '.join([*MODIFIERS, *FRESH_PROCESS])} and unfused with '+' (baseline with a process option)")
     return value
 
 
@@ -386,11 +403,14 @@ def build_variants(cfg: BenchConfig, device: str, options: list[str]) -> list[Va
             base = BaselineStep(default.loss.targets["moment1"], cfg.batch_size, device)
             variants.append(Variant("baseline", base, cfg.batch_size, flops=count_flops(base),
                                     note="published approach: full torchvision VGG19 + hooks, plain generator"))
-        elif ENV_OPTIONS.keys() & set(parts):
+        elif FRESH_PROCESS & set(parts):
             env = {k: v for p in parts if p in ENV_OPTIONS for k, v in ENV_OPTIONS[p].items()}
             local = [p for p in parts if p not in ENV_OPTIONS]
+            if "baseline" in parts and cfg.name != "cifar10":
+                continue
             remote = RemoteStep(cfg, device, env, local)
-            notes = [f"in a child process with {' '.join(f'{k}={v}' for k, v in env.items())}"] + local
+            notes = [f"in a child process with {' '.join(f'{k}={v}' for k, v in env.items()) or 'no extra environment'}"]
+            notes += [f"{p}: {CHILD_SETUP[p].__name__}() first" if p in CHILD_SETUP else p for p in local]
             variants.append(Variant(name, remote, cfg.batch_size, flops=remote.flops, note="; ".join(notes)))
         else:
             t, flags, notes = modified_trainer(cfg, device, parts)
@@ -473,6 +493,11 @@ def profile_step(variant: Variant, device: str, top: int = 20) -> list[dict]:
              "share": round(getattr(e, key) / total, 3), "calls_per_step": e.count // 2} for e in events]
 
 
+def process_parts(name: str) -> list[str]:
+    """The parts of a variant name that set up its process (environment, allocator), in order."""
+    return [p for p in name.split("+") if p in FRESH_PROCESS]
+
+
 def summarise(cfg: BenchConfig, variants: list[Variant], peak: float, conv_peak: float) -> list[dict]:
     base = variants[0]
     baseline = next((v for v in variants if v.name == "baseline" and v.times), None)
@@ -491,8 +516,12 @@ def summarise(cfg: BenchConfig, variants: list[Variant], peak: float, conv_peak:
                "peak_fraction": round(v.flops / s / peak, 3) if v.flops else None,
                "conv_peak_fraction": round(v.flops / s / conv_peak, 3) if v.flops else None,
                "setup_s": round(v.setup_s, 1), "timed_steps": sum(len(r) for r in v.times), "note": v.note}
-        if v.name == "default" and baseline is not None:
+        if baseline is not None and "baseline" not in v.name.split("+"):
             row["baseline_ratio"] = round(median([median(b) / median(r) for b, r in zip(baseline.times, v.times)]), 3)
+        same_env = next((b for b in variants if b.times and b.name == "+".join(["baseline", *process_parts(v.name)])), None)
+        if same_env is not None and process_parts(v.name) and "baseline" not in v.name.split("+"):
+            row["same_process_baseline_ratio"] = round(
+                median([median(b) / median(r) for b, r in zip(same_env.times, v.times)]), 3)
         rows.append(row)
     return rows
 
@@ -595,13 +624,16 @@ def main() -> None:
         "columns": {"s_per_step": "median seconds per training step over all timed steps",
                     "ratio": "default s/step over this variant's, median over rounds (> 1: faster)",
                     "baseline_ratio": "ours / published-approach baseline, images per second",
+                    "same_process_baseline_ratio": "this variant / baseline+<its process options> (same allocator and "
+                                                   "environment for both), images per second",
                     "peak_fraction": "achieved FLOP/s over the fp32 matmul peak measured in the same rounds",
                     "conv_peak_fraction": "achieved FLOP/s over a large channels-last fp32 3x3 conv's FLOP/s, "
                                           "same rounds (oneDNN; MKL's matmul is slower on AMD CPUs)",
                     "setup_s": "warm-up wall time (compilation included), not in the medians"},
         "peaks": {"matmul": f"float32 {peak_size}x{peak_size} torch.matmul",
                   "conv": "float32 3x3 conv, 128x256x16x16 -> 256 channels, channels-last, padding 1"},
-        "rows": all_rows, **({"profiles": profiles} if profiles else {})})
+        "rows": all_rows, **({"profiles": profiles} if profiles else {}),
+        **({"before": old["before"]} if "before" in old else {})})  # a recorded before/after comparison stays
     print(f"wrote {path}")
 
 

@@ -36,11 +36,11 @@ class TrainParams(BaseModel):
     out: str = Field(..., description="run directory for checkpoints, run.json and images")
     steps: int = Field(..., description="total generator updates (a resumed run continues up to this)")
     batch_size: int = Field(100, description="generated images per step")
-    lr_gen: float = Field(1e-3, description="generator Adam learning rate")
+    lr_gen: float = Field(2e-3, description="generator Adam learning rate (start of the cosine schedule)")
     lr_mavg: float = Field(1e-3, description="moving-average Adam learning rate (mavg loss)")
     beta1: float = Field(0.5, description="generator Adam beta1")
     loss: Literal["mavg", "mmd"] = "mavg"
-    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = Field(True, description="bfloat16 autocast on cuda")

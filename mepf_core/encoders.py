@@ -91,17 +91,25 @@ class FeatureMap(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return (x - self._mean) / self._std
 
+    def stage_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return run_stages(self.stages, self.preprocess(images))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return stage_features(self.stages, self.preprocess(images))
+        return concat_features(self.stage_outputs(images))
 
 
-def stage_features(stages: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-    """Run the stages in order and concatenate every stage's flattened output."""
+def run_stages(stages: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every stage's output (N x C x H x W), the stages run in order."""
     outputs = []
     for stage in stages:
         x = stage(x)
-        outputs.append(x.flatten(1))
-    return torch.cat(outputs, dim=1)
+        outputs.append(x)
+    return outputs
+
+
+def concat_features(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The feature vector: every stage output flattened in C, H, W order, concatenated (N x D)."""
+    return torch.cat([o.flatten(1) for o in outputs], dim=1)
 
 
 def weights_sha256(module: nn.Module) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mepf_core.encoders import FeatureMap, stage_features
+from mepf_core.encoders import FeatureMap, concat_features, run_stages
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,11 @@ class FusedFeatureMap(nn.Module):
     def train(self, mode: bool = True) -> "FusedFeatureMap":  # noqa: ARG002 - frozen, always eval
         return super().train(False)
 
+    def stage_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return run_stages(self.stages, self.original.preprocess(images))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return stage_features(self.stages, self.original.preprocess(images))
+        return concat_features(self.stage_outputs(images))
 
 
 def _fuse_stage(stage: nn.Module) -> nn.Module | None:

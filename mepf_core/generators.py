@@ -83,8 +83,31 @@ class Conv28Generator(Generator):
         return torch.sigmoid(x)
 
 
+# Nearest 2x upsampling followed by a 3x3 convolution (padding 1), folded into one stride-2
+# transposed convolution with a 4x4 kernel: the same function with 16 instead of 36 multiply-adds
+# per input pixel and output channel, and no upsampled copy (1.5-2.2x faster forward+backward on
+# CPU, measured on the three block sizes). In one dimension, output 2m + a of the upsampled-then-
+# convolved signal is w0 u[2m+a-1] + w1 u[2m+a] + w2 u[2m+a+1] with u[j] = x[j // 2]:
+#   a = 0: w0 x[m-1] + (w1 + w2) x[m];    a = 1: (w0 + w1) x[m] + w2 x[m+1].
+# conv_transpose2d(stride 2, padding 1) computes y[2m+a] = sum_k K[k] x[i] over k = 2(m-i) + a + 1,
+# so K = (w2, w1 + w2, w0 + w1, w0) = _FOLD @ w; in 2-d K = _FOLD w _FOLD^T. Borders agree: the
+# upsampled signal's zero padding falls on the input's. tests/test_generators.py checks it.
+_FOLD = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """conv2d(interpolate(x, 2x nearest), weight, padding=1) for a 3x3 weight, without the copy."""
+    fold = _FOLD.to(weight.device, weight.dtype)
+    kernel = torch.einsum("ka,oiab,lb->iokl", fold, weight, fold)  # C_in x C_out x 4 x 4
+    return F.conv_transpose2d(x, kernel, stride=2, padding=1)
+
+
 class _UpBlock(nn.Module):
-    """Residual up-block: BN-ReLU-upsample-conv3-BN-ReLU-conv3, plus upsample-conv1x1 skip."""
+    """Residual up-block: BN-ReLU-upsample-conv3-BN-ReLU-conv3, plus upsample-conv1x1 skip.
+
+    Computed as written but cheaper: upsample+conv3 by `upsample_conv3x3`, and the 1x1 skip
+    before the (nearest) upsampling, with which it commutes.
+    """
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -95,6 +118,12 @@ class _UpBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = upsample_conv3x3(F.relu(self.bn1(x)), self.conv1.weight)
+        h = self.conv2(F.relu(self.bn2(h)))
+        return h + F.interpolate(self.skip(x), scale_factor=2, mode="nearest")
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block as the paper writes it (for tests)."""
         up = F.interpolate(x, scale_factor=2, mode="nearest")
         h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
         h = self.conv2(F.relu(self.bn2(self.conv1(h))))

@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from mepf_core.encoders import EncoderSpec, FeatureMap, build_feature_map
+from mepf_core.encoders import EncoderSpec, FeatureMap, build_feature_map, concat_features
 from mepf_core.features import bound_norm, second_moment
 from mepf_core.fused_encoder import fuse_feature_map
 
@@ -76,11 +76,67 @@ class PublicFeatureMap(nn.Module):
         return self.feature_map.spec
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        raw = self.raw(images).float()
+        return self._bounded(self.raw(images).float())
+
+    def _bounded(self, raw: torch.Tensor) -> dict[str, torch.Tensor]:
         phi1 = bound_norm(raw, self.norm_bound)
         if self.moments == 1:
             return {"moment1": phi1}
         return {"moment1": phi1, "moment2": bound_norm(second_moment(phi1), self.second_moment_bound)}
+
+    def stage_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's raw per-stage activations: what `forward` flattens, concatenates and bounds."""
+        return self.raw.stage_outputs(images)
+
+    def class_means(self, outputs: list[torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{moment: K x D} = weights @ forward(images)[moment], without the B x D feature matrix.
+
+        Why: with VGG19 (D = 303,104, batch 128) concatenating, scaling and back-propagating
+        through the per-example feature matrix cost about a fifth of a training step. Row scaling
+        commutes with averaging, W @ diag(s) X = (W * s) @ X, so each example's scale
+        s = C / ||x|| folds into the K x B weights and every stage is reduced where it lies (a
+        channels-last stage through a view, its K means permuted back to C, H, W order after).
+        For the second moment, phi_2 = C_2 x^2 / ||x^2|| (phi_1's scale cancels). A batch with a
+        non-finite norm (some activation not finite) takes the reference path, which zeroes
+        non-finite entries before bounding.
+        """
+        outs = [o.float() for o in outputs]
+        norm1 = _joint_norm(outs)
+        if not bool(torch.isfinite(norm1).all()):
+            return {name: weights @ f for name, f in self._bounded(concat_features(outs)).items()}
+        means = {"moment1": _scaled_means(outs, weights * _bound_scale(norm1, self.norm_bound))}
+        if self.moments == 2:
+            squares = [o.square() for o in outs]
+            norm2 = _joint_norm(squares)
+            if not bool(torch.isfinite(norm2).all()):
+                return {name: weights @ f for name, f in self._bounded(concat_features(outs)).items()}
+            means["moment2"] = _scaled_means(squares, weights * _bound_scale(norm2, self.second_moment_bound))
+        return means
+
+
+def _joint_norm(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Per-example L2 norm (B) over all stages together, as if they were concatenated."""
+    per_stage = [torch.linalg.vector_norm(o, dim=tuple(range(1, o.ndim))) for o in outputs]
+    return torch.linalg.vector_norm(torch.stack(per_stage, dim=1), dim=1)
+
+
+def _bound_scale(norms: torch.Tensor, bound: float) -> torch.Tensor:
+    """bound / norm per example (1 x B), 0 for an all-zero example (as `bound_norm`)."""
+    scale = torch.where(norms > 0, bound / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
+    return scale[None, :]
+
+
+def _scaled_means(outputs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """weights (K x B) @ the concatenated flattened outputs, one matrix product per stage."""
+    return torch.cat([_stage_means(o, weights) for o in outputs], dim=1)
+
+
+def _stage_means(output: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    if output.ndim == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
+        b, c, h, w = output.shape  # N H W C in memory: reduce over that view, then reorder the K rows
+        means = weights @ output.permute(0, 2, 3, 1).reshape(b, h * w * c)
+        return means.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(means.shape[0], c * h * w)
+    return weights @ output.reshape(output.shape[0], -1)
 
 
 def build_public_map(

