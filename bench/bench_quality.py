@@ -6,7 +6,7 @@ synthetic images, tested on the real test split). With --ceiling, the first run 
 same classifiers on real training images: the non-private ceiling. Every number in the result file comes with the
 command that produced it.
 
-    python bench/bench_quality.py [--epsilons 0.2 1 10] [--steps 4000] [--n-samples 10000] [--fid-samples 5000]
+    python bench/bench_quality.py [--epsilons 0.2 1 10] [--steps 10000] [--n-samples 10000] [--fid-samples 5000]
                                   [--fid-reference N] [--ceiling]
 """
 
@@ -41,7 +41,7 @@ def mepf(*args: str) -> tuple[dict, float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epsilons", type=float, nargs="+", default=[0.2, 1.0, 10.0])
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=10_000, help="the same for every epsilon (the pipeline's default)")
     ap.add_argument("--n-samples", type=int, default=10_000)
     ap.add_argument("--fid-samples", type=int, default=5000)
     ap.add_argument("--fid-reference", type=int, default=None, help="real test images for the FID statistics")

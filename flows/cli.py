@@ -135,10 +135,12 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="public: train a generator from a release file alone")
     p.add_argument("--release", required=True)
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=None, help="generator updates (default 10,000)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr-gen", type=float, default=None)
     p.add_argument("--lr-mavg", type=float, default=None)
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default=None,
+                   help="cosine (default) decays --lr-gen to 0 over --steps")
     p.add_argument("--loss", choices=["mavg", "mmd"], default=None)
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -154,7 +156,7 @@ def _cmd_train(args) -> dict:
 
     values = {"release": args.release, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
               "device": args.device, "resume": args.resume, "encoder_weights": args.encoder_weights,
-              "lr_gen": args.lr_gen, "lr_mavg": args.lr_mavg, "loss": args.loss,
+              "lr_gen": args.lr_gen, "lr_mavg": args.lr_mavg, "lr_schedule": args.lr_schedule, "loss": args.loss,
               "checkpoint_every": args.checkpoint_every, "seed": args.seed}
     params = _model(TrainParams, {k: v for k, v in values.items() if v is not None})
     result = train_generator(params)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -14,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flows.custodian_release import custodian_release
 from flows.evaluate import EvaluateParams, evaluate
 from flows.release_params import ReleaseParams
-from flows.train_generator import SampleParams, TrainParams, sample, train_generator
+from flows.train_generator import DEFAULT_STEPS, SampleParams, TrainParams, sample, train_generator
+from mepf_core.training import TrainConfig
 
 
 class PipelineParams(BaseModel):
@@ -35,10 +37,11 @@ class PipelineParams(BaseModel):
     budget: float | None = None
     limit: int | None = Field(None, description="use only the first LIMIT private images (tests)")
     # public stage
-    steps: int = Field(4000, description="generator training steps")
+    steps: int = Field(DEFAULT_STEPS, description="generator training steps")
     batch_size: int = 100
-    lr_gen: float = 1e-3
-    lr_mavg: float = 1e-3
+    lr_gen: float = TrainConfig.lr_gen
+    lr_mavg: float = TrainConfig.lr_mavg
+    lr_schedule: Literal["cosine", "constant"] = TrainConfig.lr_schedule
     checkpoint_every: int = 500
     eval_samples: int = 2000
     n_samples: int = Field(10_000, description="synthetic images drawn for evaluation")
@@ -64,8 +67,8 @@ class PipelineParams(BaseModel):
             moments=self.moments, encoder=self.encoder, ledger=self.ledger, budget=self.budget, limit=self.limit,
         )
         train = dict(out=str(out / "run"), steps=self.steps, batch_size=self.batch_size, lr_gen=self.lr_gen,
-                     lr_mavg=self.lr_mavg, checkpoint_every=self.checkpoint_every, eval_samples=self.eval_samples,
-                     device=self.device)
+                     lr_mavg=self.lr_mavg, lr_schedule=self.lr_schedule, checkpoint_every=self.checkpoint_every,
+                     eval_samples=self.eval_samples, device=self.device)
         evaluation = dict(run=str(out / "run"), out=str(out / "report"), reference=self.reference,
                           data_root=None, fid_samples=self.fid_samples, fid_reference=self.fid_reference,
                           classifiers=self.classifiers)

@@ -27,6 +27,12 @@ def _positive(value: int, name: str) -> int:
     return value
 
 
+# Default length of a training run: on 2 CPU cores ~10 minutes for Fashion-MNIST. From 4,000 to
+# 10,000 steps (cosine schedule, epsilon 10) FID fell from 69.6 to 56.0 and logistic-regression
+# accuracy rose from 73.6% to 76.5% (bench/README.md, quality).
+DEFAULT_STEPS = 10_000
+
+
 class TrainParams(BaseModel):
     """One training run of a generator on a release (defaults: the tuned Fashion-MNIST setting)."""
 
@@ -34,7 +40,7 @@ class TrainParams(BaseModel):
 
     release: str = Field(..., description="release file (.h5) written by the custodian")
     out: str = Field(..., description="run directory for checkpoints, run.json and images")
-    steps: int = Field(..., description="total generator updates (a resumed run continues up to this)")
+    steps: int = Field(DEFAULT_STEPS, description="total generator updates (a resumed run continues up to this)")
     batch_size: int = Field(100, description="generated images per step")
     lr_gen: float = Field(2e-3, description="generator Adam learning rate (start of the cosine schedule)")
     lr_mavg: float = Field(1e-3, description="moving-average Adam learning rate (mavg loss)")

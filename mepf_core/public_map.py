@@ -101,17 +101,14 @@ class PublicFeatureMap(nn.Module):
         non-finite entries before bounding.
         """
         outs = [o.float() for o in outputs]
-        norm1 = _joint_norm(outs)
-        if not bool(torch.isfinite(norm1).all()):
-            return {name: weights @ f for name, f in self._bounded(concat_features(outs)).items()}
-        means = {"moment1": _scaled_means(outs, weights * _bound_scale(norm1, self.norm_bound))}
+        parts = [(outs, self.norm_bound)]
         if self.moments == 2:
-            squares = [o.square() for o in outs]
-            norm2 = _joint_norm(squares)
-            if not bool(torch.isfinite(norm2).all()):
-                return {name: weights @ f for name, f in self._bounded(concat_features(outs)).items()}
-            means["moment2"] = _scaled_means(squares, weights * _bound_scale(norm2, self.second_moment_bound))
-        return means
+            parts.append(([o.square() for o in outs], self.second_moment_bound))
+        norms = [_joint_norm(tensors) for tensors, _ in parts]
+        if not all(bool(torch.isfinite(n).all()) for n in norms):
+            return {name: weights @ f for name, f in self._bounded(concat_features(outs)).items()}
+        return {f"moment{i + 1}": _scaled_means(tensors, weights * _bound_scale(norm, bound))
+                for i, ((tensors, bound), norm) in enumerate(zip(parts, norms))}
 
 
 def _joint_norm(outputs: list[torch.Tensor]) -> torch.Tensor:

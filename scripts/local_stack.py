@@ -167,9 +167,7 @@ def train_params(args: argparse.Namespace, release: Path, out: Path) -> dict:
     params = {"release": str(release), "out": str(out), "device": "auto", "progress": False}
     if args.tiny:
         params.update(steps=10, batch_size=50, checkpoint_every=5, eval_samples=100)
-    else:
-        params.update(steps=4000, batch_size=100, checkpoint_every=500, eval_samples=2000)
-    return params
+    return params  # otherwise TrainParams' defaults, as `mepf train` uses
 
 
 def sample_params(args: argparse.Namespace, run: Path) -> dict:
