@@ -40,18 +40,22 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@task(name="fid", persist_result=False)
-def fid_task(synthetic: np.ndarray, reference_images: np.ndarray, reference_key: str, fid_samples: int) -> float:
-    """FID of up to `fid_samples` synthetic images against cached statistics of the reference split."""
-    logger = get_run_logger()
+def fid_against_reference(images: np.ndarray, reference_images: np.ndarray, reference_key: str, n: int) -> float:
+    """FID of the first `n` images against the reference split's statistics, cached per key."""
     model = load_fid_inception(_device())
     key = f"{reference_key}|n={len(reference_images)}|pytorch-fid-pool3|gray->rgb|bilinear299"
     mu_r, sigma_r = load_or_compute_reference_stats(key, lambda: activation_statistics(
         images_to_inception_activations(model, reference_images, device=_device(), progress=True)))
-    acts = images_to_inception_activations(model, synthetic[:fid_samples], device=_device(), progress=True)
-    mu, sigma = activation_statistics(acts)
-    fid = frechet_distance(mu, sigma, mu_r, sigma_r)
-    logger.info("FID %.2f on %d synthetic images against %s", fid, len(acts), reference_key)
+    acts = images_to_inception_activations(model, images[:n], device=_device(), progress=True)
+    return frechet_distance(*activation_statistics(acts), mu_r, sigma_r)
+
+
+@task(name="fid", persist_result=False)
+def fid_task(synthetic: np.ndarray, reference_images: np.ndarray, reference_key: str, fid_samples: int) -> float:
+    """FID of up to `fid_samples` synthetic images against cached statistics of the reference split."""
+    fid = fid_against_reference(synthetic, reference_images, reference_key, fid_samples)
+    get_run_logger().info("FID %.2f on %d synthetic images against %s", fid, min(fid_samples, len(synthetic)),
+                          reference_key)
     return fid
 
 

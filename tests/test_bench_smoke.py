@@ -87,3 +87,20 @@ def test_extraction_rows_merge_and_memory_check():
     assert flat["vgg19"]["within_10pct"] is False and flat["vgg19"]["rss_ratio"] == pytest.approx(3500 / 3000, abs=1e-3)
     replaced = bench_extraction.merge_rows(rows, [{**new[0], "peak_rss_mib": 1.0}])
     assert len(replaced) == 4 and [r["peak_rss_mib"] for r in replaced if r["encoder"] == "vgg19"][0] == 1.0
+
+
+def test_quality_rows_merge_by_epsilon_and_a_pipeline_run_becomes_a_row(tmp_path):
+    from bench import bench_quality
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "report").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps(
+        {"release": {"epsilon": 9.9999999997}, "steps_done": 10_000, "train_seconds": 480.0}))
+    (tmp_path / "report" / "metrics.json").write_text(json.dumps(
+        [{"metric": "fid", "value": 53.91}, {"metric": "acc_cnn", "value": 0.762}]))
+    row = bench_quality.pipeline_row(tmp_path)
+    assert row["epsilon"] == 10.0 and row["steps"] == 10_000 and row["train_minutes"] == 8.0
+    assert row["fid"] == 53.91 and row["commands"] == [f"mepf run --out-dir {tmp_path}"]
+    old = [{"epsilon": 10.0, "fid": 77.9}, {"epsilon": 1.0, "fid": 81.4}, {"epsilon": "real data (ceiling)"}]
+    merged = bench_quality.merge(old, [row])
+    assert [r["epsilon"] for r in merged] == [1.0, "real data (ceiling)", 10.0] and merged[-1]["fid"] == 53.91
