@@ -9,9 +9,11 @@ Specs: fashion-mnist | mnist | cifar10 | celeba | imagefolder:PATH.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,14 +143,25 @@ def _idx_source(name: str, split: str, root: Path, class_names: tuple[str, ...])
     return ImageSource(name, split, class_names, shape, y, reader, stream)
 
 
+def _rmdir_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def _torchvision_download(cls_name: str, root: Path, split: str):
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
+    created = [p for p in (root, root / cls_name) if not p.exists()]  # removed again if the download fails
     root.mkdir(parents=True, exist_ok=True)
     try:
         return cls(str(root), train=(split == "train"), download=True)
     except Exception as exc:
+        for folder in reversed(created):  # a failed attempt leaves nothing behind (partial files included)
+            if folder.name == cls_name:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                _rmdir_if_empty(folder)
         raise DatasetNotFoundError(
             f"{cls_name} {split} split is not on disk under {root} and could not be downloaded ({type(exc).__name__})"
         ) from exc

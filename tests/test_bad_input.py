@@ -276,3 +276,25 @@ def test_sixteen_bit_images_are_scaled_or_refused(tmp_path, mode, value, expecte
         assert str(target) in str(exc)
         return
     assert abs(int(images[0, 0, 0, 0]) - expected) <= 1
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
+    """Offline, with no Fashion-MNIST under --data-root: a named error, and the folder as it was."""
+    import torchvision
+
+    from storage.datasets import DatasetNotFoundError, open_dataset
+
+    def offline(root, train, download):  # what torchvision does offline: make its folders, then fail
+        (Path(root) / "FashionMNIST" / "raw").mkdir(parents=True)
+        (Path(root) / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz.part").write_bytes(b"partial")
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    root = tmp_path / "data"
+    with pytest.raises(DatasetNotFoundError, match="could not be downloaded"):
+        open_dataset("fashion-mnist", "train", str(root))
+    assert not root.exists()
+    root.mkdir()
+    with pytest.raises(DatasetNotFoundError):
+        open_dataset("fashion-mnist", "train", str(root))
+    assert list(root.iterdir()) == []  # an existing folder stays, emptied of the attempt
