@@ -29,7 +29,7 @@ def _positive(value: int, name: str) -> int:
 
 # Default length of a training run: on 2 CPU cores ~10 minutes for Fashion-MNIST. From 4,000 to
 # 10,000 steps (cosine schedule, epsilon 10) FID fell from 69.6 to 56.0 and logistic-regression
-# accuracy rose from 73.6% to 76.5% (bench/README.md, quality).
+# accuracy rose from 73.6% to 76.5% (bench/README.md, training choices).
 DEFAULT_STEPS = 10_000
 
 
@@ -41,12 +41,12 @@ class TrainParams(BaseModel):
     release: str = Field(..., description="release file (.h5) written by the custodian")
     out: str = Field(..., description="run directory for checkpoints, run.json and images")
     steps: int = Field(DEFAULT_STEPS, description="total generator updates (a resumed run continues up to this)")
-    batch_size: int = Field(100, description="generated images per step")
-    lr_gen: float = Field(2e-3, description="generator Adam learning rate (start of the cosine schedule)")
-    lr_mavg: float = Field(1e-3, description="moving-average Adam learning rate (mavg loss)")
-    beta1: float = Field(0.5, description="generator Adam beta1")
-    loss: Literal["mavg", "mmd"] = "mavg"
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    batch_size: int = Field(TrainConfig.batch_size, description="generated images per step")
+    lr_gen: float = Field(TrainConfig.lr_gen, description="generator Adam learning rate (start of the cosine schedule)")
+    lr_mavg: float = Field(TrainConfig.lr_mavg, description="moving-average Adam learning rate (mavg loss)")
+    beta1: float = Field(TrainConfig.beta1, description="generator Adam beta1")
+    loss: Literal["mavg", "mmd"] = TrainConfig.loss
+    lr_schedule: Literal["constant", "cosine"] = TrainConfig.lr_schedule
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: bool = Field(True, description="bfloat16 autocast on cuda")

@@ -3,8 +3,9 @@
 Why: glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mmap'd pages
 and unmaps them on free. A VGG19 training step at batch 128 allocates and frees dozens of
 activation tensors of that size, so every step page-faults and zero-fills them anew. Turning off
-mmap for large blocks and trimming only above 2 GiB lets the heap reuse them: 1.46x faster steps
-on the CIFAR-10 configuration (bench/results/training_step.json, variant malloc_heap). The cost
+mmap for large blocks and trimming only above 2 GiB lets the heap reuse them: 1.12x faster steps
+on the CIFAR-10 configuration (bench/results/training_step.json, variant malloc_heap; 1.46x before
+the public map stopped building the B x D feature matrix), 1.00x on Fashion-MNIST. The cost
 is that the process keeps its peak heap until it exits, which a training process does anyway.
 """
 
