@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from bench.common import median, table, write_result  # noqa: E402
+from bench.common import command_line, env_label, environment, median, table, write_result  # noqa: E402
 
 ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")  # threading settings recorded per row
 FLAT_TOLERANCE = 0.10  # peak RSS may grow at most 10% from the smallest to the largest n
@@ -59,15 +58,6 @@ def run(encoder: str, n: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def command_line() -> str:
-    """The exact invocation: threading variables that were set, then the interpreter (relative to
-    the repository when inside it) and the arguments."""
-    root = Path(__file__).resolve().parents[1]
-    exe = Path(sys.executable)
-    exe = exe.relative_to(root) if exe.is_relative_to(root) else exe
-    return " ".join([*(f"{k}={os.environ[k]}" for k in ENV_KEYS if k in os.environ), str(exe), *sys.argv])
-
-
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """Earlier rows for other (encoder, n, env) keys are kept, so one file holds every encoder's run."""
     key = lambda r: (r["encoder"], r["n"], r.get("env", "default"))  # noqa: E731
@@ -95,8 +85,8 @@ def main() -> None:
     ap.add_argument("--encoders", nargs="+", default=["efficientnet-lite0"])
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
-    command = command_line()
-    env = ",".join(f"{k}={os.environ[k]}" for k in ENV_KEYS if k in os.environ) or "default"
+    command = command_line(ENV_KEYS)
+    env = env_label(environment(ENV_KEYS))
     rows = []
     for encoder in args.encoders:
         base_rss = None

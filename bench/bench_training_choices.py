@@ -3,12 +3,12 @@
 Trains with the production `Trainer` straight from a release file (no checkpoints, no Prefect),
 draws 10,000 class-balanced images (or more, `--ns`), and reports what the quality benchmark
 reports, more cheaply: logistic-regression and CNN accuracy on the real Fashion-MNIST test split
-and FID of 1,000 synthetic images against the cached statistics of 1,000 real test images (the
-cache `mepf evaluate --fid-reference 1000` writes). One line of JSON per run is appended to
+and FID of 1,000 synthetic images against 1,000 real test images (the statistics `mepf evaluate
+--fid-reference 1000` caches, computed here if absent). One line of JSON per run is appended to
 bench/results/training_choices.jsonl with its command.
 
     python bench/bench_training_choices.py --release R.h5 [--steps 10000] [--lr 2e-3]
-        [--schedule cosine|constant] [--channels 16 8] [--hidden 500] [--ns 10000 60000] [--fid 1000]
+        [--schedule cosine|constant] [--channels 16 8] [--hidden 500] [--ns 10000 60000] [--no-fid]
 """
 
 from __future__ import annotations
@@ -27,16 +27,11 @@ import torch  # noqa: E402
 from bench.common import RESULTS  # noqa: E402
 from mepf_core import generators  # noqa: E402
 from mepf_core.classifiers import downstream_accuracy  # noqa: E402
-from mepf_core.fid import activation_statistics, frechet_distance  # noqa: E402
-from mepf_core.inception import images_to_inception_activations, load_fid_inception  # noqa: E402
 from mepf_core.public_map import build_public_map  # noqa: E402
 from mepf_core.training import Trainer, TrainConfig, balanced_labels, generate  # noqa: E402
 from storage.datasets import open_dataset  # noqa: E402
-from storage.metrics import load_or_compute_reference_stats  # noqa: E402
 from storage.release import read_release  # noqa: E402
-
-FID_KEY = "fashion-mnist:test|n=1000|pytorch-fid-pool3|gray->rgb|bilinear299"  # as tasks/evaluation.py
-
+from tasks.evaluation import fid_against_reference  # noqa: E402
 
 def widen_conv28(hidden: int, channels: tuple[int, int]) -> None:
     """Make build_generator's 28x28 generator use these widths (the paper's: 500, (16, 8))."""
@@ -46,15 +41,6 @@ def widen_conv28(hidden: int, channels: tuple[int, int]) -> None:
         init(self, num_classes, labelled, hidden=hidden, channels=channels)
 
     generators.Conv28Generator.__init__ = wide_init
-
-
-def fid_1000(images) -> float:
-    def missing():
-        raise FileNotFoundError("no cached FID statistics of 1,000 test images; run `mepf evaluate "
-                                "--reference fashion-mnist:test --fid-reference 1000` once first")
-    mu_r, sigma_r = load_or_compute_reference_stats(FID_KEY, missing)
-    acts = images_to_inception_activations(load_fid_inception("cpu"), images[:1000], device="cpu", progress=False)
-    return frechet_distance(*activation_statistics(acts), mu_r, sigma_r)
 
 
 def main() -> None:
@@ -89,7 +75,8 @@ def main() -> None:
     row = {"release": args.release, "moments": m.moments, "epsilon": m.epsilon, "steps": args.steps, "lr": args.lr,
            "schedule": args.schedule, "channels": args.channels, "hidden": args.hidden,
            "train_s": round(train_s), "steps_per_s": round(args.steps / train_s, 2),
-           "criterion": trainer.best_criterion, "accuracy": accuracy, "fid_1000": fid_1000(images) if args.fid else None,
+           "criterion": trainer.best_criterion, "accuracy": accuracy,
+           "fid_1000": fid_against_reference(images, test_x[:1000], "fashion-mnist:test", 1000) if args.fid else None,
            "command": "python " + shlex.join(sys.argv)}
     print(json.dumps(row))
     RESULTS.mkdir(parents=True, exist_ok=True)

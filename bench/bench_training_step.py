@@ -60,7 +60,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from bench.common import median, table, write_result  # noqa: E402
+from bench.common import command_line, env_label, environment, median, table, write_result  # noqa: E402
 from mepf_core.allocator import keep_freed_memory  # noqa: E402
 from mepf_core.encoders import build_feature_map  # noqa: E402
 from mepf_core.losses import class_weight_matrix  # noqa: E402
@@ -526,24 +526,6 @@ def summarise(cfg: BenchConfig, variants: list[Variant], peak: float, conv_peak:
     return rows
 
 
-def command_line() -> str:
-    """The exact invocation: threading variables that were set, then the interpreter (relative to
-    the repository when inside it) and the arguments."""
-    root = Path(__file__).resolve().parents[1]
-    exe = Path(sys.executable)
-    exe = exe.relative_to(root) if exe.is_relative_to(root) else exe
-    return " ".join([*(f"{k}={os.environ[k]}" for k in ENV_KEYS if k in os.environ), str(exe), *sys.argv])
-
-
-def environment() -> dict:
-    """What decides CPU threading behaviour, recorded with every row (unset variables as None)."""
-    return {key: os.environ.get(key) for key in ENV_KEYS}
-
-
-def env_label(env: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in env.items() if v is not None) or "default"
-
-
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """Earlier rows survive unless this run measured the same (device, env, config, variant)."""
     key = lambda r: (r.get("device"), r.get("env"), r["config"], r["variant"])  # noqa: E731
@@ -576,7 +558,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda requested but torch sees no CUDA device")
     peak_size = args.peak_size or (8192 if args.device == "cuda" else 2048)
-    command, env = command_line(), environment()
+    command, env = command_line(ENV_KEYS), environment(ENV_KEYS)
 
     rows, peaks, profiles = [], {}, {}
     for name in args.configs:

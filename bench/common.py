@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,24 @@ def machine() -> dict:
             "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def command_line(env_keys: tuple[str, ...]) -> str:
+    """The exact invocation: the environment variables among `env_keys` that were set, then the
+    interpreter (relative to the repository when inside it) and the arguments."""
+    root = RESULTS.parent.parent
+    exe = Path(sys.executable)
+    exe = exe.relative_to(root) if exe.is_relative_to(root) else exe
+    return " ".join([*(f"{k}={os.environ[k]}" for k in env_keys if k in os.environ), str(exe), *sys.argv])
+
+
+def environment(env_keys: tuple[str, ...]) -> dict:
+    """What decides CPU threading behaviour, recorded with every row (unset variables as None)."""
+    return {key: os.environ.get(key) for key in env_keys}
+
+
+def env_label(env: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in env.items() if v is not None) or "default"
 
 
 def median(xs: list[float]) -> float:

@@ -32,11 +32,6 @@ def class_weight_matrix(labels: torch.Tensor, num_classes: int, dtype: torch.dty
     return onehot / counts
 
 
-def class_means(features: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-class means {moment: K x D} from per-example features {moment: B x D}."""
-    return {name: weights @ f for name, f in features.items()}
-
-
 def squared_distance(means: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
     """sum over moments and classes of ||m_gen - m_target||^2, as a scalar tensor."""
     return sum(((means[name] - targets[name]) ** 2).sum() for name in targets)
