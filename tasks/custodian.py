@@ -79,9 +79,12 @@ def describe_dataset(params: ReleaseParams) -> dict:
             "feature_dim": fm.feature_dim, "encoder": fm.spec}
 
 
-@task(name="extract-shard", **_PRIVATE)
-def extract_shard(params: ReleaseParams, shard: int) -> FeatureSums:
-    """One streaming pass over a shard: bounded features added into float64 per-class sums."""
+def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
+    """The release's extraction of one shard: records chosen by `open_dataset`, bounded features, float64 sums.
+
+    The only extraction loop: the `extract-shard` task and the privacy audit (`tasks.audit`) both call
+    it, so a record-selection fault would show in the audit too. Returns UN-NOISED sums (private).
+    """
     src = _source(params)
     n = len(src) if params.limit is None else min(params.limit, len(src))
     start, stop = shard_range(n, shard, params.shards)
@@ -97,6 +100,12 @@ def extract_shard(params: ReleaseParams, shard: int) -> FeatureSums:
             sums.add(phi1, phi2, labels if params.labelled else None)
             bar.update(len(images))
     return sums
+
+
+@task(name="extract-shard", **_PRIVATE)
+def extract_shard(params: ReleaseParams, shard: int) -> FeatureSums:
+    """One streaming pass over a shard: bounded features added into float64 per-class sums."""
+    return shard_sums(params, shard)
 
 
 @task(name="reduce-sums", **_PRIVATE)
