@@ -43,7 +43,8 @@ try:
 except EncoderWeightsMissingError:
     random_init = True
     tc._feature_map = lambda p: build_feature_map(p.encoder, random_init=True)
-params = ReleaseParams(target_epsilon=1.0, out="unused.h5", limit=n, encoder=encoder, labelled=True)
+params = ReleaseParams(target_epsilon=1.0, out="unused.h5", limit=n, encoder=encoder, labelled=True,
+                       neighbouring="replace-one")  # the first N: refused under add-remove
 t = time.perf_counter()
 sums = extract_shard.fn(params, 0)
 dt = time.perf_counter() - t

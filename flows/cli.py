@@ -51,12 +51,19 @@ def _add_release(sub) -> None:
     p.add_argument("--norm-bound", type=float, default=1.0)
     p.add_argument("--second-moment-bound", type=float, default=1.0)
     p.add_argument("--neighbouring", default="add-remove", choices=["add-remove", "replace-one"])
-    p.add_argument("--dataset-id", default=None, help="ledger key (default DATASET:SPLIT)")
+    p.add_argument("--dataset-id", default=None,
+                   help="ledger key (default: imagefolder:REAL-PATH of the folder read, or DATASET:SPLIT)")
     p.add_argument("--ledger", default=None, help="budget ledger file")
     p.add_argument("--budget", type=float, default=None, help="total epsilon budget of the dataset")
+    p.add_argument("--budget-delta", type=float, default=None,
+                   help="total delta budget of the dataset, with --budget (default 1e-5, the default target delta)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT images")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first LIMIT images (replace-one only: refused under add-remove)")
+    p.add_argument("--signing-key", default=None,
+                   help="sign the release with this Ed25519 private key (from `mepf keygen`)")
+    p.add_argument("--signer-name", default=None, help="a name signed along with the release (needs --signing-key)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_release)
 
@@ -71,41 +78,91 @@ def _cmd_release(args) -> dict:
         "moments": args.moments, "encoder": args.encoder, "encoder_weights": args.encoder_weights,
         "norm_bound": args.norm_bound, "second_moment_bound": args.second_moment_bound,
         "neighbouring": args.neighbouring, "dataset_id": args.dataset_id, "ledger": args.ledger,
-        "budget": args.budget, "batch_size": args.batch_size, "shards": args.shards, "limit": args.limit,
+        "budget": args.budget, "budget_delta": args.budget_delta, "batch_size": args.batch_size,
+        "shards": args.shards, "limit": args.limit,
+        "signing_key": args.signing_key, "signer_name": args.signer_name,
     })
-    _dataset_available(params.dataset, params.split, params.data_root)
+    _dataset_available(params.dataset, params.split, params.data_root, params.labelled)
     preflight(params)
     result = custodian_release(params)
     _emit(result, args.json, lambda r: (
         f"release {r['release_id']} written to {r['path']}\n"
         f"  epsilon {r['epsilon']:.4f} at delta {r['delta']:g} ({r['neighbouring']})\n"
         + "\n".join(f"  {k}: sigma {v:.4g}, shape {r['shapes'][k]}" for k, v in r["sigmas"].items())
+        + (f"\n  signed by key {r['signed_by']}" if r.get("signed_by") else "")
     ))
     return result
 
 
-def _dataset_available(dataset: str, split: str, root: str | None) -> None:
-    from storage.datasets import open_dataset
+def _dataset_available(dataset: str, split: str, root: str | None, labelled: bool = False) -> None:
+    """Local checks before Prefect starts: the dataset opens, and a labelled one has >= 2 non-empty classes.
 
-    open_dataset(dataset, split, root)  # raises DatasetNotFoundError / ValueError with a clear message
+    These messages go to the custodian's terminal only (the flow repeats the class check with a
+    message that names no class, since its errors reach Prefect)."""
+    from storage.datasets import DatasetCheckError, labelled_release_problems, open_dataset
+
+    src = open_dataset(dataset, split, root)  # raises DatasetNotFoundError / ValueError with a clear message
+    problems = labelled_release_problems(src) if labelled else []
+    if problems:
+        raise DatasetCheckError("; ".join(problems) + f"; see `mepf check-data --dataset {dataset} --labelled`")
 
 
 # --- inspect / budget -----------------------------------------------------------------------------
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="print a release file's metadata (validates checksums)")
+    p = sub.add_parser("inspect", help="print a release file's metadata (validates structure, checksums, the "
+                                       "recomputed epsilon and any signature)")
     p.add_argument("file")
+    p.add_argument("--trusted-key", action="append", default=None, metavar="PUB",
+                   help="Ed25519 public key (PEM); the release must be signed by one of them (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_inspect)
+
+
+def _signature_text(s: dict) -> str:
+    if not s["signed"]:
+        return "unsigned"
+    trust = {True: ", trusted", False: ", NOT trusted", None: ""}[s["trusted"]]
+    return f"valid, by key {s['fingerprint']}" + (f" ({s['signer']})" if s["signer"] else "") + trust
 
 
 def _cmd_inspect(args) -> dict:
     from storage.release import read_release
 
-    rel = read_release(args.file)
+    rel = read_release(args.file, trusted_keys=args.trusted_key)
     meta = json.loads(rel.metadata.to_json())
-    _emit(meta, args.json, lambda m: "\n".join(f"{k}: {json.dumps(v)}" for k, v in sorted(m.items())))
+    meta["signature"] = rel.signature.as_dict()
+    meta["claim"] = {"verified": True, "epsilon_recomputed": rel.epsilon_recomputed}
+
+    def human(m: dict) -> str:
+        lines = [f"{k}: {json.dumps(v)}" for k, v in sorted(m.items()) if k not in ("signature", "claim")]
+        lines.append(f"claim: epsilon {m['claim']['epsilon_recomputed']:.6g} recomputed from the recorded noise, "
+                     f"matches the recorded epsilon")
+        lines.append(f"signature: {_signature_text(m['signature'])}")
+        return "\n".join(lines)
+
+    _emit(meta, args.json, human)
     return meta
+
+
+def _add_keygen(sub) -> None:
+    p = sub.add_parser("keygen", help="custodian: create an Ed25519 key pair for signing releases")
+    p.add_argument("--out", required=True, help="private key file to create (mode 0600), e.g. custodian.key")
+    p.add_argument("--public-out", default=None, help="public key file to create (default: OUT with suffix .pub)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_keygen)
+
+
+def _cmd_keygen(args) -> dict:
+    from storage.signing import generate_keypair
+
+    pair = generate_keypair(args.out, args.public_out)  # FileExistsError: keys are never overwritten
+    result = {"private_key": str(pair.private), "public_key": str(pair.public), "fingerprint": pair.fingerprint}
+    _emit(result, args.json, lambda r: (
+        f"private key {r['private_key']} (keep it secret, mode 0600)\n"
+        f"public key  {r['public_key']} (give it to the public side: mepf train --trusted-key)\n"
+        f"fingerprint {r['fingerprint']}"))
+    return result
 
 
 def _add_budget(sub) -> None:
@@ -115,6 +172,16 @@ def _add_budget(sub) -> None:
     p.set_defaults(handler=_cmd_budget)
 
 
+def _budget_line(d: dict) -> str:
+    """One dataset of `mepf budget`: spend at the budget delta, budget (epsilon, delta), relation, remaining."""
+    budget = "none" if d["budget_epsilon"] is None else f"(epsilon {d['budget_epsilon']:g}, delta {d['budget_delta']:g})"
+    remaining = "-" if d["remaining_epsilon"] is None else f"{d['remaining_epsilon']:.4f}"
+    legacy = f", {d['legacy_charges']} without a recorded relation" if d.get("legacy_charges") else ""
+    return (f"{d['dataset_id']}: spent epsilon {d['spent_epsilon']:.4f} at delta {d['spent_delta']:g} in "
+            f"{d['releases']} release(s) ({d['neighbouring'] or 'no relation yet'}{legacy}); budget {budget}, "
+            f"remaining epsilon {remaining}")
+
+
 def _cmd_budget(args) -> dict:
     from storage.ledger import BudgetLedger
 
@@ -122,10 +189,7 @@ def _cmd_budget(args) -> dict:
         raise CliError(f"ledger {args.ledger} does not exist")
     rows = [b.as_dict() for b in BudgetLedger(args.ledger).summary()]
     result = {"ledger": args.ledger, "datasets": rows}
-    _emit(result, args.json, lambda r: "\n".join(
-        f"{d['dataset_id']}: spent epsilon {d['spent_epsilon']:.4f} (delta {d['spent_delta']:.2g}) in "
-        f"{d['releases']} release(s); budget {d['budget_epsilon']}, remaining {d['remaining_epsilon']}"
-        for d in r["datasets"]) or "no datasets in this ledger")
+    _emit(result, args.json, lambda r: "\n".join(_budget_line(d) for d in r["datasets"]) or "no datasets in this ledger")
     return result
 
 
@@ -147,6 +211,9 @@ def _add_train(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--encoder-weights", default=None)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--trusted-key", action="append", default=None, metavar="PUB",
+                   help="Ed25519 public key (PEM) of a trusted custodian: refuse a release that is unsigned or "
+                        "signed by any other key (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_train)
 
@@ -157,7 +224,8 @@ def _cmd_train(args) -> dict:
     values = {"release": args.release, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
               "device": args.device, "resume": args.resume, "encoder_weights": args.encoder_weights,
               "lr_gen": args.lr_gen, "lr_mavg": args.lr_mavg, "lr_schedule": args.lr_schedule, "loss": args.loss,
-              "checkpoint_every": args.checkpoint_every, "seed": args.seed}
+              "checkpoint_every": args.checkpoint_every, "seed": args.seed,
+              "trusted_keys": tuple(args.trusted_key) if args.trusted_key else None}
     params = _model(TrainParams, {k: v for k, v in values.items() if v is not None})
     result = train_generator(params)
     _emit(result, args.json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
@@ -194,6 +262,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--classifiers", default="logreg,mlp,cnn")
     p.add_argument("--train-samples", type=int, default=None)
     p.add_argument("--ceiling", action="store_true", help="also train on real training images")
+    p.add_argument("--allow-private-reference", action="store_true",
+                   help="accept a reference (or --ceiling) that reads a training split, which may be private; "
+                        "its FID statistics are then not cached")
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_evaluate)
@@ -206,7 +277,8 @@ def _cmd_evaluate(args) -> dict:
     params = _model(EvaluateParams, {
         "run": args.run, "synthetic": args.synthetic, "reference": args.reference, "data_root": args.data_root,
         "fid_samples": args.fid_samples, "fid_reference": args.fid_reference, "classifiers": args.classifiers,
-        "train_samples": args.train_samples, "ceiling": args.ceiling, "out": args.out})
+        "train_samples": args.train_samples, "ceiling": args.ceiling, "out": args.out,
+        "allow_private_reference": args.allow_private_reference})
     synthetic = params.synthetic or str(synthetic_path_for(params.run))
     if not os.path.isfile(synthetic):
         raise CliError(f"{synthetic} does not exist; draw it first with `mepf sample --run {params.run} --n N --out {synthetic}`")
@@ -288,8 +360,14 @@ def _add_audit(sub) -> None:
     add_audit_subcommand(sub)
 
 
-SUBCOMMANDS: list[Callable] = [_add_release, _add_inspect, _add_budget, _add_train, _add_sample, _add_evaluate,
-                               _add_run, _add_audit]
+def _add_check_data(sub) -> None:
+    from flows.cli_check_data import add_check_data_subcommand
+
+    add_check_data_subcommand(sub)
+
+
+SUBCOMMANDS: list[Callable] = [_add_release, _add_keygen, _add_inspect, _add_budget, _add_train, _add_sample,
+                               _add_evaluate, _add_run, _add_audit, _add_check_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
 """`mepf audit`: check the release path's privacy claim empirically (registered by flows.cli).
 
-Exit status 0 when the empirical lower bound does not exceed the claimed epsilon, 1 when it does
-(the claim is refuted), 2 on bad arguments.
+Exit status 0 when the audit passes (the black-box lower bound does not exceed the claimed epsilon,
+the white-box shift interval does not lie above the shift the claim allows, and the neighbours'
+sums moved by at most the claimed sensitivities), 1 when any of them refutes the claim, 2 on bad
+arguments.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def _validate(args) -> None:
 
 
 def _human(r: dict) -> str:
+    w = r["white_box"]
     lines = [
         f"audit of the {r['neighbouring']} release path ({r['encoder']}, D={r['feature_dim']}, "
         f"{'labelled' if r['labelled'] else 'unlabelled'}, moments={r['moments']}): {r['draws']} releases "
@@ -41,17 +44,41 @@ def _human(r: dict) -> str:
         f"  claimed epsilon {r['claimed_epsilon']:.4f} at delta {r['delta']:g}",
         f"  empirical lower bound {r['empirical_epsilon_lower_bound']:.4f} "
         f"({r['confidence']:.0%} CI {_interval(r['ci'])}, test {r['bound']['test']})",
-        f"  {'PASS' if r['pass'] else 'FAIL'}: the lower bound {'does not exceed' if r['pass'] else 'exceeds'} the claim",
+        f"  black box {'PASS' if r['black_box_pass'] else 'FAIL'}: the lower bound "
+        f"{'does not exceed' if r['black_box_pass'] else 'exceeds'} the claim",
+        f"  white box: {_white(r['white_box'])}",
+        f"  white box {'PASS' if w['pass'] else 'FAIL'}: the shift is {'within' if w['pass'] else 'beyond'} "
+        f"what the claim allows ({w['allowed_shift']:.4f})",
     ]
+    if not r["within_sensitivity"]:
+        moved = ", ".join(f"{k} {m['moved']:.4g} > {m['sensitivity']:.4g}" for k, m in r["movement"].items()
+                          if not m["within"])
+        lines.append(f"  FAIL: the neighbours' sums moved by more than the claimed sensitivity ({moved})")
+    lines.append("  PASS: no check refutes the claim" if r["pass"] else "  FAIL: the claim is refuted")
     for b in r.get("broken_releases", []):
-        lines.append(f"  broken release {b['bug']}: lower bound {b['lower_bound']:.4f} "
+        lines.append(f"  broken release {b['bug']}: lower bound {b['lower_bound']:.4f}, white-box shift "
+                     f"{_interval(b['white_box']['ci'])} vs allowed {b['white_box']['allowed_shift']:.4f} "
                      f"({'caught' if b['caught'] else 'not caught'})")
     lines.append(f"  {r['seconds']:.1f} s")
     return "\n".join(lines)
 
 
+def _white(w: dict) -> str:
+    shift = "unbounded" if w["shift"] is None else f"{w['shift']:.4f}"
+    eps = w["implied_epsilon_ci"]
+    return (f"shift {shift} ({w['confidence']:.1%} CI {_interval(w['ci'])}, test {w['test']}), implied epsilon "
+            f"{_number(w['implied_epsilon'])} (CI [{_number(eps[0])}, {_number(eps[1])}])")
+
+
+def _number(x) -> str:
+    """None is unbounded (a part without noise); huge values (rounding error as the only noise) in %g."""
+    if x is None:
+        return "inf"
+    return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.3g}"
+
+
 def _interval(ci: list) -> str:
-    return f"[{ci[0]:.4f}, {'inf' if ci[1] is None else format(ci[1], '.4f')}]"
+    return f"[{_number(ci[0])}, {_number(ci[1])}]"
 
 
 def _cmd_audit(args) -> dict:

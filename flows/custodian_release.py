@@ -29,6 +29,34 @@ def preflight(params: ReleaseParams) -> None:
     build_feature_map(params.encoder, weights_path=params.encoder_weights)  # weights present and loadable
 
 
+# Dask. What travels between processes: the ReleaseParams (public) to each worker, and each shard's
+# UN-NOISED partial FeatureSums (per-class sums of bounded features and the per-class counts: private)
+# back to the flow's process, where `reduce-sums` adds them and noise is drawn once. Images never
+# leave the worker that reads them. A worker holding results above its memory "target"/"spill"
+# fraction writes them to its local directory; for these results that would put private sums on disk,
+# so custodian workers run with both turned off (they pause or are restarted instead).
+WORKER_NO_SPILL = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False}
+
+
+def private_dask_runner(**cluster_kwargs):
+    """A DaskTaskRunner on a local cluster whose workers never spill results to disk.
+
+    `cluster_kwargs` go to `distributed.LocalCluster` (processes=True unless given). The setting
+    is made in this process's dask config (which local workers and the nannies that start them
+    inherit) and passed to the nannies explicitly. For a cluster started elsewhere
+    (`DaskTaskRunner(address=...)`), set the same two keys in the workers' dask config; README,
+    "Beyond one machine: Dask", also shows TLS.
+    """
+    import dask
+    from prefect_dask import DaskTaskRunner
+
+    dask.config.set(WORKER_NO_SPILL)
+    kwargs = {"processes": True, "dashboard_address": None, **cluster_kwargs}
+    if kwargs["processes"]:
+        kwargs["config"] = {**kwargs.get("config", {}), **WORKER_NO_SPILL}
+    return DaskTaskRunner(cluster_kwargs=kwargs)
+
+
 def extract_sums(params: ReleaseParams):
     """Fan out one extraction task per shard (on whatever task runner the flow has), then reduce."""
     partials = [extract_shard.submit(params, shard) for shard in range(params.shards)]
@@ -37,13 +65,15 @@ def extract_sums(params: ReleaseParams):
 
 @flow(name="custodian-release", log_prints=False)
 def custodian_release(params: ReleaseParams) -> dict:
-    """Calibrate, check the budget, extract in shards, reduce, charge, noise once, write.
+    """Calibrate, check the dataset and the budget, extract in shards, reduce, charge, noise once, write.
 
-    Runs unchanged on a Dask cluster: `custodian_release.with_options(task_runner=DaskTaskRunner(...))`.
+    The dataset is described (and a labelled release with an empty or single class refused) before the
+    budget check, which may write the ledger's budget line: a refused dataset leaves the ledger as it was.
+    Runs unchanged on a Dask cluster: `custodian_release.with_options(task_runner=private_dask_runner(...))`.
     """
     preflight(params)
     mechanism = calibrate(params)
-    check_budget(params, mechanism)
     info = describe_dataset(params)
+    check_budget(params, mechanism)
     sums = extract_sums(params)
     return charge_noise_and_release(params, mechanism, sums, info)

@@ -3,6 +3,12 @@
 Uses only the synthetic dataset and a real, public test split. With `ceiling`, the same classifiers
 are also trained on real training images as the non-private reference (that reads the training
 split, so use it only where that split is public, as in benchmarks).
+
+A reference or a ceiling that reads training records (`X:train`, or an imagefolder without a `test/`
+subfolder, whose test split is its training folder) is refused unless `allow_private_reference` says
+the user accepts it: FID statistics and accuracies computed from it are un-noised functions of
+those images and land in the report and in a Prefect artifact. Even then, their FID statistics are
+never cached under the user's home.
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from storage.metrics import MetricRow, write_report
-from tasks.evaluation import accuracy_task, fid_task, load_reference, load_synthetic, parse_reference
+from tasks.evaluation import (accuracy_task, fid_task, load_reference, load_synthetic, parse_reference,
+                              reads_training_records, reference_cache_key)
 
 CLASSIFIER_NAMES = ("logreg", "mlp", "cnn", "resnet9")
 
@@ -32,6 +39,8 @@ class EvaluateParams(BaseModel):
     classifiers: tuple[str, ...] = ("logreg", "mlp", "cnn")
     train_samples: int | None = Field(None, ge=100, description="synthetic images to train classifiers on (default all)")
     ceiling: bool = Field(False, description="also train the classifiers on real training images")
+    allow_private_reference: bool = Field(False, description="accept a reference or ceiling that reads a "
+                                          "training split (possibly private); its statistics are not cached")
     seed: int = 0
 
     @field_validator("classifiers", mode="before")
@@ -53,6 +62,25 @@ class EvaluateParams(BaseModel):
             raise ValueError(f"unknown reference dataset {name!r}; known: {', '.join(DATASETS)}")
         return v
 
+    @model_validator(mode="after")
+    def _private_reference(self) -> "EvaluateParams":
+        if self.allow_private_reference:
+            return self
+        if reads_training_records(self.reference, self.data_root):
+            raise ValueError(
+                f"reference {self.reference!r} reads a training split, which may be the private data: its FID "
+                "statistics are not differentially private. Use a test split, or pass --allow-private-reference "
+                "(allow_private_reference=True) to accept it")
+        if self.ceiling and self.classifiers:
+            raise ValueError(
+                "ceiling trains classifiers on the real training split, which may be the private data; pass "
+                "--allow-private-reference (allow_private_reference=True) to accept it")
+        return self
+
+    @property
+    def private_reference(self) -> bool:
+        return reads_training_records(self.reference, self.data_root)
+
 
 @flow(name="evaluate")
 def evaluate(params: EvaluateParams) -> dict:
@@ -62,7 +90,8 @@ def evaluate(params: EvaluateParams) -> dict:
     metrics: dict[str, float] = {}
     if params.fid_samples > 0:
         reference_images = test_images[: params.fid_reference] if params.fid_reference else test_images
-        metrics["fid"] = fid_task(images, reference_images, params.reference, params.fid_samples)
+        metrics["fid"] = fid_task(images, reference_images, reference_cache_key(params.reference, params.data_root),
+                                  params.fid_samples, cache=not params.private_reference)
     n = params.train_samples or len(images)
     if params.classifiers:
         accs = accuracy_task(images[:n], None if labels is None else labels[:n], test_images, test_labels,

@@ -16,6 +16,7 @@ from flows.custodian_release import custodian_release
 from flows.evaluate import EvaluateParams, evaluate
 from flows.release_params import ReleaseParams
 from flows.train_generator import DEFAULT_STEPS, SampleParams, TrainParams, sample, train_generator
+from mepf_core.privacy.sensitivity import Neighbouring
 from mepf_core.training import TrainConfig
 
 
@@ -31,11 +32,12 @@ class PipelineParams(BaseModel):
     target_epsilon: float = Field(10.0, description="epsilon of the release")
     target_delta: float = 1e-5
     labelled: bool = True
+    neighbouring: Neighbouring = Neighbouring.ADD_REMOVE
     moments: int = 1
     encoder: str = "efficientnet-lite0"
     ledger: str | None = None
     budget: float | None = None
-    limit: int | None = Field(None, description="use only the first LIMIT private images (tests)")
+    limit: int | None = Field(None, description="use only the first LIMIT private images (tests; replace-one only)")
     # public stage
     steps: int = Field(DEFAULT_STEPS, description="generator training steps")
     batch_size: int = 100
@@ -64,6 +66,7 @@ class PipelineParams(BaseModel):
         release = ReleaseParams(
             dataset=self.dataset, data_root=self.data_root, out=str(out / "release.h5"),
             target_epsilon=self.target_epsilon, target_delta=self.target_delta, labelled=self.labelled,
+            neighbouring=self.neighbouring,
             moments=self.moments, encoder=self.encoder, ledger=self.ledger, budget=self.budget, limit=self.limit,
         )
         train = dict(out=str(out / "run"), steps=self.steps, batch_size=self.batch_size, lr_gen=self.lr_gen,

@@ -55,6 +55,8 @@ class TrainParams(BaseModel):
     resume: bool = Field(False, description="continue the run in `out` from its latest checkpoint")
     encoder_weights: str | None = Field(None, description="encoder weights file (default: packaged or cached)")
     progress: bool = Field(True, description="show a progress bar")
+    trusted_keys: tuple[str, ...] = Field((), description="Ed25519 public keys (PEM); when given, the release must "
+                                          "be signed by one of them")
 
     @field_validator("steps", "batch_size", "checkpoint_every", "eval_samples")
     @classmethod
@@ -73,6 +75,15 @@ class TrainParams(BaseModel):
     def _release_exists(cls, v: str) -> str:
         if not Path(v).is_file():
             raise ValueError(f"release file {v} does not exist")
+        return v
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _trusted_keys_load(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from storage.signing import load_public_key
+
+        for key in v:
+            load_public_key(key)  # SigningKeyError (a ValueError): missing, not PEM, not Ed25519
         return v
 
     @field_validator("encoder_weights")
@@ -108,7 +119,7 @@ class SampleParams(BaseModel):
 @flow(name="train-generator", persist_result=True)
 def train_generator(params: TrainParams) -> dict:
     """Read the release, check its encoder, train (or resume), keep the best checkpoint."""
-    release = load_release_task(params.release)
+    release = load_release_task(params.release, params.trusted_keys)
     return train_task(
         release, params.out, params.train_config(), params.resume, params.explicit_fields(),
         params.encoder_weights, params.progress,

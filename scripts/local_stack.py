@@ -159,7 +159,7 @@ def release_params(args: argparse.Namespace, out: Path) -> dict:
     params = {"dataset": "fashion-mnist", "split": "train", "out": str(out), "target_epsilon": args.epsilon,
               "labelled": True, "ledger": str(args.workdir / "budget-ledger.jsonl"), "budget": args.budget}
     if args.tiny:
-        params["limit"] = 200
+        params.update(limit=200, neighbouring="replace-one")  # the first N: refused under add-remove
     return params
 
 

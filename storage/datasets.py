@@ -37,6 +37,14 @@ class CorruptImageError(ValueError):
     """An image file cannot be decoded into a valid image."""
 
 
+class DatasetCheckError(ValueError):
+    """The dataset fails a check that a release needs (e.g. an empty class in a labelled release)."""
+
+
+class ExtractionError(ValueError):
+    """Extraction failed on a private record; the message names neither the record nor a count."""
+
+
 def default_data_root() -> Path:
     return Path(os.environ.get("MEPF_DATA_DIR", Path.home() / ".cache" / "dp-mepf" / "data"))
 
@@ -258,30 +266,148 @@ def _decode_image(path: Path, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _imagefolder(path: str, split: str, image_size: int = 32) -> ImageSource:
+# --- imagefolder: which files are records -----------------------------------------------------------
+#
+# Record rule (README, "Privacy contract"). A record is one regular, visible image file under a visible
+# class folder of the folder actually read (ROOT/train for the train split when it exists, ROOT/test or
+# ROOT for the test split):
+#   * hidden names are never records, at any depth: a file or folder whose name starts with "." (this
+#     covers `.ipynb_checkpoints/`, `.DS_Store`, `.Trash-1000/` and AppleDouble `._x.png` files) or a
+#     folder named `__MACOSX`; a hidden folder at the top level is not a class;
+#   * symbolic links are never records and are never followed (a link to an image already in the
+#     dataset would count one person twice; a link out of the folder would read a file the custodian
+#     did not put there);
+#   * hard links: one file (device, inode) is one record however many names it has; the first name in
+#     sorted order gives its class.
+# Each of these is a per-record predicate (whether a file counts depends on that file alone), so adding
+# or removing one record adds or removes at most one element of the record list: the selection keeps
+# the add-remove and the replace-one relation. The hard-link rule depends on the other names of the
+# same file only, which are the same record. Content duplicates (separate copies with equal bytes) are
+# separate records: `mepf check-data` lists them so the custodian can remove them before a release.
+
+HIDDEN_FOLDERS = frozenset({"__MACOSX"})
+
+
+def is_hidden_name(name: str) -> bool:
+    """Names that are never records or classes: dot-files/folders (incl. AppleDouble `._*`), `__MACOSX`."""
+    return name.startswith(".") or name in HIDDEN_FOLDERS
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    """The records of an imagefolder split, and what was left out (for `mepf check-data` only: local)."""
+
+    folder: Path  # the folder actually read
+    class_names: tuple[str, ...]
+    files: tuple[Path, ...]  # the records, in order
+    labels: tuple[int, ...]
+    hidden: tuple[Path, ...] = ()  # hidden files and folders skipped (a folder is listed once, not walked)
+    symlinks: tuple[Path, ...] = ()  # symbolic links skipped
+    hard_links: tuple[tuple[Path, Path], ...] = ()  # (skipped name, the record it is another name of)
+    other_files: tuple[Path, ...] = ()  # visible files that are not images (by extension)
+
+
+def imagefolder_root(path: str | os.PathLike, split: str) -> Path:
+    """The folder `imagefolder:PATH` reads for `split` (it need not exist)."""
     root = Path(path)
     if split != "train":
-        root = root / split if (root / split).is_dir() else root
-    elif (root / "train").is_dir():
-        root = root / "train"
+        return root / split if (root / split).is_dir() else root
+    return root / "train" if (root / "train").is_dir() else root
+
+
+def scan_imagefolder(path: str | os.PathLike, split: str = "train") -> FolderScan:
+    """List the records of `imagefolder:PATH` by the record rule above, without decoding any image."""
+    root = imagefolder_root(path, split)
     if not root.is_dir():
         raise DatasetNotFoundError(f"imagefolder {root} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    hidden: list[Path] = []
+    symlinks: list[Path] = []
+    classes = []
+    for d in sorted(root.iterdir()):
+        if is_hidden_name(d.name):
+            hidden.append(d)
+        elif d.is_symlink():
+            symlinks.append(d)
+        elif d.is_dir():
+            classes.append(d.name)
     if not classes:
         raise DatasetNotFoundError(f"imagefolder {root} has no class subfolders")
-    files, labels = [], []
+    files, labels, hard_links, other = [], [], [], []
+    seen: dict[tuple[int, int], Path] = {}
     for k, c in enumerate(classes):
-        for f in sorted((root / c).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(f)
-                labels.append(k)
-    if not files:
-        raise DatasetNotFoundError(f"imagefolder {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    y = np.asarray(labels, dtype=np.int64)
+        for folder, dirs, names in os.walk(root / c, followlinks=False):
+            base = Path(folder)
+            kept_dirs = []
+            for d in sorted(dirs):
+                if is_hidden_name(d):
+                    hidden.append(base / d)
+                elif (base / d).is_symlink():
+                    symlinks.append(base / d)
+                else:
+                    kept_dirs.append(d)
+            dirs[:] = kept_dirs  # os.walk descends only into these, in sorted order
+            for name in sorted(names):
+                f = base / name
+                if is_hidden_name(name):
+                    hidden.append(f)
+                elif f.is_symlink():
+                    symlinks.append(f)
+                elif f.suffix.lower() not in IMAGE_EXTENSIONS or not f.is_file():
+                    other.append(f)
+                else:
+                    st = f.stat()
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen:
+                        hard_links.append((f, seen[key]))
+                        continue
+                    seen[key] = f
+                    files.append(f)
+                    labels.append(k)
+    return FolderScan(root, tuple(classes), tuple(files), tuple(labels), tuple(hidden), tuple(symlinks),
+                      tuple(hard_links), tuple(other))
+
+
+def _imagefolder(path: str, split: str, image_size: int = 32) -> ImageSource:
+    scan = scan_imagefolder(path, split)
+    if not scan.files:
+        raise DatasetNotFoundError(f"imagefolder {scan.folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    files = scan.files
+    y = np.asarray(scan.labels, dtype=np.int64)
     return ImageSource(
-        f"imagefolder:{path}", split, tuple(classes), (3, image_size, image_size), y,
+        f"imagefolder:{path}", split, scan.class_names, (3, image_size, image_size), y,
         lambda a, b: np.stack([_decode_image(files[i], image_size) for i in range(a, b)]),
     )
+
+
+def canonical_dataset_id(spec: str, split: str = "train", root: str | os.PathLike | None = None) -> str:
+    """The ledger key of a dataset: one id however its path is spelled.
+
+    `imagefolder:PATH` -> `imagefolder:` + the resolved real path of the folder actually read (symlinks
+    and `..` resolved, no trailing slash; PATH is relative to the working directory, as `open_dataset`
+    reads it). There is no split suffix: the folder read already names the records, and when PATH has
+    no `train/`/`test/` subfolders both splits read the same records, so they share one budget.
+    Named datasets -> `NAME:SPLIT` (their splits are disjoint files; `root` is where a copy lives, not
+    another dataset).
+    """
+    if spec.startswith("imagefolder:"):
+        folder = imagefolder_root(spec.split(":", 1)[1], split)
+        return f"imagefolder:{os.path.realpath(folder)}"
+    return f"{spec}:{split}"
+
+
+def labelled_release_problems(source: ImageSource) -> list[str]:
+    """Why a labelled release of `source` would be refused (for the custodian's terminal only: the
+    messages name classes and say which are empty, a fact about the private data).
+
+    A class with no records would be released as pure noise and the generator would still draw a
+    share of its images with that label; one class is not a labelled release at all.
+    """
+    problems = []
+    if source.num_classes < 2:
+        problems.append(f"a labelled release needs at least 2 classes, the dataset has {source.num_classes}")
+    present = np.bincount(np.asarray(source._labels, dtype=np.int64), minlength=source.num_classes)
+    problems += [f"class {name!r} holds no images" for name, c in zip(source.class_names, present) if c == 0]
+    return problems
 
 
 def open_dataset(spec: str, split: str = "train", root: str | os.PathLike | None = None) -> ImageSource:

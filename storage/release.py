@@ -6,16 +6,35 @@ Layout (schema version 1):
     /moment2   float64 K x D   noisy per-class sums of phi_2 (only when moments = 2)
     /counts    float64 K       noisy per-class counts (exact only when public under the relation)
     attrs: schema_version (int), metadata_json (str), metadata_sha256 (str)
+    optional attrs (a signed release, all four or none): signature (hex, 64 bytes),
+        signer_public_key (hex, 32 bytes), signer_fingerprint (str), signer_name (str)
 
 `metadata_json` records each dataset's SHA-256, so any byte change is caught on reading.
 Only the fields listed in `ReleaseMetadata` are written: nothing un-noised about the private
-data except what the neighbouring relation makes public.
+data except what the neighbouring relation makes public. Datasets are contiguous, unfiltered and
+stored in the file itself; the writer never compresses, chunks, links or stores externally.
+
+What `read_release` proves before it returns, in this order (the first failure raises):
+1. the file's structure: only the expected attributes, hard links to plain datasets (no soft or
+   external links, groups, virtual or external-storage datasets, filters or chunking);
+2. the metadata's integrity (SHA-256) and schema: parts match `moments`; K = number of classes
+   (1 when unlabelled); one feature dimension D >= 1 for every moment (the public stage rebuilds the
+   encoder and refuses a spec that differs, `mepf_core.public_map.check_encoder`);
+3. the privacy claim (`verify_claim`): every sensitivity follows from the relation and the
+   recorded bounds, sigma = noise_multiplier x sensitivity per part, and epsilon recomputed with
+   the custodian's own calibration code equals the recorded epsilon and is at most target_epsilon;
+4. the signature, if any (`storage.signing`), and that the signer is trusted when keys are given;
+5. each dataset's dtype, shape and stored size against the metadata, before its data is read: a
+   contiguous, unfiltered dataset stores exactly its raw bytes in the file, so nothing read can be
+   larger than the file itself (no decompression bombs, whatever shape the metadata claims);
+6. the arrays: SHA-256, finite values, exact counts equal to the recorded public n.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -26,12 +45,24 @@ import h5py
 import numpy as np
 
 from mepf_core import __version__
-from mepf_core.encoders import EncoderSpec
 from mepf_core.embedding import mean_embeddings
-from storage.atomic import atomic_path
+from mepf_core.encoders import EncoderSpec
+from mepf_core.privacy.calibration import epsilon_spent
+from mepf_core.privacy.sensitivity import count_sensitivity, parse_neighbouring, sum_sensitivity
+from storage import signing
+from storage.atomic import TargetExistsError, atomic_path
 
 SCHEMA_VERSION = 1
 PART_NAMES = ("moment1", "moment2", "counts")
+REQUIRED_ATTRS = ("schema_version", "metadata_json", "metadata_sha256")
+SIGNATURE_ATTRS = ("signature", "signer_public_key", "signer_fingerprint", "signer_name")
+
+# Tolerances of the claim check. Sensitivities and sigmas are recomputed by the same float64
+# formulas the custodian used and survive JSON exactly, so these only absorb harmless rounding.
+SENSITIVITY_RTOL = 1e-12
+SIGMA_RTOL = 1e-9
+EPSILON_RTOL = 1e-9
+
 
 
 class ReleaseError(Exception):
@@ -44,6 +75,30 @@ class ReleaseCorruptError(ReleaseError):
 
 class ReleaseSchemaError(ReleaseError):
     """Readable, but a field is missing, of the wrong type, shape or version."""
+
+
+class ReleaseStorageError(ReleaseSchemaError):
+    """The HDF5 structure is foreign: a link, group, virtual or external dataset, a filter
+    (compression), chunking, or a stored size that disagrees with the shape. Raised before any
+    array is read."""
+
+
+class ReleaseClaimError(ReleaseError):
+    """The privacy claim does not follow from the recorded noise: a sensitivity that the relation
+    and norm bounds do not give, sigma != noise_multiplier x sensitivity, an exact part the relation
+    does not make public, or a recorded epsilon that the calibration code does not reproduce."""
+
+
+class ReleaseSignatureError(ReleaseError):
+    """A signature is present but malformed or does not verify: the file was changed after signing."""
+
+
+class ReleaseUntrustedError(ReleaseError):
+    """Trusted keys were required, and the release is unsigned or signed by another key."""
+
+
+class ReleaseExistsError(TargetExistsError):
+    """The release path was taken (before or during the write); releases are never overwritten."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +161,35 @@ class ReleaseMetadata:
 
 
 @dataclass(frozen=True)
+class SignatureInfo:
+    """Who signed a release. Only valid signatures get here: an invalid one raises on reading.
+
+    signed: the file carries a signature (it verified against the embedded public key);
+    fingerprint: "sha256:<64 hex>" of the signer's public key (None when unsigned);
+    signer: the name the signer put in (signed along with the metadata; '' when none);
+    trusted: True/False when the reader was given trusted keys, None when it was not.
+    """
+
+    signed: bool
+    fingerprint: str | None = None
+    signer: str | None = None
+    trusted: bool | None = None
+
+    def as_dict(self) -> dict:
+        return {"signed": self.signed, "valid": self.signed, "fingerprint": self.fingerprint,
+                "signer": self.signer, "trusted": self.trusted}
+
+
+UNSIGNED = SignatureInfo(signed=False)
+
+
+@dataclass(frozen=True)
 class Release:
     path: Path
     metadata: ReleaseMetadata
     noisy: dict[str, np.ndarray]  # the released arrays, by part name
+    signature: SignatureInfo = UNSIGNED
+    epsilon_recomputed: float | None = None  # epsilon at delta recomputed from the noise (verify_claim)
 
     def mean_embeddings(self) -> dict[str, np.ndarray]:
         """Per-class mean embeddings (post-processing): {"moment1": K x D, ["moment2": K x D]}."""
@@ -120,11 +200,163 @@ def _sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float64).tobytes()).hexdigest()
 
 
-def embedding_to_release(path: str | os.PathLike, metadata: ReleaseMetadata, noisy: dict[str, np.ndarray]) -> Path:
-    """Write the release atomically; checksums of every array go into the metadata."""
+# --- metadata checks (no array data needed) --------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(value, what: str, error: type[ReleaseError] = ReleaseClaimError) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise error(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b))
+
+
+def _check_shapes(meta: ReleaseMetadata) -> None:
+    """Parts, K and D consistent with moments, classes and the encoder (ReleaseSchemaError)."""
+    if meta.moments not in (1, 2) or isinstance(meta.moments, bool):
+        raise ReleaseSchemaError(f"moments must be 1 or 2, got {meta.moments!r}")
+    if not isinstance(meta.labelled, bool):
+        raise ReleaseSchemaError(f"labelled must be true or false, got {meta.labelled!r}")
+    names = [p.name for p in meta.parts]
+    expected = ["moment1", "counts"] + (["moment2"] if meta.moments == 2 else [])
+    if sorted(names) != sorted(expected):
+        raise ReleaseSchemaError(f"parts {sorted(names)} do not match moments={meta.moments} "
+                                 f"(expected {sorted(expected)})")
+    k = meta.num_classes
+    if k < 1 or not all(isinstance(c, str) for c in meta.class_names):
+        raise ReleaseSchemaError(f"class_names must be a non-empty list of names, got {k} entries")
+    if not meta.labelled and k != 1:
+        raise ReleaseSchemaError(f"an unlabelled release has 1 class, metadata names {k}")
+    dims = set()
+    for p in meta.parts:
+        if not all(_is_int(s) for s in p.shape):
+            raise ReleaseSchemaError(f"part {p.name!r} has a non-integer shape {list(p.shape)}")
+        if p.name == "counts":
+            if tuple(p.shape) != (k,):
+                raise ReleaseSchemaError(f"counts have shape {list(p.shape)}, expected [{k}] for {k} classes")
+            continue
+        if len(p.shape) != 2 or p.shape[0] != k:
+            raise ReleaseSchemaError(f"part {p.name!r} has shape {list(p.shape)}, expected [{k}, D] for {k} classes")
+        dims.add(p.shape[1])
+    if len(dims) != 1:
+        raise ReleaseSchemaError(f"the moment parts have different feature dimensions {sorted(dims)}")
+    if min(dims) < 1:
+        raise ReleaseSchemaError(f"the feature dimension must be >= 1, got {min(dims)}")
+
+
+def verify_claim(meta: ReleaseMetadata) -> float:
+    """Recompute the release's epsilon from its recorded noise; return it, or raise ReleaseClaimError.
+
+    Uses the custodian's own code: `sum_sensitivity` / `count_sensitivity`
+    (mepf_core.privacy.sensitivity) for each part's sensitivity from the relation, norm bounds and
+    labelled flag, and `epsilon_spent` (mepf_core.privacy.calibration, autodp) for the epsilon at
+    `delta` of the composed Gaussian mechanisms. Checks, per part: recorded sensitivity = derived one
+    (relative 1e-12); sigma = noise_multiplier x sensitivity (relative 1e-9); a part released exactly
+    (sensitivity 0, noise_multiplier None, sigma 0) only where the relation makes it public
+    (replace-one, unlabelled counts), and then n_public is recorded, otherwise n_public is None.
+    Then recomputed epsilon = recorded epsilon (relative 1e-9) and <= target_epsilon (1 + 1e-9).
+    """
+    try:
+        relation = parse_neighbouring(meta.neighbouring)
+    except ValueError as exc:
+        raise ReleaseClaimError(str(exc)) from None
+    delta = _number(meta.delta, "delta")
+    if not 0 < delta < 1:
+        raise ReleaseClaimError(f"delta must be in (0, 1), got {delta!r}")
+    claimed = _number(meta.epsilon, "epsilon")
+    target = _number(meta.target_epsilon, "target_epsilon")
+    if target <= 0:
+        raise ReleaseClaimError(f"target_epsilon must be > 0, got {target!r}")
+    bounds = {"moment1": ("norm_bound", meta.norm_bound)}
+    if meta.moments == 2:
+        bounds["moment2"] = ("second_moment_bound", meta.second_moment_bound)
+    elif meta.second_moment_bound is not None:
+        raise ReleaseClaimError(f"a 1-moment release records second_moment_bound {meta.second_moment_bound!r}")
+    derived = {}
+    for name, (what, bound) in bounds.items():
+        bound = _number(bound, what)
+        if bound <= 0:
+            raise ReleaseClaimError(f"{what} must be > 0, got {bound!r}")
+        derived[name] = (sum_sensitivity(relation, bound), f"{relation.value} with {what} {bound!r}")
+    labelled = f"{'labelled' if meta.labelled else 'unlabelled'} counts under {relation.value}"
+    derived["counts"] = (count_sensitivity(relation, labelled=meta.labelled), labelled)
+
+    multipliers, exact = [], []
+    for p in meta.parts:
+        want, why = derived[p.name]
+        sens = _number(p.sensitivity, f"sensitivity of {p.name!r}")
+        if not (sens == want or (want > 0 and _close(sens, want, SENSITIVITY_RTOL))):
+            raise ReleaseClaimError(f"part {p.name!r} records sensitivity {sens!r}, but {why} gives {want!r}")
+        sigma = _number(p.sigma, f"sigma of {p.name!r}")
+        if want == 0:
+            if p.noise_multiplier is not None or sigma != 0:
+                raise ReleaseClaimError(f"part {p.name!r} is exact ({why}: sensitivity 0) but records "
+                                        f"sigma {sigma!r} and noise_multiplier {p.noise_multiplier!r}")
+            exact.append(p.name)
+            continue
+        if p.noise_multiplier is None:
+            raise ReleaseClaimError(f"part {p.name!r} has sensitivity {want!r} under {relation.value} "
+                                    "but records no noise (released exactly)")
+        z = _number(p.noise_multiplier, f"noise_multiplier of {p.name!r}")
+        if z <= 0:
+            raise ReleaseClaimError(f"noise_multiplier of {p.name!r} must be > 0, got {z!r}")
+        if not _close(sigma, z * want, SIGMA_RTOL):
+            raise ReleaseClaimError(f"part {p.name!r}: sigma {sigma!r} != noise_multiplier {z!r} x sensitivity "
+                                    f"{want!r} = {z * want!r}")
+        multipliers.append(z)
+    if exact:
+        if not _is_int(meta.n_public) or meta.n_public < 0:
+            raise ReleaseClaimError(f"parts {exact} are exact (public under {relation.value}) but n_public is "
+                                    f"{meta.n_public!r}, not a count")
+    elif meta.n_public is not None:
+        raise ReleaseClaimError(f"n_public {meta.n_public!r} is recorded, but the counts are noised ({labelled}): "
+                                "n is private")
+    try:
+        recomputed = epsilon_spent(multipliers, delta=delta)
+    except Exception as exc:  # autodp's numerics: z far too small or large cannot be a real release
+        raise ReleaseClaimError(f"epsilon cannot be recomputed from noise multipliers {multipliers} at delta "
+                                f"{delta!r} ({type(exc).__name__})") from None
+    if not math.isfinite(recomputed) or not _close(recomputed, claimed, EPSILON_RTOL):
+        raise ReleaseClaimError(f"the release claims epsilon {claimed!r}, but its noise multipliers {multipliers} "
+                                f"give epsilon {recomputed!r} at delta {delta!r}")
+    if recomputed > target * (1 + EPSILON_RTOL):
+        raise ReleaseClaimError(f"epsilon {recomputed!r} exceeds the release's target_epsilon {target!r}")
+    return recomputed
+
+
+def check_metadata(meta: ReleaseMetadata) -> float:
+    """All metadata-only checks (schema, shapes, claim); returns the recomputed epsilon."""
+    if _number(meta.schema_version, "schema_version", ReleaseSchemaError) != SCHEMA_VERSION:
+        raise ReleaseSchemaError(f"schema version {meta.schema_version} is not supported (expected {SCHEMA_VERSION})")
+    _check_shapes(meta)
+    return verify_claim(meta)
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def embedding_to_release(path: str | os.PathLike, metadata: ReleaseMetadata, noisy: dict[str, np.ndarray], *,
+                         signing_key=None, signer_name: str | None = None) -> Path:
+    """Write the release atomically and exclusively; checksums of every array go into the metadata.
+
+    noisy: {part name: float64 array of the part's shape (K x D, or K for counts)}.
+    signing_key: an Ed25519PrivateKey (`storage.signing.load_private_key`) to sign the release with,
+    or None for an unsigned release; signer_name: a printable name signed along with it.
+    Raises ValueError for arrays that do not match the metadata or are not finite, ReleaseError
+    subclasses for metadata whose claim or shapes do not verify (the reader would refuse it), and
+    ReleaseExistsError (a FileExistsError) when `path` exists or is created by anyone else before the
+    final step: an existing file is never overwritten.
+    """
     names = {p.name for p in metadata.parts}
     if set(noisy) != names:
         raise ValueError(f"arrays {sorted(noisy)} do not match metadata parts {sorted(names)}")
+    signer_name = signing.validate_signer_name(signer_name)
+    if signer_name and signing_key is None:
+        raise ValueError("signer_name needs a signing key")
     parts = []
     for p in metadata.parts:
         arr = np.asarray(noisy[p.name], dtype=np.float64)
@@ -134,76 +366,195 @@ def embedding_to_release(path: str | os.PathLike, metadata: ReleaseMetadata, noi
             raise ValueError(f"part {p.name} holds non-finite values; refusing to write a release")
         parts.append(PartRecord(**{**asdict(p), "shape": tuple(p.shape), "sha256": _sha256(arr)}))
     meta = ReleaseMetadata(**{**metadata.__dict__, "parts": tuple(parts)})
+    check_metadata(meta)  # never write what the reader would refuse
     text = meta.to_json()
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for p in meta.parts:
-                f.create_dataset(p.name, data=np.asarray(noisy[p.name], dtype=np.float64))
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["metadata_json"] = text
-            f.attrs["metadata_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    try:
+        with atomic_path(path, exclusive=True) as tmp:
+            with h5py.File(tmp, "w") as f:
+                for p in meta.parts:  # contiguous, unfiltered: what the reader requires
+                    f.create_dataset(p.name, data=np.asarray(noisy[p.name], dtype=np.float64))
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                f.attrs["metadata_json"] = text
+                f.attrs["metadata_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+                if signing_key is not None:
+                    public = signing_key.public_key()
+                    f.attrs["signature"] = signing.sign(signing_key, text, signer_name).hex()
+                    f.attrs["signer_public_key"] = signing.public_key_bytes(public).hex()
+                    f.attrs["signer_fingerprint"] = signing.fingerprint(public)
+                    f.attrs["signer_name"] = signer_name
+    except TargetExistsError as exc:
+        raise ReleaseExistsError(f"release {meta.release_id} was not written: {exc}") from None
     return path
 
 
-def read_release(path: str | os.PathLike) -> Release:
-    """Read and fully validate a release; raise ReleaseCorruptError / ReleaseSchemaError otherwise."""
+# --- reading -------------------------------------------------------------------------------------
+
+def _str_attr(value, name: str) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    raise ReleaseSchemaError(f"attribute {name!r} must be a string")
+
+
+def _check_structure(path: Path, f: h5py.File) -> dict[str, h5py.Dataset]:
+    """Root attributes and links; each object a plain, contiguous, unfiltered, local dataset."""
+    allowed = set(REQUIRED_ATTRS) | set(SIGNATURE_ATTRS)
+    extra = sorted(set(f.attrs) - allowed)
+    if extra:
+        raise ReleaseSchemaError(f"{path}: unexpected attribute(s) {', '.join(map(repr, extra))}")
+    datasets = {}
+    for name in f:  # link names only: nothing is resolved yet
+        if name not in PART_NAMES:
+            raise ReleaseSchemaError(f"{path}: unexpected dataset {name!r}")
+        link = f.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            raise ReleaseStorageError(f"{path}: {name!r} is a {type(link).__name__}, not a dataset stored in the "
+                                      "file (links are refused)")
+        obj = f.get(name)
+        if not isinstance(obj, h5py.Dataset):
+            raise ReleaseSchemaError(f"{path}: {name!r} is not a dataset")
+        if obj.is_virtual:
+            raise ReleaseStorageError(f"{path}: dataset {name!r} is virtual (maps other files); refused")
+        if obj.external:
+            raise ReleaseStorageError(f"{path}: dataset {name!r} stores its data in external files; refused")
+        plist = obj.id.get_create_plist()
+        if plist.get_nfilters() > 0:
+            raise ReleaseStorageError(f"{path}: dataset {name!r} is filtered (compression {obj.compression!r}); "
+                                      "releases are never compressed, refused before reading")
+        if plist.get_layout() != h5py.h5d.CONTIGUOUS:
+            raise ReleaseStorageError(f"{path}: dataset {name!r} is not stored contiguously (chunked or compact); "
+                                      "refused before reading")
+        datasets[name] = obj
+    return datasets
+
+
+def _check_dataset(path: Path, name: str, ds: h5py.Dataset, part: PartRecord) -> None:
+    """dtype, shape and stored bytes against the (checksummed) metadata, before reading any data."""
+    if ds.dtype != np.float64:
+        raise ReleaseSchemaError(f"{path}: dataset {name!r} has dtype {ds.dtype}, expected float64")
+    if ds.shape != tuple(part.shape):
+        raise ReleaseSchemaError(f"{path}: dataset {name!r} has shape {ds.shape}, expected {part.shape}")
+    raw = int(np.prod(part.shape, dtype=np.int64)) * 8
+    stored = ds.id.get_storage_size()
+    if stored != raw:
+        raise ReleaseStorageError(f"{path}: dataset {name!r} stores {stored} bytes for {raw} bytes of data; "
+                                  "refused before reading")
+
+
+def _resolve_trusted(trusted_keys) -> list[tuple[str, bytes]] | None:
+    if trusted_keys is None:
+        return None
+    if isinstance(trusted_keys, (str, os.PathLike)):
+        trusted_keys = [trusted_keys]
+    keys = []
+    for k in trusted_keys:
+        key = k if isinstance(k, signing.Ed25519PublicKey) else signing.load_public_key(k)
+        keys.append((signing.fingerprint(key), signing.public_key_bytes(key)))
+    if not keys:
+        raise ValueError("trusted_keys must name at least one public key when given")
+    return keys
+
+
+def _check_signature(path: Path, attrs: dict, text: str, trusted: list[tuple[str, bytes]] | None) -> SignatureInfo:
+    present = [a for a in SIGNATURE_ATTRS if a in attrs]
+    if not present:
+        if trusted is not None:
+            raise ReleaseUntrustedError(f"{path} is not signed, and a signature by a trusted key is required "
+                                        f"({', '.join(fp for fp, _ in trusted)})")
+        return UNSIGNED
+    if len(present) != len(SIGNATURE_ATTRS):
+        missing = sorted(set(SIGNATURE_ATTRS) - set(present))
+        raise ReleaseSignatureError(f"{path}: incomplete signature, missing {', '.join(missing)}")
+    try:
+        signature = bytes.fromhex(_str_attr(attrs["signature"], "signature"))
+        raw_key = bytes.fromhex(_str_attr(attrs["signer_public_key"], "signer_public_key"))
+        public = signing.public_key_from_bytes(raw_key)
+    except (ValueError, ReleaseSchemaError) as exc:
+        raise ReleaseSignatureError(f"{path}: malformed signature attributes ({exc})") from None
+    fp = _str_attr(attrs["signer_fingerprint"], "signer_fingerprint")
+    name = _str_attr(attrs["signer_name"], "signer_name")
+    if fp != signing.fingerprint(public):
+        raise ReleaseSignatureError(f"{path}: signer_fingerprint {fp!r} is not the fingerprint of the embedded key")
+    if len(signature) != signing.SIGNATURE_BYTES or not signing.verify(public, signature, text, name):
+        raise ReleaseSignatureError(f"{path}: the signature by {fp} does not verify; the release was changed "
+                                    "after it was signed")
+    is_trusted = None
+    if trusted is not None:
+        is_trusted = any(raw == raw_key for _, raw in trusted)
+        if not is_trusted:
+            raise ReleaseUntrustedError(f"{path} is signed by {fp} ({name or 'no name'}), which is not a trusted key "
+                                        f"({', '.join(t for t, _ in trusted)})")
+    return SignatureInfo(signed=True, fingerprint=fp, signer=name, trusted=is_trusted)
+
+
+def read_release(path: str | os.PathLike, *, trusted_keys=None) -> Release:
+    """Read and fully validate a release (see the module docstring for every check, in order).
+
+    trusted_keys: None (signature optional; a present one must still verify), or one or more
+    public keys (paths to PEM files, or Ed25519PublicKey objects): the release must then be signed
+    by one of them. Returns a Release with float64 arrays (K x D moments, K counts), its
+    SignatureInfo and the recomputed epsilon. Raises FileNotFoundError (no file), ReleaseCorruptError,
+    ReleaseSchemaError / ReleaseStorageError, ReleaseClaimError, ReleaseSignatureError,
+    ReleaseUntrustedError (all ReleaseError), and signing.SigningKeyError for an unusable trusted key.
+    """
     path = Path(path)
+    trusted = _resolve_trusted(trusted_keys)
     if not path.is_file():
         raise FileNotFoundError(f"release file {path} does not exist")
     try:
         with h5py.File(path, "r") as f:
+            datasets = _check_structure(path, f)
             attrs = {k: f.attrs[k] for k in f.attrs}
+            meta, text = _parse_metadata(path, attrs)
+            try:
+                epsilon = check_metadata(meta)
+            except ReleaseError as exc:
+                raise type(exc)(f"{path}: {exc}") from None
+            sig = _check_signature(path, attrs, text, trusted)
             arrays = {}
-            for name in f:
-                if name not in PART_NAMES:
-                    raise ReleaseSchemaError(f"{path}: unexpected dataset {name!r}")
-                ds = f[name]
-                if not isinstance(ds, h5py.Dataset):
-                    raise ReleaseSchemaError(f"{path}: {name!r} is not a dataset")
-                if ds.dtype != np.float64:
-                    raise ReleaseSchemaError(f"{path}: dataset {name!r} has dtype {ds.dtype}, expected float64")
-                arrays[name] = ds[()]
+            for p in meta.parts:
+                if p.name not in datasets:
+                    raise ReleaseSchemaError(f"{path}: dataset {p.name!r} is missing")
+                _check_dataset(path, p.name, datasets[p.name], p)
+            if set(datasets) != {p.name for p in meta.parts}:
+                raise ReleaseSchemaError(f"{path}: datasets {sorted(datasets)} do not match metadata")
+            for p in meta.parts:
+                arrays[p.name] = datasets[p.name][()]
     except ReleaseError:
         raise
     except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files
         raise ReleaseCorruptError(f"{path} is not a readable release file ({type(exc).__name__}: {exc})") from None
-    try:
-        meta = _validate(path, attrs, arrays)
-    except ReleaseError:
-        raise
-    except Exception as exc:  # damaged attribute bytes: bad UTF-8, non-numeric version, ...
-        raise ReleaseCorruptError(f"{path}: damaged metadata ({type(exc).__name__})") from None
-    return Release(path, meta, arrays)
-
-
-def _validate(path: Path, attrs: dict, arrays: dict[str, np.ndarray]) -> ReleaseMetadata:
-    version = attrs.get("schema_version")
-    if version is None or "metadata_json" not in attrs or "metadata_sha256" not in attrs:
-        missing = [k for k in ("schema_version", "metadata_json", "metadata_sha256") if k not in attrs]
-        raise ReleaseSchemaError(f"{path}: missing attribute(s) {', '.join(missing)}")
-    if int(version) != SCHEMA_VERSION:
-        raise ReleaseSchemaError(f"{path}: schema version {version} is not supported (expected {SCHEMA_VERSION})")
-    text = attrs["metadata_json"]
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    if hashlib.sha256(text.encode()).hexdigest() != str(attrs["metadata_sha256"]):
-        raise ReleaseCorruptError(f"{path}: metadata checksum does not match")
-    meta = ReleaseMetadata.from_json(text)
     for p in meta.parts:
-        if p.name not in arrays:
-            raise ReleaseSchemaError(f"{path}: dataset {p.name!r} is missing")
-        if arrays[p.name].shape != tuple(p.shape):
-            raise ReleaseSchemaError(f"{path}: dataset {p.name!r} has shape {arrays[p.name].shape}, expected {p.shape}")
         if _sha256(arrays[p.name]) != p.sha256:
             raise ReleaseCorruptError(f"{path}: checksum of dataset {p.name!r} does not match")
         if not np.all(np.isfinite(arrays[p.name])):
             raise ReleaseCorruptError(f"{path}: dataset {p.name!r} holds non-finite values")
-    if set(arrays) != {p.name for p in meta.parts}:
-        raise ReleaseSchemaError(f"{path}: datasets {sorted(arrays)} do not match metadata")
-    expected = {"moment1", "counts"} | ({"moment2"} if meta.moments == 2 else set())
-    if {p.name for p in meta.parts} != expected:
-        raise ReleaseSchemaError(f"{path}: parts {sorted(arrays)} do not match moments={meta.moments}")
-    k = meta.num_classes
-    if arrays["counts"].shape != (k,) or arrays["moment1"].shape[0] != k:
-        raise ReleaseSchemaError(f"{path}: array shapes do not match {k} classes")
-    return meta
+    if meta.n_public is not None and not np.array_equal(arrays["counts"], np.array([float(meta.n_public)])):
+        raise ReleaseClaimError(f"{path}: the exact counts do not equal the recorded public n")
+    return Release(path, meta, arrays, sig, epsilon)
+
+
+def _parse_metadata(path: Path, attrs: dict) -> tuple[ReleaseMetadata, str]:
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise ReleaseSchemaError(f"{path}: missing attribute(s) {', '.join(missing)}")
+    version = attrs["schema_version"]
+    try:
+        version_ok = int(version) == SCHEMA_VERSION
+    except (TypeError, ValueError):
+        raise ReleaseCorruptError(f"{path}: damaged schema_version attribute") from None
+    if not version_ok:
+        raise ReleaseSchemaError(f"{path}: schema version {version} is not supported (expected {SCHEMA_VERSION})")
+    text = _str_attr(attrs["metadata_json"], "metadata_json")  # damaged bytes: UnicodeError -> corrupt
+    digest = _str_attr(attrs["metadata_sha256"], "metadata_sha256")
+    if hashlib.sha256(text.encode()).hexdigest() != digest:
+        raise ReleaseCorruptError(f"{path}: metadata checksum does not match")
+    try:
+        meta = ReleaseMetadata.from_json(text)
+    except ReleaseError:
+        raise
+    except Exception as exc:  # e.g. RecursionError on deeply nested JSON
+        raise ReleaseCorruptError(f"{path}: damaged metadata ({type(exc).__name__})") from None
+    return meta, text

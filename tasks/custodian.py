@@ -19,15 +19,39 @@ from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.encoders import FeatureMap, build_feature_map
 from mepf_core.features import images_to_features
 from mepf_core.privacy.mechanism import ReleaseMechanism, design_mechanism
-from storage.datasets import ImageSource, open_dataset
+from storage.datasets import (CorruptImageError, DatasetCheckError, ExtractionError, ImageSource,
+                              labelled_release_problems, open_dataset)
 from storage.ledger import BudgetLedger
-from storage.release import PartRecord, ReleaseMetadata, embedding_to_release
+from storage.release import PartRecord, ReleaseMetadata, check_metadata, embedding_to_release
+from storage.signing import fingerprint, load_private_key
 
 _PRIVATE = dict(persist_result=False, cache_policy=NO_CACHE)
 
 
 def _source(params: ReleaseParams) -> ImageSource:
     return open_dataset(params.dataset, params.split, params.data_root)
+
+
+def check_data_hint(params: ReleaseParams) -> str:
+    """The local command that tells the custodian (on their terminal, never through Prefect) what failed."""
+    cmd = f"mepf check-data --dataset {params.dataset} --split {params.split}"
+    if params.data_root is not None:
+        cmd += f" --data-root {params.data_root}"
+    if params.labelled:
+        cmd += " --labelled"
+    return f"run `{cmd}` on the custodian's machine for details"
+
+
+def check_labelled(params: ReleaseParams, src: ImageSource) -> None:
+    """Refuse a labelled release with an empty class or fewer than 2 classes (before any budget moves).
+
+    The message reaches Prefect, so it says only that the check failed: which class is empty is a
+    fact about the private data, printed by `mepf check-data` on the custodian's terminal.
+    """
+    if params.labelled and labelled_release_problems(src):
+        raise DatasetCheckError(
+            "a labelled release needs at least 2 classes, each holding images, and this dataset does not "
+            f"pass that check; {check_data_hint(params)}")
 
 
 def _feature_map(params: ReleaseParams) -> FeatureMap:
@@ -65,15 +89,21 @@ def check_budget(params: ReleaseParams, mechanism: ReleaseMechanism) -> None:
         return
     ledger = BudgetLedger(params.ledger)
     if params.budget is not None:
-        ledger.set_budget(params.resolved_dataset_id, epsilon=params.budget)
+        ledger.set_budget(params.resolved_dataset_id, epsilon=params.budget, delta=params.budget_delta)
     ledger.charge(params.resolved_dataset_id, release_id="(check)", epsilon=mechanism.epsilon,
-                  delta=mechanism.target_delta, noise_multiplier=mechanism.effective_noise_multiplier, record=False)
+                  delta=mechanism.target_delta, noise_multiplier=mechanism.effective_noise_multiplier,
+                  neighbouring=mechanism.relation, record=False)
 
 
 @task(name="describe-dataset", persist_result=False)
 def describe_dataset(params: ReleaseParams) -> dict:
-    """Public facts about the dataset's format (classes, image shape); never its size in logs."""
+    """Public facts about the dataset's format (classes, image shape); never its size in logs.
+
+    Runs before the budget check: a labelled release with an empty class or a single class is refused
+    here, so nothing is charged or written.
+    """
     src = _source(params)
+    check_labelled(params, src)
     fm = _feature_map(params)
     return {"class_names": src.class_names if params.labelled else ("all",), "image_shape": src.image_shape,
             "feature_dim": fm.feature_dim, "encoder": fm.spec}
@@ -84,6 +114,16 @@ def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
 
     The only extraction loop: the `extract-shard` task and the privacy audit (`tasks.audit`) both call
     it, so a record-selection fault would show in the audit too. Returns UN-NOISED sums (private).
+
+    Records are what `open_dataset` lists (storage.datasets: hidden files, symlinks and extra names
+    of one file are never records). `limit` keeps the first N of them; ReleaseParams refuses it under
+    add-remove and derives why it is sound under replace-one (`_limit_keeps_relation`).
+
+    Errors: this runs inside a Prefect task, whose state, logs and exception text a public user of a
+    shared server can read. An error on a record (an undecodable file names its path; a shape or label
+    error prints batch sizes or label values) is replaced by one that names neither the record nor a
+    count, raised outside the `except` block so the original is not chained to it;
+    `mepf check-data` gives the custodian the details locally.
     """
     src = _source(params)
     n = len(src) if params.limit is None else min(params.limit, len(src))
@@ -92,13 +132,23 @@ def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
     k = src.num_classes if params.labelled else 1
     sums = FeatureSums.zeros(k, fm.feature_dim, params.moments)
     bound2 = params.second_moment_bound if params.moments == 2 else None
+    failure: str | None = None
     # The bar shows a percentage and times only: image counts would print n, which is private.
     with tqdm(total=stop - start, desc=f"extract shard {shard + 1}/{params.shards}", leave=False,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
-        for images, labels in src.iter_batches(params.batch_size, start, stop):
-            phi1, phi2 = images_to_features(fm, images, norm_bound=params.norm_bound, second_moment_bound=bound2)
-            sums.add(phi1, phi2, labels if params.labelled else None)
-            bar.update(len(images))
+        try:
+            for images, labels in src.iter_batches(params.batch_size, start, stop):
+                phi1, phi2 = images_to_features(fm, images, norm_bound=params.norm_bound, second_moment_bound=bound2)
+                sums.add(phi1, phi2, labels if params.labelled else None)
+                bar.update(len(images))
+        except CorruptImageError:
+            failure = "corrupt"
+        except Exception as exc:  # noqa: BLE001 - replaced by a message without private values, below
+            failure = type(exc).__name__
+    if failure == "corrupt":
+        raise CorruptImageError(f"an image could not be decoded; {check_data_hint(params)}")
+    if failure is not None:
+        raise ExtractionError(f"extraction failed on a private record ({failure}); {check_data_hint(params)}")
     return sums
 
 
@@ -119,7 +169,8 @@ def reduce_sums(partials: list[FeatureSums]) -> FeatureSums:
 @task(name="charge-noise-release", persist_result=False, cache_policy=NO_CACHE)
 def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism, sums: FeatureSums,
                              info: dict) -> dict:
-    """Charge the ledger (fsynced), then draw noise once, then write the release atomically."""
+    """Charge the ledger (fsynced), then draw noise once, then write the release atomically and exclusively
+    (signed when params.signing_key is set); a name taken meanwhile raises ReleaseExistsError, charge kept."""
     n_public = None
     if not mechanism.part("counts").noised:  # replace-one, unlabelled: n is public by the relation
         n_public = int(round(float(sums.counts.sum())))
@@ -129,19 +180,24 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
         for p in mechanism.parts
     )
     meta = ReleaseMetadata(
-        dataset_id=params.resolved_dataset_id, neighbouring=mechanism.relation.value, epsilon=mechanism.epsilon,
+        dataset_id=params.published_dataset_id, neighbouring=mechanism.relation.value, epsilon=mechanism.epsilon,
         delta=mechanism.target_delta, target_epsilon=mechanism.target_epsilon, norm_bound=params.norm_bound,
         second_moment_bound=params.second_moment_bound if params.moments == 2 else None, moments=params.moments,
         labelled=params.labelled, class_names=tuple(info["class_names"]), image_shape=tuple(info["image_shape"]),
         encoder=info["encoder"], parts=parts, n_public=n_public,
     )
+    # Before the charge: a key that cannot sign, or metadata whose claim the reader would refuse,
+    # must not cost budget (the key is loaded here, never passed through Prefect).
+    signing_key = load_private_key(params.signing_key) if params.signing_key is not None else None
+    check_metadata(meta)
     if params.ledger is not None:
         BudgetLedger(params.ledger).charge(
             params.resolved_dataset_id, release_id=meta.release_id, epsilon=mechanism.epsilon,
             delta=mechanism.target_delta, noise_multiplier=mechanism.effective_noise_multiplier,
+            neighbouring=mechanism.relation,
         )
     noisy = sums_to_noisy_parts(sums, mechanism)
-    path = embedding_to_release(params.out, meta, noisy)
+    path = embedding_to_release(params.out, meta, noisy, signing_key=signing_key, signer_name=params.signer_name)
     get_run_logger().info("release %s written to %s", meta.release_id, path)
     return {
         "path": str(Path(path).resolve()),
@@ -151,4 +207,5 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
         "neighbouring": mechanism.relation.value,
         "sigmas": {p.name: p.sigma for p in mechanism.parts},
         "shapes": {name: list(v.shape) for name, v in noisy.items()},
+        "signed_by": fingerprint(signing_key.public_key()) if signing_key is not None else None,
     }

@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from mepf_core.classifiers import downstream_accuracy
 from mepf_core.fid import activation_statistics, frechet_distance
 from mepf_core.inception import images_to_inception_activations, load_fid_inception
-from storage.datasets import open_dataset
+from storage.datasets import canonical_dataset_id, open_dataset
 from storage.metrics import load_or_compute_reference_stats
 from storage.synthetic import read_synthetic
 
@@ -23,6 +23,22 @@ def parse_reference(reference: str) -> tuple[str, str]:
     """'fashion-mnist:test' -> ('fashion-mnist', 'test'); the split defaults to test."""
     name, _, split = reference.rpartition(":") if reference.endswith((":test", ":train")) else (reference, "", "test")
     return name, split
+
+
+def reads_training_records(reference: str, data_root: str | None = None) -> bool:
+    """Whether `reference` reads the records of a training split, which may be private.
+
+    True for `X:train`, and for an imagefolder whose test split falls back to the same folder as
+    its train split (no `test/` subfolder): the folder actually read decides, not the spelling.
+    """
+    name, split = parse_reference(reference)
+    return split == "train" or canonical_dataset_id(name, split, data_root) == canonical_dataset_id(name, "train", data_root)
+
+
+def reference_cache_key(reference: str, data_root: str | None = None) -> str:
+    """The FID cache's name for a reference split: canonical, so two folders spelled alike never share stats."""
+    name, split = parse_reference(reference)
+    return canonical_dataset_id(name, split, data_root)
 
 
 @task(name="load-synthetic", persist_result=False)
@@ -40,20 +56,31 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def fid_against_reference(images: np.ndarray, reference_images: np.ndarray, reference_key: str, n: int) -> float:
-    """FID of the first `n` images against the reference split's statistics, cached per key."""
+def fid_against_reference(images: np.ndarray, reference_images: np.ndarray, reference_key: str, n: int,
+                          cache: bool = True) -> float:
+    """FID of the first `n` images against the reference split's statistics, cached per key.
+
+    `cache=False` (a reference that reads training records, see `reads_training_records`): the
+    statistics, un-noised functions of possibly private images, are computed in memory and never
+    written to the cache under the user's home.
+    """
     model = load_fid_inception(_device())
     key = f"{reference_key}|n={len(reference_images)}|pytorch-fid-pool3|gray->rgb|bilinear299"
-    mu_r, sigma_r = load_or_compute_reference_stats(key, lambda: activation_statistics(
-        images_to_inception_activations(model, reference_images, device=_device(), progress=True)))
+
+    def compute():
+        return activation_statistics(
+            images_to_inception_activations(model, reference_images, device=_device(), progress=True))
+
+    mu_r, sigma_r = load_or_compute_reference_stats(key, compute) if cache else compute()
     acts = images_to_inception_activations(model, images[:n], device=_device(), progress=True)
     return frechet_distance(*activation_statistics(acts), mu_r, sigma_r)
 
 
 @task(name="fid", persist_result=False)
-def fid_task(synthetic: np.ndarray, reference_images: np.ndarray, reference_key: str, fid_samples: int) -> float:
-    """FID of up to `fid_samples` synthetic images against cached statistics of the reference split."""
-    fid = fid_against_reference(synthetic, reference_images, reference_key, fid_samples)
+def fid_task(synthetic: np.ndarray, reference_images: np.ndarray, reference_key: str, fid_samples: int,
+             cache: bool = True) -> float:
+    """FID of up to `fid_samples` synthetic images against (cached, unless `cache=False`) reference statistics."""
+    fid = fid_against_reference(synthetic, reference_images, reference_key, fid_samples, cache=cache)
     get_run_logger().info("FID %.2f on %d synthetic images against %s", fid, min(fid_samples, len(synthetic)),
                           reference_key)
     return fid

@@ -270,13 +270,18 @@ def sample_synthetic(
 # --- Prefect tasks ------------------------------------------------------------------------------
 
 @task(name="load-release", persist_result=False, cache_policy=NO_CACHE)
-def load_release_task(path: str) -> Release:
-    """Read and validate the release (checksums, schema): the public stage's only input."""
-    release = read_release(path)
-    m = release.metadata
+def load_release_task(path: str, trusted_keys: tuple[str, ...] = ()) -> Release:
+    """Read and validate the release (structure, checksums, schema, recomputed epsilon, signature).
+
+    With `trusted_keys` (PEM public key files), a release that is unsigned or signed by another key
+    is refused (ReleaseUntrustedError). The public stage's only input.
+    """
+    release = read_release(path, trusted_keys=list(trusted_keys) if trusted_keys else None)
+    m, sig = release.metadata, release.signature
     get_run_logger().info(
-        "release %s: %s, epsilon %.4g at delta %.2g, %d class(es), encoder %s",
+        "release %s: %s, epsilon %.4g at delta %.2g (recomputed from its noise), %d class(es), encoder %s, %s",
         m.release_id, m.dataset_id, m.epsilon, m.delta, m.num_classes, m.encoder.name,
+        f"signed by {sig.fingerprint}" + (" (trusted)" if sig.trusted else "") if sig.signed else "unsigned",
     )
     return release
 

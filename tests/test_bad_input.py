@@ -49,7 +49,8 @@ def _field(valid, invalid):
 
 FIELDS = {
     "target_epsilon": _field(positive, st.one_of(non_positive_or_odd, st.sampled_from(["abc", "", "1e", "eps"]))),
-    "target_delta": _field(st.floats(min_value=1e-12, max_value=0.5), outside_unit),
+    "target_delta": _field(st.floats(min_value=1e-12, max_value=1e-3),  # per-release cap: mepf_core.privacy.calibration
+                           st.one_of(outside_unit, st.floats(min_value=1.01e-3, max_value=0.99))),
     "moments": _field(st.sampled_from([1, 2]), st.sampled_from([0, 3, -1, 1.5, "two"])),
     "encoder": _field(st.sampled_from(available_encoders()), unknown_encoder),
     "norm_bound": _field(positive, non_positive_or_odd),
@@ -82,6 +83,10 @@ def test_release_params_refuse_every_invalid_value_by_name(fields, budget_case):
             bad.append(-1.5)
         if budget_case == "no-ledger":
             bad.append("--ledger")
+    limit, limit_ok = fields.get("limit", (None, True))
+    neighbouring = fields.get("neighbouring", ("add-remove", True))[0]
+    if limit is not None and limit_ok and neighbouring != "replace-one":
+        bad.append(f"limit={limit}")  # the first N is not a per-record selection under add-remove: refused by name
     event("invalid: refused" if bad else "valid: accepted unchanged")
     if not bad:
         params = ReleaseParams(**values)  # valid: accepted, and nothing was "corrected"
@@ -298,3 +303,20 @@ def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError):
         open_dataset("fashion-mnist", "train", str(root))
     assert list(root.iterdir()) == []  # an existing folder stays, emptied of the attempt
+
+
+def test_a_corrupt_image_in_a_release_names_no_file(tmp_path):
+    """Inside the custodian's tasks (whose errors reach Prefect) the error names neither the file nor a
+    count; `open_dataset` used locally (above, and `mepf check-data`) still names the file."""
+    from flows.release_params import ReleaseParams
+    from tasks.custodian import shard_sums
+
+    spec, target = _folder(tmp_path, "secret-name-7.png", HOSTILE["truncated.png"])
+    (tmp_path / "b" / "ok2.png").write_bytes((tmp_path / "b" / "ok.png").read_bytes())
+    params = ReleaseParams(dataset=spec, target_epsilon=1.0, labelled=True, batch_size=2)
+    with pytest.raises(CorruptImageError) as info:
+        shard_sums(params, 0)
+    message = str(info.value)
+    assert message == (f"an image could not be decoded; run `mepf check-data --dataset {spec} --split train "
+                       "--labelled` on the custodian's machine for details")
+    assert info.value.__context__ is None and info.value.__cause__ is None

@@ -60,3 +60,27 @@ def test_mechanism_parts_and_sigmas():
 def test_bad_privacy_parameters(eps, delta, msg):
     with pytest.raises(ValueError, match=msg):
         effective_noise_multiplier(target_epsilon=eps, target_delta=delta)
+
+
+def test_delta_floor_is_the_smallest_normal_double():
+    """autodp calibrates exactly down to 2.2250738585072014e-308 and fails on every subnormal delta."""
+    from mepf_core.privacy.calibration import MIN_DELTA
+
+    assert MIN_DELTA == 2.2250738585072014e-308
+    z = effective_noise_multiplier(target_epsilon=1.0, target_delta=MIN_DELTA)
+    assert z == pytest.approx(37.3394, abs=1e-4)
+    assert epsilon_spent([z], delta=MIN_DELTA) == pytest.approx(1.0, rel=1e-6)
+    for subnormal in (5e-324, 1e-320, 1e-309):
+        with pytest.raises(ValueError, match=r"target_delta must be >= 2.22507e-308 \(the smallest delta autodp"):
+            effective_noise_multiplier(target_epsilon=1.0, target_delta=subnormal)
+
+
+def test_autodp_failure_becomes_a_value_error_naming_target_delta(monkeypatch):
+    from autodp.mechanism_zoo import ExactGaussianMechanism
+
+    def fail(self, delta):
+        raise RuntimeError("Failed to find epsilon: convergence error")
+
+    monkeypatch.setattr(ExactGaussianMechanism, "get_approxDP", fail)
+    with pytest.raises(ValueError, match="autodp could not compute epsilon at target_delta 1e-05: Failed to find"):
+        effective_noise_multiplier(target_epsilon=1.0, target_delta=1e-5)

@@ -9,7 +9,8 @@ from flows.cli import main
 
 def _release_args(tmp_path, *extra):
     return ["release", "--dataset", "fashion-mnist", "--target-epsilon", "1", "--target-delta", "1e-5",
-            "--out", str(tmp_path / "r.h5"), "--labelled", "--limit", "200", "--batch-size", "100", *extra]
+            "--out", str(tmp_path / "r.h5"), "--labelled", "--limit", "200", "--batch-size", "100",
+            "--neighbouring", "replace-one", *extra]  # --limit (first N) is refused under add-remove
 
 
 def test_release_inspect_budget_round_trip(tmp_path, capsys):
@@ -22,7 +23,7 @@ def test_release_inspect_budget_round_trip(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "r.h5"), "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
     assert meta["release_id"] == out["release_id"] and meta["encoder"]["name"] == "efficientnet-lite0"
-    assert meta["n_public"] is None and meta["neighbouring"] == "add-remove"
+    assert meta["n_public"] is None and meta["neighbouring"] == "replace-one"  # labelled: counts noised
 
     assert main(["budget", "--ledger", ledger, "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)["datasets"]

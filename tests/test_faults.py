@@ -204,38 +204,40 @@ def _signal_on_call(module, name: str, writing) -> None:
     setattr(module, name, wrapper)
 
 
-def _write_releases_forever(path: Path, k: int, d: int, writing) -> None:
+def _write_releases_forever(folder: Path, k: int, d: int, writing) -> None:
+    """Releases are written create-exclusive, never over another: each generation gets a new name."""
     _signal_on_call(h5py, "File", writing)
     gen = int(time.time() * 1000)
     while True:
-        embedding_to_release(path, _metadata((k, d), dataset_id=f"gen-{gen}"), _generation(k, d, gen))
+        embedding_to_release(folder / f"r-{gen}.h5", _metadata((k, d), dataset_id=f"gen-{gen}"), _generation(k, d, gen))
         gen += 1
 
 
-def test_sigkill_during_release_writes_leaves_old_or_new_never_partial(tmp_path):
-    path, k, d = tmp_path / "r.h5", 4, 250_000  # 16 MB of arrays per release
+def test_sigkill_during_release_writes_leaves_complete_files_never_partial(tmp_path):
+    k, d = 4, 250_000  # 16 MB of arrays per release
     start = time.perf_counter()
     embedding_to_release(tmp_path / "probe.h5", _metadata((k, d)), _generation(k, d, 0))
     write_seconds = time.perf_counter() - start
     (tmp_path / "probe.h5").unlink()
-    seen = {"complete": 0, "absent": 0, "mid_write": 0}
+    seen = {"complete": 0, "mid_write": 0}
 
     def check():
         names = {p.name for p in tmp_path.iterdir()}
-        leftovers = {n for n in names if n.startswith(".r.h5.") and n.endswith(".tmp")}
-        assert names - leftovers <= {"r.h5"}, f"unexpected files {names}"
+        leftovers = {n for n in names if n.startswith(".r-") and n.endswith(".tmp")}
+        releases = {n for n in names if n.startswith("r-") and n.endswith(".h5")}
+        assert names == leftovers | releases, f"unexpected files {names - leftovers - releases}"
         seen["mid_write"] += bool(leftovers)
-        for n in leftovers:  # a killed writer's temporary file is never at the release's path
+        for n in leftovers:  # a killed writer's temporary file is never at a release's path
             (tmp_path / n).unlink()
-        if not path.exists():
-            seen["absent"] += 1
-            return
-        rel = read_release(path)  # complete and valid: raises otherwise
-        gen = float(rel.metadata.dataset_id.removeprefix("gen-"))
-        assert all(np.all(a == gen) for a in rel.noisy.values()), "arrays of one generation, metadata of another"
-        seen["complete"] += 1
+        for n in releases:
+            rel = read_release(tmp_path / n)  # complete and valid: raises otherwise
+            gen = float(rel.metadata.dataset_id.removeprefix("gen-"))
+            assert n == f"r-{int(gen)}.h5", "a file holds another generation's release"
+            assert all(np.all(a == gen) for a in rel.noisy.values()), "arrays of one generation, metadata of another"
+            seen["complete"] += 1
+            (tmp_path / n).unlink()
 
-    _kill_rounds(_write_releases_forever, (path, k, d), rounds=10, max_delay=3 * write_seconds + 0.3, check=check,
+    _kill_rounds(_write_releases_forever, (tmp_path, k, d), rounds=10, max_delay=3 * write_seconds + 0.3, check=check,
                  in_write=write_seconds)
     assert seen["mid_write"] >= 1, seen  # some kills really landed inside writes
     assert seen["complete"] >= 1, seen

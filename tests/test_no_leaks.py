@@ -2,7 +2,7 @@
 stderr, Prefect's home (database, result storage), the ledger or the release file.
 
 The private set is an imagefolder of Fashion-MNIST images with unusual class sizes, so that its
-size n is private (a `limit` above n, unlike `limit` below n, does not reveal it). The release runs
+size n is private (no `limit`: it is refused under add-remove, see tests/test_record_selection.py). The release runs
 in a fresh process with Prefect at DEBUG and results persisted by default, the settings most
 likely to write something out; the test recomputes the clean statistics itself and looks for
 them in every byte the run wrote.
@@ -74,7 +74,7 @@ def run(private_folder, tmp_path_factory) -> dict:
     home.mkdir()
     out_dir.mkdir()
     params = {"dataset": f"imagefolder:{private_folder}", "target_epsilon": TARGET_EPSILON, "labelled": True,
-              "moments": MOMENTS, "limit": 100, "out": str(out_dir / "release.h5"),
+              "moments": MOMENTS, "out": str(out_dir / "release.h5"),
               "ledger": str(out_dir / "ledger.jsonl"), "budget": 3.0, "batch_size": 16}
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "DEBUG",
            "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -183,3 +183,55 @@ def test_release_file_holds_only_the_documented_fields(run, clean):
 def test_the_run_wrote_logs_at_debug(run):
     """The scan is only meaningful if the run was verbose."""
     assert b"DEBUG" in run["stderr"] and run["result"]["path"] == str(run["release"].resolve())
+
+
+# --- an error on one record names no record (issue 11, item 6) --------------------------------------
+
+TOKEN = "zq7personXJ4name"  # a file name nobody else would print
+
+
+CLI_RUNNER = textwrap.dedent("""
+    import logging, sys
+    for name in ("mepf_core", "storage", "tasks", "flows", "mepf"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    from flows.cli import main
+    raise SystemExit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "hidden-corrupt"])
+def test_a_corrupt_record_is_never_named_outside_the_custodians_terminal(private_folder, tmp_path, fault):
+    """Before: `cannot decode image .../<name>.png` in the exception, Prefect's task state and logs.
+    Now: the release fails (exit 2) with a message that names no file and points at `mepf check-data`;
+    the token is nowhere in stdout, stderr, Prefect's home (database, logs) or the ledger. A corrupt
+    file in a hidden folder is not a record, so that release succeeds and names nothing either."""
+    data = tmp_path / "data"
+    for cls in ("coat", "dress"):
+        (data / cls).mkdir(parents=True)
+        for src in sorted((private_folder / cls).glob("*.png"))[:6]:
+            (data / cls / src.name).write_bytes(src.read_bytes())
+    bad_dir = data / "dress" / (".ipynb_checkpoints" if fault == "hidden-corrupt" else "")
+    bad_dir.mkdir(exist_ok=True)
+    (bad_dir / f"{TOKEN}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    home, out = tmp_path / "prefect-home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "DEBUG",
+           "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    argv = ["release", "--dataset", f"imagefolder:{data}", "--target-epsilon", "1", "--labelled",
+            "--out", str(out / "r.h5"), "--ledger", str(out / "ledger.jsonl"), "--budget", "3", "--batch-size", "4"]
+    proc = subprocess.run([sys.executable, "-c", CLI_RUNNER, *argv], capture_output=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    stderr = proc.stderr.decode(errors="replace")
+    if fault == "corrupt":
+        assert proc.returncode == 2, stderr[-3000:]
+        assert "CorruptImageError: an image could not be decoded; run `mepf check-data" in stderr
+        assert not (out / "r.h5").exists()
+    else:
+        assert proc.returncode == 0, stderr[-3000:]
+    written = {p: p.read_bytes() for d in (home, out) for p in sorted(d.rglob("*")) if p.is_file()}
+    assert any("prefect.db" in str(p) for p in written) and b"DEBUG" in proc.stderr
+    for where, data_bytes in [("stdout", proc.stdout), ("stderr", proc.stderr), *written.items()]:
+        assert TOKEN.encode() not in data_bytes, f"the record's name reached {where}"
+        assert TOKEN.encode("utf-16-le") not in data_bytes, f"the record's name reached {where}"

@@ -11,7 +11,7 @@ from storage.synthetic import read_synthetic
 
 
 def test_pipeline_end_to_end(tmp_path, capsys):
-    config = {"out_dir": str(tmp_path / "out"), "limit": 300, "steps": 20, "checkpoint_every": 10,
+    config = {"out_dir": str(tmp_path / "out"), "limit": 300, "neighbouring": "replace-one", "steps": 20, "checkpoint_every": 10,
               "eval_samples": 100, "n_samples": 300, "fid_samples": 100, "fid_reference": 200,
               "classifiers": ["logreg"], "target_epsilon": 5.0}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))

@@ -1,4 +1,10 @@
-"""Release file: round trip, and every kind of damage raises a named error."""
+"""Release file: round trip, every kind of damage raises a named error, and writes never overwrite."""
+
+import contextlib
+import json
+import re
+import shutil
+import threading
 
 import h5py
 import numpy as np
@@ -8,8 +14,9 @@ from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.encoders import EncoderSpec
 from mepf_core.privacy.mechanism import design_mechanism
 from mepf_core.privacy.sensitivity import Neighbouring
-from storage.release import (PartRecord, ReleaseCorruptError, ReleaseError, ReleaseMetadata, ReleaseSchemaError,
-                             embedding_to_release, read_release)
+from storage.atomic import TargetExistsError, atomic_path, atomic_write_bytes
+from storage.release import (PartRecord, ReleaseCorruptError, ReleaseError, ReleaseExistsError, ReleaseMetadata,
+                             ReleaseSchemaError, embedding_to_release, read_release)
 
 K, D = 3, 50
 
@@ -100,3 +107,91 @@ def test_metadata_tamper_is_caught(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_release(tmp_path / "nope.h5")
+
+
+# --- the final step never overwrites (issue 11, item 4) --------------------------------------------
+
+def test_exclusive_write_refuses_a_target_created_during_the_write(tmp_path):
+    target = tmp_path / "r.bin"
+    with pytest.raises(TargetExistsError, match="created by another writer"):
+        with atomic_path(target, exclusive=True) as tmp:
+            tmp.write_bytes(b"loser")
+            target.write_bytes(b"winner")  # another process finishes first, after our existence check
+    assert target.read_bytes() == b"winner"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.bin"]  # the loser's temporary file is gone
+
+
+def test_exclusive_write_refuses_an_existing_target_and_a_dangling_symlink(tmp_path):
+    (tmp_path / "a").write_bytes(b"old")
+    (tmp_path / "b").symlink_to(tmp_path / "nowhere")
+    for name in ("a", "b"):
+        with pytest.raises(TargetExistsError, match="already exists"):
+            with atomic_path(tmp_path / name, exclusive=True) as tmp:
+                tmp.write_bytes(b"new")
+    assert (tmp_path / "a").read_bytes() == b"old" and (tmp_path / "b").is_symlink()
+    assert not (tmp_path / "nowhere").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+    atomic_write_bytes(tmp_path / "a", b"replaced")  # the default mode still replaces (checkpoints, tables)
+    assert (tmp_path / "a").read_bytes() == b"replaced"
+
+
+def test_exclusive_writers_racing_for_one_name_exactly_one_wins(tmp_path):
+    target, writers = tmp_path / "r.bin", 6
+    barrier, outcomes = threading.Barrier(writers), []
+
+    def write(i: int) -> None:
+        try:
+            with atomic_path(target, exclusive=True) as tmp:
+                tmp.write_bytes(f"writer {i}".encode())
+                barrier.wait(30)  # every writer has passed its existence check and written its file
+            outcomes.append(("won", i))
+        except TargetExistsError:
+            outcomes.append(("lost", i))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    won = [i for kind, i in outcomes if kind == "won"]
+    assert len(won) == 1 and len(outcomes) == writers
+    assert target.read_bytes() == f"writer {won[0]}".encode()
+    assert [p.name for p in tmp_path.iterdir()] == ["r.bin"]
+
+
+def test_release_loser_gets_a_clear_error_winner_intact_and_its_charge_stays(tmp_path, monkeypatch):
+    """The custodian's task path: charge, noise, write; another writer takes the name mid-write."""
+    from prefect.logging import disable_run_logger
+
+    import storage.release
+    from flows.release_params import ReleaseParams
+    from tasks.custodian import calibrate, charge_noise_and_release, check_budget
+
+    winner_meta, _ = make_release(tmp_path / "winner.h5")
+    out, ledger = tmp_path / "r.h5", tmp_path / "ledger.jsonl"
+    real_atomic_path = storage.release.atomic_path
+
+    @contextlib.contextmanager
+    def racing(target, **kwargs):
+        with real_atomic_path(target, **kwargs) as tmp:
+            yield tmp  # the loser writes its complete file here ...
+            shutil.copyfile(tmp_path / "winner.h5", target)  # ... and the winner's appears before its final step
+
+    monkeypatch.setattr(storage.release, "atomic_path", racing)
+    params = ReleaseParams(target_epsilon=1.0, out=str(out), ledger=str(ledger), budget=5.0, dataset_id="ds",
+                           labelled=True, moments=2)
+    sums = FeatureSums(np.random.default_rng(2).normal(size=(K, D)), np.random.default_rng(3).random((K, D)),
+                       np.full(K, 30.0))
+    info = {"class_names": ("a", "b", "c"), "image_shape": (1, 28, 28), "encoder": winner_meta.encoder}
+    with disable_run_logger():
+        mech = calibrate.fn(params)
+        check_budget.fn(params, mech)  # sets the budget, as the flow does
+        with pytest.raises(FileExistsError, match=r"release ([0-9a-f]{32}) was not written: .* created by another "
+                                                  "writer") as err:
+            charge_noise_and_release.fn(params, mech, sums, info)
+    assert isinstance(err.value, ReleaseExistsError)
+    loser_id = re.search(r"release ([0-9a-f]{32})", str(err.value)).group(1)
+    assert out.read_bytes() == (tmp_path / "winner.h5").read_bytes()
+    assert read_release(out).metadata.release_id == winner_meta.release_id != loser_id
+    charges = [json.loads(line) for line in ledger.read_text().splitlines() if '"charge"' in line]
+    assert [c["release_id"] for c in charges] == [loser_id]  # never under-count: the loser's charge stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.jsonl", "r.h5", "winner.h5"]

@@ -1,0 +1,74 @@
+"""`mepf evaluate` with a reference that reads training records (issue 11, item 6): refused without
+`--allow-private-reference`; with it, nothing computed from it is cached under the user's home."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+import tasks.evaluation
+from flows.cli import main
+from flows.evaluate import EvaluateParams
+from storage.synthetic import write_synthetic
+
+
+def _folder(root: Path) -> Path:
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """A run with a synthetic set, a fresh HOME, and a cheap stand-in for Inception (the cache is the point)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("MEPF_CACHE_DIR", raising=False)
+    monkeypatch.setattr(tasks.evaluation, "load_fid_inception", lambda device: None)
+    monkeypatch.setattr(tasks.evaluation, "images_to_inception_activations",
+                        lambda model, images, device, progress: np.asarray(images, np.float64).reshape(len(images), -1)[:, :3])
+    run = tmp_path / "run"
+    run.mkdir()
+    rng = np.random.default_rng(2)
+    write_synthetic(run / "synthetic.h5", rng.integers(0, 256, (20, 3, 32, 32), dtype=np.uint8),
+                    np.arange(20) % 2, {"epsilon": 1.0, "delta": 1e-5, "release_id": "x", "encoder": "efficientnet-lite0",
+                                               "class_names": ["a", "b"], "steps": 1})
+    return {"home": home, "run": run, "cache": home / ".cache" / "dp-mepf" / "fid", "tmp": tmp_path}
+
+
+def _evaluate(s, reference: str, *extra: str) -> list[str]:
+    return ["evaluate", "--run", str(s["run"]), "--reference", reference, "--classifiers", "",
+            "--fid-samples", "20", "--out", str(s["tmp"] / "report"), "--json", *extra]
+
+
+def test_private_reference_refused_without_the_flag(setup, capsys):
+    private = _folder(setup["tmp"] / "private")  # no test/ subfolder: its "test" split is its training folder
+    for reference in (f"imagefolder:{private}", f"imagefolder:{private}:train", "fashion-mnist:train"):
+        assert main(_evaluate(setup, reference)) == 2
+        err = capsys.readouterr().err
+        assert "reads a training split" in err and "--allow-private-reference" in err
+    with pytest.raises(ValidationError, match="ceiling trains classifiers on the real training split"):
+        EvaluateParams(run="r", out="o", ceiling=True)
+    assert EvaluateParams(run="r", out="o", ceiling=True, allow_private_reference=True).ceiling
+    assert not setup["cache"].exists() and not (setup["tmp"] / "report").exists()
+
+
+def test_with_the_flag_nothing_is_cached_but_a_public_split_is(setup, capsys):
+    private = _folder(setup["tmp"] / "private")
+    assert main(_evaluate(setup, f"imagefolder:{private}", "--allow-private-reference")) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["fid"] > 0
+    assert not setup["cache"].exists() and not any(setup["home"].rglob("*.npz"))
+    # the control: a real test split (its own test/ folder) is cached where the private one was not
+    public = setup["tmp"] / "public"
+    _folder(public / "test")
+    assert main(_evaluate(setup, f"imagefolder:{public}")) == 0
+    assert len(list(setup["cache"].glob("*.npz"))) == 1
