@@ -36,6 +36,8 @@ grows with mu: the claim allows |mu| <= mu*(epsilon, delta) = 1 / z*(epsilon, de
 smallest noise multiplier the calibration (`effective_noise_multiplier`) finds for the claim.
 A confidence interval for mu whose lower end exceeds mu* refutes the claim. It only needs means and
 variances, so 5,000 draws measure mu to a few percent and catch a factor-2 mistake at epsilon >= 1.
+What it trusts is the noise's form (additive, Gaussian, independent of the data): that is the
+mechanism's design, and the black-box bound, which assumes nothing, stays next to it.
 
 Also here: the statistics of a membership-inference smoke test (AUC, TPR at a low FPR, and the
 largest AUC any (epsilon, delta)-DP release allows). Uses scipy for the Beta, t and chi-square
@@ -317,6 +319,8 @@ def gaussian_shift_check(null: Mapping[str, np.ndarray], alternative: Mapping[st
         if min(len(null[name]), len(alternative[name])) < 2:
             raise ValueError(f"test {name!r} needs >= 2 draws per hypothesis to measure a variance, got "
                              f"{len(null[name])} and {len(alternative[name])}")
+        if not (np.all(np.isfinite(null[name])) and np.all(np.isfinite(alternative[name]))):
+            raise ValueError(f"test {name!r} has scores that are not finite numbers")
     allowed = allowed_shift(epsilon, delta)
     level = 1.0 - (1.0 - confidence) / len(null)
     shifts = [_gaussian_shift(name, np.asarray(null[name], dtype=np.float64),
