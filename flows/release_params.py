@@ -37,7 +37,8 @@ class ReleaseParams(BaseModel):
     ledger: str | None = Field(None, description="budget ledger file (JSON lines)")
     budget: float | None = Field(None, strict=True, description="total epsilon budget of the dataset (sets it in a new ledger)")
     budget_delta: float | None = Field(None, strict=True, description="total delta budget of the dataset, with --budget "
-                                       "(default storage.ledger.DEFAULT_BUDGET_DELTA = 1e-5, the default target_delta)")
+                                       "(default: the ledger's, or storage.ledger.DEFAULT_BUDGET_DELTA = 1e-5, the "
+                                       "default target_delta, for a new budget)")
     batch_size: int = Field(256, strict=True, ge=1, le=65536)
     shards: int = Field(1, strict=True, ge=1, le=1024, description="extraction tasks; each returns partial sums")
     limit: int | None = Field(None, strict=True, description="use only the first LIMIT images (replace-one only)")
@@ -189,6 +190,20 @@ class ReleaseParams(BaseModel):
         from storage.datasets import canonical_dataset_id
 
         return self.dataset_id or canonical_dataset_id(self.dataset, self.split, self.data_root)
+
+    @property
+    def source(self) -> str:
+        """The records this release reads, as the ledger compares them (storage.datasets.dataset_source):
+        recorded on every charge; records already charged to another dataset id are refused."""
+        from storage.datasets import dataset_source
+
+        return dataset_source(self.dataset, self.split, self.data_root)
+
+    @property
+    def legacy_dataset_id(self) -> str:
+        """The key the code before canonical ids gave this dataset (the spec as spelled + ":" + split), so
+        the ledger can refuse to lose what was charged under it (storage.ledger, legacy lines)."""
+        return f"{self.dataset}:{self.split}"
 
     @property
     def published_dataset_id(self) -> str:

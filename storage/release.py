@@ -27,7 +27,8 @@ What `read_release` proves before it returns, in this order (the first failure r
 5. each dataset's dtype, shape and stored size against the metadata, before its data is read: a
    contiguous, unfiltered dataset stores exactly its raw bytes in the file, so nothing read can be
    larger than the file itself (no decompression bombs, whatever shape the metadata claims);
-6. the arrays: SHA-256, finite values, exact counts equal to the recorded public n.
+6. the arrays: SHA-256, finite values, exact counts equal to the recorded public n, and sums no
+   larger than the recorded norm bounds allow (`check_sums_within_bounds`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import numpy as np
 from mepf_core import __version__
 from mepf_core.embedding import mean_embeddings
 from mepf_core.encoders import EncoderSpec
-from mepf_core.privacy.calibration import epsilon_spent
+from mepf_core.privacy.calibration import MAX_TARGET_DELTA, epsilon_spent, validate_delta
 from mepf_core.privacy.sensitivity import count_sensitivity, parse_neighbouring, sum_sensitivity
 from storage import signing
 from storage.atomic import TargetExistsError, atomic_path
@@ -266,8 +267,10 @@ def verify_claim(meta: ReleaseMetadata) -> float:
     except ValueError as exc:
         raise ReleaseClaimError(str(exc)) from None
     delta = _number(meta.delta, "delta")
-    if not 0 < delta < 1:
-        raise ReleaseClaimError(f"delta must be in (0, 1), got {delta!r}")
+    try:  # the writer's own limits: a release at delta 0.5 is refused however it was made
+        validate_delta(delta, name="delta", cap=MAX_TARGET_DELTA)
+    except ValueError as exc:
+        raise ReleaseClaimError(str(exc)) from None
     claimed = _number(meta.epsilon, "epsilon")
     target = _number(meta.target_epsilon, "target_epsilon")
     if target <= 0:
@@ -367,6 +370,7 @@ def embedding_to_release(path: str | os.PathLike, metadata: ReleaseMetadata, noi
         parts.append(PartRecord(**{**asdict(p), "shape": tuple(p.shape), "sha256": _sha256(arr)}))
     meta = ReleaseMetadata(**{**metadata.__dict__, "parts": tuple(parts)})
     check_metadata(meta)  # never write what the reader would refuse
+    check_sums_within_bounds(meta, {name: np.asarray(v, dtype=np.float64) for name, v in noisy.items()})
     text = meta.to_json()
     path = Path(path)
     try:
@@ -475,6 +479,10 @@ def _check_signature(path: Path, attrs: dict, text: str, trusted: list[tuple[str
         raise ReleaseSignatureError(f"{path}: malformed signature attributes ({exc})") from None
     fp = _str_attr(attrs["signer_fingerprint"], "signer_fingerprint")
     name = _str_attr(attrs["signer_name"], "signer_name")
+    try:  # printed by `mepf inspect`: no terminal control characters from an untrusted file
+        signing.validate_signer_name(name)
+    except ValueError as exc:
+        raise ReleaseSignatureError(f"{path}: {exc}") from None
     if fp != signing.fingerprint(public):
         raise ReleaseSignatureError(f"{path}: signer_fingerprint {fp!r} is not the fingerprint of the embedded key")
     if len(signature) != signing.SIGNATURE_BYTES or not signing.verify(public, signature, text, name):
@@ -487,6 +495,44 @@ def _check_signature(path: Path, attrs: dict, text: str, trusted: list[tuple[str
             raise ReleaseUntrustedError(f"{path} is signed by {fp} ({name or 'no name'}), which is not a trusted key "
                                         f"({', '.join(t for t, _ in trusted)})")
     return SignatureInfo(signed=True, fingerprint=fp, signer=name, trusted=is_trusted)
+
+
+# Tail of the bound below, in standard deviations: each part fails it with probability < 1e-21.
+SUMS_BOUND_SIGMAS = 10.0
+
+
+def check_sums_within_bounds(meta: ReleaseMetadata, noisy: dict[str, np.ndarray]) -> None:
+    """Refuse noisy sums larger than the recorded norm bound allows (ReleaseClaimError).
+
+    A forger who records a tiny norm bound (so a tiny sensitivity and sigma still "give" a small
+    epsilon) and writes exact sums of unit-norm features passes every check of the claim alone; the
+    sums themselves give it away. For class c, part p with per-record bound C_p (shapes K x D, K):
+
+        S~_c = S_c + g,   ||S_c|| <= N_c C_p            (N_c records, each of norm <= C_p)
+        N_c <= N~_c + T sigma_N                          (fails w.p. Phi(-T); exact counts: sigma_N = 0)
+        ||g|| <= sigma_p (sqrt(D) + T)                   (Gaussian norm concentration, 1-Lipschitz:
+                                                          P(||g|| >= E||g|| + t) <= exp(-t^2 / 2), E||g|| <= sqrt D)
+
+    so an honest release has ||S~_c|| <= C_p max(N~_c + T sigma_N, 0) + sigma_p (sqrt(D) + T) except
+    with probability < 1e-21 per part and class at T = 10 (Boucheron, Lugosi & Massart 2013, Thm 5.6).
+    This checks consistency, not honesty: it cannot see noise that was never drawn on sums that fit.
+    """
+    counts, t = noisy["counts"], SUMS_BOUND_SIGMAS
+    sigma_counts = meta.part("counts").sigma
+    records = np.maximum(counts + t * sigma_counts, 0.0)  # upper confidence bound of N_c
+    bounds = {"moment1": meta.norm_bound, "moment2": meta.second_moment_bound}
+    for p in meta.parts:
+        if p.name == "counts":
+            continue
+        sums = noisy[p.name]
+        allowed = bounds[p.name] * records + p.sigma * (math.sqrt(sums.shape[1]) + t)
+        norms = np.linalg.norm(sums, axis=1)
+        if np.any(norms > allowed * (1 + 1e-9)):
+            c = int(np.argmax(norms - allowed))
+            raise ReleaseClaimError(
+                f"part {p.name!r}, class {c}: the released sum has norm {norms[c]:.6g}, but with the recorded bound "
+                f"{bounds[p.name]!r} per record, the noisy counts and sigma {p.sigma!r} it can be at most "
+                f"{allowed[c]:.6g}: the recorded bound is not the one the sums were made with")
 
 
 def read_release(path: str | os.PathLike, *, trusted_keys=None) -> Release:
@@ -533,6 +579,10 @@ def read_release(path: str | os.PathLike, *, trusted_keys=None) -> Release:
             raise ReleaseCorruptError(f"{path}: dataset {p.name!r} holds non-finite values")
     if meta.n_public is not None and not np.array_equal(arrays["counts"], np.array([float(meta.n_public)])):
         raise ReleaseClaimError(f"{path}: the exact counts do not equal the recorded public n")
+    try:
+        check_sums_within_bounds(meta, arrays)
+    except ReleaseClaimError as exc:
+        raise ReleaseClaimError(f"{path}: {exc}") from None
     return Release(path, meta, arrays, sig, epsilon)
 
 

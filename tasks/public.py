@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mepf_core.allocator import keep_freed_memory
 from mepf_core.generators import build_generator
-from mepf_core.public_map import build_public_map
+from mepf_core.public_map import EncoderMismatchError, build_public_map
 from mepf_core.training import TrainConfig, Trainer, balanced_labels, generate, resolve_device
 from storage.checkpoints import (
     BEST,
@@ -185,6 +185,10 @@ def train_generator(
         moments=m.moments,
         weights_path=encoder_weights,
     )
+    released_dim = release.noisy["moment1"].shape[1]
+    if public_map.feature_map.feature_dim != released_dim:  # the spec matched, so the file's D is forged
+        raise EncoderMismatchError(f"the release's embedding has D = {released_dim}, but its encoder "
+                                   f"{m.encoder.name!r} produces D = {public_map.feature_map.feature_dim}")
     if resolve_device(config.device).type == "cpu":
         keep_freed_memory()  # reuse freed activation memory: 1.12x faster CPU steps with VGG19
     trainer = Trainer(config, public_map, release.mean_embeddings(), image_shape=m.image_shape, labelled=m.labelled)

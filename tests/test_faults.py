@@ -53,9 +53,10 @@ def _metadata(shape: tuple[int, int], dataset_id: str = "toy") -> ReleaseMetadat
 
 
 def _generation(k: int, d: int, gen: int) -> dict[str, np.ndarray]:
-    """Arrays whose every entry says which generation wrote them."""
+    """Arrays whose every entry says which generation wrote them (counts gen x d: as many records as the
+    sums' norms need under the unit bounds, see storage.release.check_sums_within_bounds)."""
     return {"moment1": np.full((k, d), float(gen)), "moment2": np.full((k, d), float(gen)),
-            "counts": np.full(k, float(gen))}
+            "counts": np.full(k, float(gen) * d)}
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +234,8 @@ def test_sigkill_during_release_writes_leaves_complete_files_never_partial(tmp_p
             rel = read_release(tmp_path / n)  # complete and valid: raises otherwise
             gen = float(rel.metadata.dataset_id.removeprefix("gen-"))
             assert n == f"r-{int(gen)}.h5", "a file holds another generation's release"
-            assert all(np.all(a == gen) for a in rel.noisy.values()), "arrays of one generation, metadata of another"
+            assert all(np.array_equal(rel.noisy[name], a) for name, a in _generation(k, d, int(gen)).items()), \
+                "arrays of one generation, metadata of another"
             seen["complete"] += 1
             (tmp_path / n).unlink()
 

@@ -118,6 +118,39 @@ def test_the_issue_forgery_is_refused_by_read_inspect_and_train(tmp_path, capsys
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+def test_a_tiny_recorded_norm_bound_cannot_hide_exact_sums(tmp_path):
+    """Exact sums of unit-norm features, recorded as if C were 1e-30 (so sensitivity and sigma are
+    tiny and epsilon recomputes to the claim): the sums are far larger than C x counts allows."""
+    rng = np.random.default_rng(3)
+    unit = rng.normal(size=(120, D))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    labels = np.arange(120) % K
+    exact_sums = np.stack([unit[labels == c].sum(0) for c in range(K)])
+    mech = design_mechanism(target_epsilon=0.01, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
+                            labelled=True, moments=1, norm_bound=1e-30, second_moment_bound=1.0)
+    noisy = sums_to_noisy_parts(FeatureSums(exact_sums, None, np.full(K, 40.0)), mech)
+    meta, _ = honest_metadata(target_epsilon=0.01)
+    meta = replace(meta, norm_bound=1e-30, epsilon=mech.epsilon, parts=tuple(
+        PartRecord(p.name, noisy[p.name].shape, p.sensitivity, p.sigma, p.noise_multiplier) for p in mech.parts))
+    assert np.max(np.abs(noisy["moment1"] - exact_sums)) < 1e-25  # the "noise" hides nothing
+    forge(tmp_path / "tiny-c.h5", meta, noisy)
+    with pytest.raises(ReleaseClaimError, match=r"part 'moment1', class \d: the released sum has norm .* at most"):
+        read_release(tmp_path / "tiny-c.h5")
+    with pytest.raises(ReleaseClaimError, match="the recorded bound is not the one the sums were made with"):
+        embedding_to_release(tmp_path / "tiny-c-written.h5", meta, noisy)  # and the writer never makes one
+    assert main(["inspect", str(tmp_path / "tiny-c.h5")]) == 2
+
+
+@pytest.mark.parametrize("delta", [0.5, 0.3, 2e-3, 1e-320])
+def test_the_reader_enforces_the_writers_delta_limits(tmp_path, delta):
+    """A release at delta 0.5 (z = 0.8, epsilon 0) is as refused on reading as on writing."""
+    meta, noisy = honest_metadata()
+    meta = replace(meta, delta=delta, epsilon=0.0 if delta >= 0.3 else meta.epsilon)
+    forge(tmp_path / "d.h5", meta, noisy)
+    with pytest.raises(ReleaseClaimError, match=r"delta must be (<= 0.001|>= 2.22507e-308)"):
+        read_release(tmp_path / "d.h5")
+
+
 def _claims():
     """(name, forged metadata from an honest one, message): each breaks one link of the claim."""
     def part(m, name):

@@ -92,6 +92,9 @@ def test_a_signed_release_says_who_signed_it_and_is_checked_against_trusted_keys
     (lambda f: f.attrs.__setitem__("signer_fingerprint", "sha256:" + "0" * 64), ReleaseSignatureError,
      "not the fingerprint of the embedded key"),
     (lambda f: f.attrs.__setitem__("signature", "zz"), ReleaseSignatureError, "malformed signature"),
+    # a name `mepf inspect` would print raw: terminal escape sequences are refused before verifying
+    (lambda f: f.attrs.__setitem__("signer_name", "alice\x1b]0;pwned\x07"), ReleaseSignatureError,
+     "signer name must be printable text"),
 ])
 def test_changes_after_signing_are_caught(tmp_path, keys, tamper, error, message):
     _signed(tmp_path / "r.h5", keys["alice"].private)

@@ -236,6 +236,20 @@ def test_encoder_hash_mismatch_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
+def test_a_release_whose_dimension_is_not_its_encoders_is_refused(tmp_path):
+    """The spec matches bit-for-bit, but the file's D does not: the embedding was not made by that encoder."""
+    from tasks.public import train_generator
+
+    honest = read_release(_make_release(tmp_path / "r.h5", moments=1))
+    wide = {name: (np.concatenate([v, np.zeros_like(v)], axis=1) if v.ndim == 2 else v) for name, v in honest.noisy.items()}
+    meta = replace(honest.metadata, parts=tuple(replace(p, shape=wide[p.name].shape, sha256="")
+                                                 for p in honest.metadata.parts))
+    forged = read_release(embedding_to_release(tmp_path / "wide.h5", meta, wide))
+    with pytest.raises(EncoderMismatchError, match="D = 33920, but its encoder 'efficientnet-lite0' produces D = 16960"):
+        train_generator(forged, tmp_path / "run", TrainConfig(steps=2, batch_size=10), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("steps", 0, "steps must be an integer > 0, got 0"),
     ("steps", -5, "steps must be an integer > 0, got -5"),
