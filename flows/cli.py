@@ -17,21 +17,15 @@ logger = logging.getLogger("mepf")
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# The ephemeral Prefect server migrates a fresh database at start; on 2 busy cores that exceeds
+# Prefect's 20 s default ("Timed out while attempting to connect to ephemeral Prefect API server").
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # OpenMP threads that spin while waiting starve everything else on a shared CPU: measured on 2 busy
 # cores, extraction ran at 165-205 images/s spinning and 1,180-1,310 passive (bench/results/extraction.json).
 # Must be set before torch loads its OpenMP runtime; an explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
-def _emit(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-    else:
-        sys.stdout.write(human(result) + "\n")
+from flows.cli_common import CliError, _emit, _model  # noqa: E402 - shared with the subcommand modules
 
 
 # --- release --------------------------------------------------------------------------------------
@@ -82,7 +76,7 @@ def _cmd_release(args) -> dict:
         "shards": args.shards, "limit": args.limit,
         "signing_key": args.signing_key, "signer_name": args.signer_name,
     })
-    _dataset_available(params.dataset, params.split, params.data_root, params.labelled)
+    _dataset_available(params.dataset, params.split, params.data_root, params.labelled, params.limit)
     preflight(params)
     result = custodian_release(params)
     _emit(result, args.json, lambda r: (
@@ -94,17 +88,21 @@ def _cmd_release(args) -> dict:
     return result
 
 
-def _dataset_available(dataset: str, split: str, root: str | None, labelled: bool = False) -> None:
-    """Local checks before Prefect starts: the dataset opens, and a labelled one has >= 2 non-empty classes.
+def _dataset_available(dataset: str, split: str, root: str | None, labelled: bool = False,
+                       limit: int | None = None) -> None:
+    """Local checks before Prefect starts: the dataset opens (whole: an unreadable subfolder or file
+    refuses it), and a labelled one has >= 2 classes, each non-empty among the records released (the
+    first `limit` with --limit).
 
-    These messages go to the custodian's terminal only (the flow repeats the class check with a
-    message that names no class, since its errors reach Prefect)."""
+    These messages go to the custodian's terminal only (the flow repeats the checks with messages
+    that name no record and no class, since its errors reach Prefect)."""
     from storage.datasets import DatasetCheckError, labelled_release_problems, open_dataset
 
-    src = open_dataset(dataset, split, root)  # raises DatasetNotFoundError / ValueError with a clear message
-    problems = labelled_release_problems(src) if labelled else []
+    src = open_dataset(dataset, split, root)  # raises DatasetNotFoundError / DatasetCheckError with a clear message
+    problems = labelled_release_problems(src, limit) if labelled else []
     if problems:
-        raise DatasetCheckError("; ".join(problems) + f"; see `mepf check-data --dataset {dataset} --labelled`")
+        where = f" --limit {limit}" if limit is not None else ""
+        raise DatasetCheckError("; ".join(problems) + f"; see `mepf check-data --dataset {dataset} --labelled{where}`")
 
 
 # --- inspect / budget -----------------------------------------------------------------------------
@@ -332,28 +330,6 @@ def _cmd_run(args) -> dict:
 
 # --- plumbing -------------------------------------------------------------------------------------
 
-def _describe_error(e: dict) -> str:
-    where = ".".join(str(x) for x in e["loc"]) or "arguments"
-    msg = e["msg"].removeprefix("Value error, ")
-    if e.get("type") != "value_error" and "input" in e:  # pydantic's own messages omit the value
-        msg += f" (got {e['input']!r})"
-    return f"{where}: {msg}"
-
-
-def _model(cls, values: dict, check: Callable | None = None):
-    """Build a parameter model (and run `check` on it); validation errors become one CliError line."""
-    from pydantic import ValidationError
-
-    try:
-        model = cls(**values)
-        if check is not None:
-            check(model)
-        return model
-    except ValidationError as exc:
-        msgs = "; ".join(_describe_error(e) for e in exc.errors())
-        raise CliError(msgs) from None
-
-
 def _add_audit(sub) -> None:
     from flows.cli_audit import add_audit_subcommand
 
@@ -384,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # one line per HTTP request to the local Prefect server is noise, not progress
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     from mepf_core.encoders import EncoderWeightsMissingError, UnknownEncoderError
     from storage.datasets import CorruptImageError, DatasetNotFoundError
     from storage.ledger import BudgetExceededError, LedgerError

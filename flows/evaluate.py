@@ -4,11 +4,14 @@ Uses only the synthetic dataset and a real, public test split. With `ceiling`, t
 are also trained on real training images as the non-private reference (that reads the training
 split, so use it only where that split is public, as in benchmarks).
 
-A reference or a ceiling that reads training records (`X:train`, or an imagefolder without a `test/`
-subfolder, whose test split is its training folder) is refused unless `allow_private_reference` says
-the user accepts it: FID statistics and accuracies computed from it are un-noised functions of
-those images and land in the report and in a Prefect artifact. Even then, their FID statistics are
-never cached under the user's home.
+A reference or a ceiling that reads training records is refused unless `allow_private_reference` says
+the user accepts it. The test is containment of resolved folders, not equality of ids
+(`tasks.evaluation.reads_training_records`): `X:train`; an imagefolder whose folder read contains, or
+lies inside, a training folder of it (`imagefolder:data` or `imagefolder:data:test` when data/ holds
+only `train/`, a folder without `test/`, any spelling of `data/train` or a class folder in it).
+FID statistics and accuracies computed from such a reference are un-noised functions of those
+images and land in the report and in a Prefect artifact. Even with the flag, their FID statistics
+are never cached under the user's home.
 """
 
 from __future__ import annotations

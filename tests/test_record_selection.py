@@ -201,3 +201,136 @@ def test_canonical_dataset_id_is_one_id_however_spelled(tmp_path, monkeypatch):
     assert str(tmp_path) not in params.published_dataset_id
     assert params.model_copy(update={"dataset_id": "mine"}).published_dataset_id == "mine"
     assert ReleaseParams(target_epsilon=1.0).published_dataset_id == "fashion-mnist:train"
+
+
+# --- tool-made copy, thumbnail and trash folders (review finding 3) ---------------------------------
+
+def test_synology_eadir_thumbnails_are_never_records(tmp_path):
+    """Before: 8 images with 5 Synology thumbnails each were read as 48 records. Now: 8."""
+    d = _folder(tmp_path / "d", per_class=4)
+    for img in sorted(d.glob("*/*.png")):
+        thumbs = img.parent / "@eaDir" / img.name
+        thumbs.mkdir(parents=True)
+        for size in ("XL", "B", "M", "S", "SM"):
+            Image.open(img).save(thumbs / f"SYNOFILE_THUMB_{size}.jpg")
+    (d / "@eaDir" / "a").mkdir(parents=True)  # a top-level one is no class either
+    Image.open(d / "a" / "001.png").save(d / "@eaDir" / "a" / "SYNOFILE_THUMB_XL.jpg")
+    source = open_dataset(f"imagefolder:{d}")
+    assert len(source) == 8 and source.class_names == ("a", "b")
+    scan = scan_imagefolder(d)
+    assert sorted(p.relative_to(d).as_posix() for p in scan.hidden) == ["@eaDir", "a/@eaDir", "b/@eaDir"]
+
+
+@pytest.mark.parametrize("where", [
+    "$RECYCLE.BIN/S-1-5-21-1004/$RABC123.png",  # Windows recycle bin (and its $R* copy)
+    "$RABC123.png",  # a $R* file outside it
+    "~$report.png",  # Office temp/lock file
+    "~snapshot/001.png",
+    "System Volume Information/001.png",
+    "lost+found/#12345.png",
+    "LOST+FOUND/001.png",  # case-insensitive
+    "__macosx/001.png",
+    "@Recycle/001.png",  # QNAP
+    "#recycle/001.png",  # Synology recycle bin
+    ".Trash-1000/files/001.png",
+    "sub/@eaDir/001.png/SYNOFILE_THUMB_M.jpg",  # deeper
+])
+def test_tool_made_copies_are_never_records(tmp_path, where):
+    d = _folder(tmp_path / "d", per_class=4)
+    copy = d / "a" / where
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_bytes((d / "a" / "001.png").read_bytes())
+    (d / "a" / "Thumbs.db").write_bytes(b"x")  # not images: never records either
+    (d / "a" / "desktop.ini").write_text("x")
+    assert len(open_dataset(f"imagefolder:{d}")) == 8
+    assert copy not in scan_imagefolder(d).files
+
+
+def test_is_hidden_name_is_the_documented_rule():
+    from storage.datasets import is_hidden_name
+
+    for name in (".x", "._a.png", "@eaDir", "$RECYCLE.BIN", "$R1.png", "~$doc.png", "~tmp", "__MACOSX",
+                 "System Volume Information", "system volume information", "lost+found", "RECYCLER"):
+        assert is_hidden_name(name), name
+    for name in ("a", "001.png", "cat@home.png", "a$b.png", "a~.png", "lost", "found", "MACOSX", "train"):
+        assert not is_hidden_name(name), name
+
+
+# --- listing errors are never skipped silently (weaker finding) ---------------------------------------
+
+def _unlistable(monkeypatch, token: str) -> None:
+    """As if a folder whose path holds `token` were chmod 000 (tests run as root, who may list anything)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if token in os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unreadable_subfolder_refuses_the_dataset(tmp_path, monkeypatch):
+    d = _folder(tmp_path / "d", per_class=4)
+    (d / "b" / "scans_zq7tok").mkdir()
+    _image(d / "b" / "scans_zq7tok" / "x.png", seed=5)
+    assert len(open_dataset(f"imagefolder:{d}")) == 9
+    _unlistable(monkeypatch, "zq7tok")
+    scan = scan_imagefolder(d)
+    assert [(p.relative_to(d).as_posix(), why) for p, why in scan.unreadable] == [
+        ("b/scans_zq7tok", "PermissionError: Permission denied")]
+    assert len(scan.files) == 8  # what could be listed; the release must not use it
+    with pytest.raises(storage.datasets.DatasetCheckError, match="could not be listed or examined"):
+        open_dataset(f"imagefolder:{d}")
+
+
+def test_an_unreadable_class_folder_refuses_the_dataset(tmp_path, monkeypatch):
+    d = _folder(tmp_path / "d", per_class=4, classes=("a", "b_zq7tok"))
+    _unlistable(monkeypatch, "zq7tok")
+    assert [p.name for p, _ in scan_imagefolder(d).unreadable] == ["b_zq7tok"]
+    with pytest.raises(storage.datasets.DatasetCheckError):
+        open_dataset(f"imagefolder:{d}")
+
+
+def test_a_listing_that_raises_directly_is_recorded_too(tmp_path, monkeypatch):
+    d = _folder(tmp_path / "d", per_class=2)
+    real = os.walk
+
+    def walk(top, *args, **kwargs):
+        if os.fspath(top).endswith("b"):
+            raise PermissionError(13, "Permission denied", os.fspath(top))
+        return real(top, *args, **kwargs)
+
+    monkeypatch.setattr(storage.datasets.os, "walk", walk)
+    assert [p.name for p, _ in scan_imagefolder(d).unreadable] == ["b"]
+    with pytest.raises(storage.datasets.DatasetCheckError):
+        open_dataset(f"imagefolder:{d}")
+
+
+def test_a_path_too_long_refuses_the_dataset(tmp_path):
+    """A file whose full path exceeds PATH_MAX (its folders still listable) cannot be examined: refused."""
+    d = _folder(tmp_path / "d", per_class=2)
+    secret = _too_long_record(d / "b", (d / "a" / "001.png").read_bytes(), "zq7tok")
+    scan = scan_imagefolder(d)
+    assert len(scan.unreadable) == 1 and "zq7tok" in str(scan.unreadable[0][0]) and len(secret) > 4096
+    with pytest.raises(storage.datasets.DatasetCheckError):
+        open_dataset(f"imagefolder:{d}")
+
+
+def _too_long_record(folder: Path, data: bytes, token: str) -> str:
+    """Write `data` to a file under `folder` whose full path is longer than PATH_MAX; returns that path."""
+    fd = os.open(folder, os.O_RDONLY)
+    path = str(folder)
+    try:
+        while len(path) < 4000:
+            os.mkdir("d" * 200, dir_fd=fd)
+            new = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd, path = new, path + "/" + "d" * 200
+        name = f"{token}_" + "x" * 200 + ".png"
+        out = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, data)
+        os.close(out)
+    finally:
+        os.close(fd)
+    return path + "/" + name
