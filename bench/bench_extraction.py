@@ -33,7 +33,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 from mepf_core.encoders import EncoderWeightsMissingError, build_feature_map
-from flows.release_params import ReleaseParams
+from storage.params import ReleaseParams
 from tasks.custodian import extract_shard
 import tasks.custodian as tc
 encoder, n = sys.argv[1], int(sys.argv[2])

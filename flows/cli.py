@@ -26,56 +26,30 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from flows.cli_common import CliError, _emit, _model  # noqa: E402 - shared with the subcommand modules
+from flows.cli_flags import add_model_flag, add_model_flags, given_values  # noqa: E402
 
 
 # --- release --------------------------------------------------------------------------------------
 
 def _add_release(sub) -> None:
+    from storage.params import ReleaseParams
+
     p = sub.add_parser("release", help="custodian: private images -> noisy embedding release (spends budget)")
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist | mnist | cifar10 | celeba | imagefolder:PATH")
-    p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--data-root", default=None, help="folder with the dataset files")
-    p.add_argument("--target-epsilon", type=float, required=True)
-    p.add_argument("--target-delta", type=float, default=1e-5)
-    p.add_argument("--out", required=True, help="release file (.h5) to create")
-    p.add_argument("--labelled", action="store_true", help="one embedding per class")
-    p.add_argument("--moments", type=int, default=1, choices=[1, 2])
-    p.add_argument("--encoder", default="efficientnet-lite0")
-    p.add_argument("--encoder-weights", default=None, help="encoder weights file (default: packaged/cached)")
-    p.add_argument("--norm-bound", type=float, default=1.0)
-    p.add_argument("--second-moment-bound", type=float, default=1.0)
-    p.add_argument("--neighbouring", default="add-remove", choices=["add-remove", "replace-one"])
-    p.add_argument("--dataset-id", default=None,
-                   help="ledger key (default: imagefolder:REAL-PATH of the folder read, or DATASET:SPLIT)")
-    p.add_argument("--ledger", default=None, help="budget ledger file")
-    p.add_argument("--budget", type=float, default=None, help="total epsilon budget of the dataset")
-    p.add_argument("--budget-delta", type=float, default=None,
-                   help="total delta budget of the dataset, with --budget (default 1e-5, the default target delta)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--limit", type=int, default=None,
-                   help="use only the first LIMIT images (replace-one only: refused under add-remove)")
-    p.add_argument("--signing-key", default=None,
-                   help="sign the release with this Ed25519 private key (from `mepf keygen`)")
-    p.add_argument("--signer-name", default=None, help="a name signed along with the release (needs --signing-key)")
+    add_model_flags(p, ReleaseParams, ("dataset", "split", "data_root", "target_epsilon", "target_delta"))
+    add_model_flag(p, ReleaseParams, "out", required=True)  # the CLI insists on naming the release file
+    add_model_flag(p, ReleaseParams, "labelled", kind="bool")
+    add_model_flags(p, ReleaseParams, (
+        "moments", "encoder", "encoder_weights", "norm_bound", "second_moment_bound", "neighbouring", "dataset_id",
+        "ledger", "budget", "budget_delta", "batch_size", "shards", "limit", "signing_key", "signer_name"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_release)
 
 
 def _cmd_release(args) -> dict:
     from flows.custodian_release import custodian_release, preflight
-    from flows.release_params import ReleaseParams
+    from storage.params import ReleaseParams
 
-    params = _model(ReleaseParams, {
-        "dataset": args.dataset, "split": args.split, "data_root": args.data_root, "out": args.out,
-        "target_epsilon": args.target_epsilon, "target_delta": args.target_delta, "labelled": args.labelled,
-        "moments": args.moments, "encoder": args.encoder, "encoder_weights": args.encoder_weights,
-        "norm_bound": args.norm_bound, "second_moment_bound": args.second_moment_bound,
-        "neighbouring": args.neighbouring, "dataset_id": args.dataset_id, "ledger": args.ledger,
-        "budget": args.budget, "budget_delta": args.budget_delta, "batch_size": args.batch_size,
-        "shards": args.shards, "limit": args.limit,
-        "signing_key": args.signing_key, "signer_name": args.signer_name,
-    })
+    params = _model(ReleaseParams, given_values(args, ReleaseParams))
     _dataset_available(params.dataset, params.split, params.data_root, params.labelled, params.limit)
     preflight(params)
     result = custodian_release(params)
@@ -194,22 +168,12 @@ def _cmd_budget(args) -> dict:
 # --- public stage --------------------------------------------------------------------------------
 
 def _add_train(sub) -> None:
+    from storage.params import TrainParams
+
     p = sub.add_parser("train", help="public: train a generator from a release file alone")
-    p.add_argument("--release", required=True)
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--steps", type=int, default=None, help="generator updates (default 10,000)")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--lr-gen", type=float, default=None)
-    p.add_argument("--lr-mavg", type=float, default=None)
-    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default=None,
-                   help="cosine (default) decays --lr-gen to 0 over --steps")
-    p.add_argument("--loss", choices=["mavg", "mmd"], default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--encoder-weights", default=None)
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--trusted-key", action="append", default=None, metavar="PUB",
+    add_model_flags(p, TrainParams, ("release", "out", "steps", "batch_size", "lr_gen", "lr_mavg", "lr_schedule", "loss",
+                                     "checkpoint_every", "seed", "device", "encoder_weights", "resume"))
+    add_model_flag(p, TrainParams, "trusted_keys", "--trusted-key", kind="append", metavar="PUB",
                    help="Ed25519 public key (PEM) of a trusted custodian: refuse a release that is unsigned or "
                         "signed by any other key (repeatable)")
     p.add_argument("--json", action="store_true")
@@ -217,66 +181,52 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> dict:
-    from flows.train_generator import TrainParams, train_generator
+    from flows.train_generator import train_generator
+    from storage.params import TrainParams
 
-    values = {"release": args.release, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
-              "device": args.device, "resume": args.resume, "encoder_weights": args.encoder_weights,
-              "lr_gen": args.lr_gen, "lr_mavg": args.lr_mavg, "lr_schedule": args.lr_schedule, "loss": args.loss,
-              "checkpoint_every": args.checkpoint_every, "seed": args.seed,
-              "trusted_keys": tuple(args.trusted_key) if args.trusted_key else None}
-    params = _model(TrainParams, {k: v for k, v in values.items() if v is not None})
+    params = _model(TrainParams, given_values(args, TrainParams))  # only typed flags count as set (resume)
     result = train_generator(params)
     _emit(result, args.json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
     return result
 
 
 def _add_sample(sub) -> None:
+    from storage.params import SampleParams
+
     p = sub.add_parser("sample", help="public: draw a synthetic dataset from a trained run")
-    p.add_argument("--run", required=True)
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--out", required=True, help="synthetic.h5 or synthetic.parquet")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_flags(p, SampleParams, ("run", "n"))
+    add_model_flag(p, SampleParams, "out", required=True, help="synthetic.h5 or synthetic.parquet")
+    add_model_flag(p, SampleParams, "seed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_sample)
 
 
 def _cmd_sample(args) -> dict:
-    from flows.train_generator import SampleParams, sample
+    from flows.train_generator import sample
+    from storage.params import SampleParams
 
-    params = _model(SampleParams, {"run": args.run, "n": args.n, "out": args.out, "seed": args.seed})
+    params = _model(SampleParams, given_values(args, SampleParams))
     result = sample(params)
     _emit(result, args.json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
     return result
 
 
 def _add_evaluate(sub) -> None:
+    from storage.params import EvaluateParams
+
     p = sub.add_parser("evaluate", help="public: FID and downstream accuracy on a real test split")
-    p.add_argument("--run", required=True)
-    p.add_argument("--synthetic", default=None, help="synthetic dataset (default RUN/synthetic.h5)")
-    p.add_argument("--reference", default="fashion-mnist:test")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--fid-samples", type=int, default=5000)
-    p.add_argument("--fid-reference", type=int, default=None, help="real images for the FID statistics")
-    p.add_argument("--classifiers", default="logreg,mlp,cnn")
-    p.add_argument("--train-samples", type=int, default=None)
-    p.add_argument("--ceiling", action="store_true", help="also train on real training images")
-    p.add_argument("--allow-private-reference", action="store_true",
-                   help="accept a reference (or --ceiling) that reads a training split, which may be private; "
-                        "its FID statistics are then not cached")
-    p.add_argument("--out", required=True)
+    add_model_flags(p, EvaluateParams, ("run", "synthetic", "reference", "data_root", "fid_samples", "fid_reference",
+                                        "classifiers", "train_samples", "ceiling", "allow_private_reference", "out"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> dict:
-    from flows.evaluate import EvaluateParams, evaluate
+    from flows.evaluate import evaluate
+    from storage.params import EvaluateParams
     from tasks.evaluation import synthetic_path_for
 
-    params = _model(EvaluateParams, {
-        "run": args.run, "synthetic": args.synthetic, "reference": args.reference, "data_root": args.data_root,
-        "fid_samples": args.fid_samples, "fid_reference": args.fid_reference, "classifiers": args.classifiers,
-        "train_samples": args.train_samples, "ceiling": args.ceiling, "out": args.out,
-        "allow_private_reference": args.allow_private_reference})
+    params = _model(EvaluateParams, given_values(args, EvaluateParams))
     synthetic = params.synthetic or str(synthetic_path_for(params.run))
     if not os.path.isfile(synthetic):
         raise CliError(f"{synthetic} does not exist; draw it first with `mepf sample --run {params.run} --n N --out {synthetic}`")
@@ -293,11 +243,11 @@ def _metrics_text(r: dict) -> str:
 
 
 def _add_run(sub) -> None:
+    from storage.params import PipelineParams
+
     p = sub.add_parser("run", help="the whole pipeline: release -> train -> sample -> evaluate")
     p.add_argument("--config", default=None, help="YAML or JSON file with the pipeline's parameters")
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--target-epsilon", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None)
+    add_model_flags(p, PipelineParams, ("out_dir", "target_epsilon", "steps"))  # typed flags override the file
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_run)
 
@@ -305,7 +255,8 @@ def _add_run(sub) -> None:
 def _cmd_run(args) -> dict:
     import yaml
 
-    from flows.pipeline import PipelineParams, dp_mepf_pipeline
+    from flows.pipeline import dp_mepf_pipeline
+    from storage.params import PipelineParams
 
     values: dict = {}
     if args.config is not None:
@@ -318,8 +269,7 @@ def _cmd_run(args) -> dict:
                 raise CliError(f"config file {args.config} is not valid YAML/JSON: {exc}") from None
         if not isinstance(values, dict):
             raise CliError(f"config file {args.config} must hold a mapping of parameters")
-    overrides = {"out_dir": args.out_dir, "target_epsilon": args.target_epsilon, "steps": args.steps}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(given_values(args, PipelineParams))
     params = _model(PipelineParams, values, check=lambda p: p.stage_params())
     result = dp_mepf_pipeline(params)
     _emit(result, args.json, lambda r: (
@@ -356,24 +306,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `mepf` subcommand; returns the exit status.
+
+    0 on success; 2 on a user error (any `mepf_core.errors.MepfError`, or a pydantic
+    `ValidationError`), printed as one line `mepf CMD: error: TYPE: MESSAGE` on stderr; 130 on Ctrl-C.
+    Any other exception is a bug and propagates with its traceback (exit status 1 from the
+    interpreter), with or without -v. argparse itself exits 2 on a malformed command line.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # one line per HTTP request to the local Prefect server is noise, not progress
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    from mepf_core.encoders import EncoderWeightsMissingError, UnknownEncoderError
-    from storage.datasets import CorruptImageError, DatasetNotFoundError
-    from storage.ledger import BudgetExceededError, LedgerError
-    from storage.release import ReleaseError
+    from pydantic import ValidationError
 
-    known = (CliError, ValueError, FileNotFoundError, FileExistsError, PermissionError, UnknownEncoderError,
-             EncoderWeightsMissingError, DatasetNotFoundError, CorruptImageError, BudgetExceededError,
-             LedgerError, ReleaseError)
+    from flows.cli_common import _describe_error
+    from mepf_core.errors import MepfError
+
     try:
         args.handler(args)
-    except known as exc:
+    except MepfError as exc:  # a user error (bad input, missing file, spent budget...): one line, exit 2
         sys.stderr.write(f"mepf {args.command}: error: {type(exc).__name__}: {exc}\n")
+        return 2
+    except ValidationError as exc:  # parameters refused by a pydantic model: one line naming each field
+        msgs = "; ".join(_describe_error(e) for e in exc.errors())
+        sys.stderr.write(f"mepf {args.command}: error: {type(exc).__name__}: {msgs}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"mepf {args.command}: interrupted\n")

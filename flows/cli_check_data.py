@@ -27,6 +27,8 @@ import hashlib
 import sys
 from collections import defaultdict
 
+from mepf_core.errors import InvalidArgumentError
+
 CHUNK = 512
 
 
@@ -97,9 +99,9 @@ def check_data(dataset: str, split: str = "train", root: str | None = None, labe
                limit: int | None = None) -> dict:
     """The report `mepf check-data` prints (see the module docstring). Local use only."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InvalidArgumentError(f"split must be 'train' or 'test', got {split!r}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise InvalidArgumentError(f"limit must be >= 1, got {limit}")
     if dataset.startswith("imagefolder:"):
         report = _imagefolder_report(dataset, split)
     else:

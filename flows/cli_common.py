@@ -10,8 +10,10 @@ import json
 import sys
 from collections.abc import Callable
 
+from mepf_core.errors import MepfError
 
-class CliError(Exception):
+
+class CliError(MepfError):
     """A user error: printed as one line, exit status 2."""
 
 

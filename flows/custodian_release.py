@@ -6,12 +6,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.release_params import ReleaseParams
 from mepf_core.encoders import build_feature_map
+from mepf_core.errors import MepfError, PathNotFoundError
+from storage.params import ReleaseParams
 from tasks.custodian import calibrate, charge_noise_and_release, check_budget, describe_dataset, extract_shard, reduce_sums
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(MepfError, FileExistsError):
     """The release path is taken; releases are never overwritten."""
 
 
@@ -21,11 +22,11 @@ def preflight(params: ReleaseParams) -> None:
     if out.exists():
         raise OutputExistsError(f"{out} already exists; releases are never overwritten, choose another --out")
     if not out.parent.resolve().is_dir():
-        raise FileNotFoundError(f"output folder {out.parent} does not exist")
+        raise PathNotFoundError(f"output folder {out.parent} does not exist")
     if params.ledger is not None and not Path(params.ledger).parent.resolve().is_dir():
-        raise FileNotFoundError(f"ledger folder {Path(params.ledger).parent} does not exist")
+        raise PathNotFoundError(f"ledger folder {Path(params.ledger).parent} does not exist")
     if params.encoder_weights is not None and not Path(params.encoder_weights).is_file():
-        raise FileNotFoundError(f"encoder weights file {params.encoder_weights} does not exist")
+        raise PathNotFoundError(f"encoder weights file {params.encoder_weights} does not exist")
     build_feature_map(params.encoder, weights_path=params.encoder_weights)  # weights present and loadable
 
 

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mepf_core.errors import InvalidArgumentError
+
 logger = logging.getLogger(__name__)
 
 ClassifierFn = Callable[..., float]
@@ -216,19 +218,19 @@ def downstream_accuracy(train_images: np.ndarray, train_labels, test_images: np.
     if isinstance(classifiers, str):
         classifiers = (classifiers,)
     if not classifiers:
-        raise ValueError(f"classifiers must name at least one of {sorted(CLASSIFIERS)}, got none")
+        raise InvalidArgumentError(f"classifiers must name at least one of {sorted(CLASSIFIERS)}, got none")
     unknown = [c for c in classifiers if c not in CLASSIFIERS]
     if unknown:
-        raise ValueError(f"unknown classifier(s) {unknown}; known: {sorted(CLASSIFIERS)}")
+        raise InvalidArgumentError(f"unknown classifier(s) {unknown}; known: {sorted(CLASSIFIERS)}")
     _check_images(train_images, "train_images")
     _check_images(test_images, "test_images")
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise ValueError(f"train and test images differ in C x H x W: "
+        raise InvalidArgumentError(f"train and test images differ in C x H x W: "
                          f"{train_images.shape[1:]} vs {test_images.shape[1:]}")
     train_y = _check_labels(train_labels, len(train_images), "train_labels")
     test_y = _check_labels(test_labels, len(test_images), "test_labels")
     if len(np.unique(train_y)) < 2:
-        raise ValueError(f"train_labels must contain at least 2 classes, got {len(np.unique(train_y))}")
+        raise InvalidArgumentError(f"train_labels must contain at least 2 classes, got {len(np.unique(train_y))}")
     num_classes = int(max(train_y.max(), test_y.max())) + 1
 
     results: dict[str, float] = {}

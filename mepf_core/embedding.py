@@ -18,6 +18,15 @@ from mepf_core.privacy.noise import gaussian_noise
 
 @dataclass(repr=False)
 class FeatureSums:
+    """Un-noised per-class sums of bounded features: the private statistics a release noises.
+
+    moment1: K x D float64 sums of first-moment features (each record's norm <= C1); moment2: K x D
+    float64 sums of second-moment features, or None with moments 1; counts: (K,) float64 records per
+    class (K = 1 when unlabelled). PRIVATE: never log, persist or return it past the noise step (its
+    repr shows shapes only). Paper: DP-MEPF (Harder et al., "Pre-trained Perceptual Features Improve
+    Differentially Private Image Generation", TMLR 2023) releases these, noised, as mean embeddings.
+    """
+
     moment1: np.ndarray  # K x D float64
     moment2: np.ndarray | None  # K x D float64, or None when only the first moment is released
     counts: np.ndarray  # K float64

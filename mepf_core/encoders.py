@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,14 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mepf_core.errors import InvalidArgumentError, MepfError
+
 logger = logging.getLogger(__name__)
 
 
-class UnknownEncoderError(ValueError):
+class UnknownEncoderError(MepfError, ValueError):
     """The encoder name is not in the registry."""
 
 
-class EncoderWeightsMissingError(FileNotFoundError):
+class EncoderWeightsMissingError(MepfError, FileNotFoundError):
     """Pretrained weights are neither on disk nor downloadable; the message says which file to put where."""
 
 
@@ -98,7 +100,7 @@ class FeatureMap(nn.Module):
         Raises ValueError for any other shape.
         """
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must be N x C x H x W with C in (1, 3), got shape {tuple(images.shape)}")
+            raise InvalidArgumentError(f"images must be N x C x H x W with C in (1, 3), got shape {tuple(images.shape)}")
         x = images.to(self._mean.dtype)
         size = self.spec.image_size
         if x.shape[-2:] != (size, size):  # resize before the grayscale repeat: same numbers, less work
@@ -147,14 +149,7 @@ def weights_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class _Registration:
-    build: Callable[..., FeatureMap]
-    description: str = ""
-    aliases: tuple[str, ...] = field(default_factory=tuple)
-
-
-_REGISTRY: dict[str, _Registration] = {}
+_REGISTRY: dict[str, Callable[..., FeatureMap]] = {}  # encoder name -> builder (see `register_encoder`)
 
 
 def register_encoder(name: str, description: str = "") -> Callable:
@@ -162,11 +157,12 @@ def register_encoder(name: str, description: str = "") -> Callable:
 
     The builder gets the weights file to load (a Path; None only with random_init, or for an encoder
     `storage.weights` knows no default for) and leaves `spec.weights_sha256` empty:
-    `build_feature_map` fills it in.
+    `build_feature_map` fills it in. `description` is for the reader of the registration (what the
+    encoder is, which layers, D at 32x32); it is not stored.
     """
 
     def wrap(build: Callable[..., FeatureMap]) -> Callable[..., FeatureMap]:
-        _REGISTRY[name] = _Registration(build, description)
+        _REGISTRY[name] = build
         return build
 
     return wrap
@@ -198,12 +194,12 @@ def build_feature_map(
     if name not in _REGISTRY:
         raise UnknownEncoderError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
     if image_size is not None and not (isinstance(image_size, int) and 16 <= image_size <= 512):
-        raise ValueError(f"image_size must be an integer in [16, 512], got {image_size!r}")
+        raise InvalidArgumentError(f"image_size must be an integer in [16, 512], got {image_size!r}")
     weights_file = None
     if not random_init:
         weights_file = Path(weights_path) if weights_path is not None else _default_weights_file(name)
     key = _weights_file_key(name, weights_file)
-    fm = _REGISTRY[name].build(weights_path=weights_file, random_init=random_init, image_size=image_size)
+    fm = _REGISTRY[name](weights_path=weights_file, random_init=random_init, image_size=image_size)
     if fm.spec.weights_sha256:  # a builder that hashes its own weights
         return fm
     if key is not None and key != _weights_file_key(name, weights_file):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mepf_core.encoders import FeatureMap
+from mepf_core.errors import InvalidArgumentError
 
 
 def sanitize_images(images: torch.Tensor) -> torch.Tensor:
@@ -24,7 +25,7 @@ def bound_norm(features: torch.Tensor, norm_bound: float) -> torch.Tensor:
     Differentiable (used on generated images too). Non-finite entries are zeroed first.
     """
     if not norm_bound > 0:
-        raise ValueError(f"norm_bound must be > 0, got {norm_bound}")
+        raise InvalidArgumentError(f"norm_bound must be > 0, got {norm_bound}")
     f = torch.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
     norms = f.norm(dim=1, keepdim=True)
     scale = torch.where(norms > 0, norm_bound / norms.clamp_min(torch.finfo(f.dtype).tiny), torch.zeros_like(norms))

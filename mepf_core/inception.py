@@ -17,19 +17,6 @@ from torch import nn
 POOL3_DIM = 2048  # width of pytorch-fid's pool3 features, the activations FID is computed on
 
 
-def load_fid_inception(device: str | torch.device = "cpu", *, cache_dir=None) -> nn.Module:
-    """Transitional forwarder to `storage.weights.load_fid_inception` (same arguments, same model).
-
-    Kept only because `tasks/evaluation.py` still imports it from here; once that import reads
-    `from storage.weights import load_fid_inception`, delete this function (it is the one place
-    `mepf_core.inception` reaches into `storage`, and `storage.weights` imports nothing from
-    `mepf_core`, so it makes no import cycle). Returns pytorch-fid's InceptionV3 (pool3, eval mode).
-    """
-    from storage.weights import load_fid_inception as _load  # transitional: see docstring
-
-    return _load(device, cache_dir=cache_dir)
-
-
 # --- images -> activations --------------------------------------------------------------------
 
 

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from mepf_core.encoders import EncoderSpec, FeatureMap, build_feature_map, concat_features
+from mepf_core.errors import InvalidArgumentError, MepfError
 from mepf_core.features import bound_norm, second_moment
 from mepf_core.fused_encoder import fuse_feature_map
 
 
-class EncoderMismatchError(ValueError):
+class EncoderMismatchError(MepfError, ValueError):
     """The encoder available here is not the one the release was made with."""
 
 
@@ -60,9 +61,9 @@ class PublicFeatureMap(nn.Module):
     ):
         super().__init__()
         if moments not in (1, 2):
-            raise ValueError(f"moments must be 1 or 2, got {moments}")
+            raise InvalidArgumentError(f"moments must be 1 or 2, got {moments}")
         if moments == 2 and second_moment_bound is None:
-            raise ValueError("second_moment_bound is required when moments = 2, got None")
+            raise InvalidArgumentError("second_moment_bound is required when moments = 2, got None")
         self.feature_map = feature_map
         # the batch-norm-folded copy computes the same function, faster (see fused_encoder.py)
         fast = fuse_feature_map(feature_map) if fused else None

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from mepf_core.errors import InvalidArgumentError
 from mepf_core.generators import Generator, build_generator
 from mepf_core.losses import LOSS_MODES, MatchingLoss, class_weight_matrix
 from mepf_core.public_map import PublicFeatureMap
@@ -54,21 +55,21 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "eval_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be an integer > 0, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be an integer > 0, got {value!r}")
         for name in ("lr_gen", "lr_mavg"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a finite number > 0, got {value!r}")
         if not 0 <= self.beta1 < 1:
-            raise ValueError(f"beta1 must be in [0, 1), got {self.beta1!r}")
+            raise InvalidArgumentError(f"beta1 must be in [0, 1), got {self.beta1!r}")
         if self.loss not in LOSS_MODES:
-            raise ValueError(f"loss must be one of {LOSS_MODES}, got {self.loss!r}")
+            raise InvalidArgumentError(f"loss must be one of {LOSS_MODES}, got {self.loss!r}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+            raise InvalidArgumentError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+            raise InvalidArgumentError(f"device must be one of {DEVICES}, got {self.device!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            raise InvalidArgumentError(f"seed must be an integer >= 0, got {self.seed!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,16 +79,16 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}")
+            raise InvalidArgumentError(f"unknown TrainConfig field(s) {unknown}")
         return cls(**d)
 
 
 def resolve_device(name: str) -> torch.device:
     """"auto" -> cuda when available, else cpu; "cuda" without a GPU is an error, not a fallback."""
     if name not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+        raise InvalidArgumentError(f"device must be one of {DEVICES}, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but torch sees no CUDA device")
+        raise InvalidArgumentError("device 'cuda' was requested but torch sees no CUDA device")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -126,7 +127,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         k = int(np.shape(targets["moment1"])[0])
         if config.batch_size < k:
-            raise ValueError(f"batch_size must be >= the number of classes ({k}) to match every class, got {config.batch_size}")
+            raise InvalidArgumentError(f"batch_size must be >= the number of classes ({k}) to match every class, got {config.batch_size}")
         self.num_classes = k
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left untouched
             torch.manual_seed(config.seed)
@@ -206,7 +207,7 @@ class Trainer:
 
         until = self.config.steps if until is None else until
         if not isinstance(until, int) or until <= 0:
-            raise ValueError(f"until must be an integer > 0, got {until!r}")
+            raise InvalidArgumentError(f"until must be an integer > 0, got {until!r}")
         self.generator.train()
         bar = tqdm(total=until, initial=self.step, disable=not progress, desc="train", unit="step", mininterval=1.0)
         try:

@@ -155,16 +155,19 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 # --- the jobs -------------------------------------------------------------------------------------
 
+# Each stage's parameters: the paths of this stack and --epsilon/--budget, the --tiny job's sizes, and
+# otherwise the models' defaults (storage.params; tests/test_params_single_source.py checks it).
+
 def release_params(args: argparse.Namespace, out: Path) -> dict:
-    params = {"dataset": "fashion-mnist", "split": "train", "out": str(out), "target_epsilon": args.epsilon,
-              "labelled": True, "ledger": str(args.workdir / "budget-ledger.jsonl"), "budget": args.budget}
+    params = {"out": str(out), "target_epsilon": args.epsilon, "ledger": str(args.workdir / "budget-ledger.jsonl"),
+              "budget": args.budget}
     if args.tiny:
         params.update(limit=200, neighbouring="replace-one")  # the first N: refused under add-remove
     return params
 
 
 def train_params(args: argparse.Namespace, release: Path, out: Path) -> dict:
-    params = {"release": str(release), "out": str(out), "device": "auto", "progress": False}
+    params = {"release": str(release), "out": str(out), "progress": False}  # no progress bar in a worker's log
     if args.tiny:
         params.update(steps=10, batch_size=50, checkpoint_every=5, eval_samples=100)
     return params  # otherwise TrainParams' defaults, as `mepf train` uses
@@ -175,12 +178,10 @@ def sample_params(args: argparse.Namespace, run: Path) -> dict:
 
 
 def evaluate_params(args: argparse.Namespace, run: Path, out: Path) -> dict:
-    params = {"run": str(run), "out": str(out), "reference": "fashion-mnist:test"}
+    params = {"run": str(run), "out": str(out)}
     if args.tiny:
         params.update(fid_samples=0, classifiers=["logreg"])
-    else:
-        params.update(fid_samples=2000, classifiers=["logreg", "mlp", "cnn"])
-    return params
+    return params  # otherwise EvaluateParams' defaults, as `mepf evaluate` uses
 
 
 # --- processes ------------------------------------------------------------------------------------

@@ -20,11 +20,13 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from mepf_core.errors import MepfError, NotWritableError, PathNotFoundError
+
 # errno values meaning "this file system cannot make hard links" (then the O_EXCL claim is used)
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV, errno.ENOSYS}
 
 
-class TargetExistsError(FileExistsError):
+class TargetExistsError(MepfError, FileExistsError):
     """The target of an exclusive write exists (or was created by someone else during the write)."""
 
 
@@ -75,9 +77,9 @@ def atomic_path(target: str | os.PathLike, *, exclusive: bool = False) -> Iterat
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        raise FileNotFoundError(f"output folder {folder} does not exist")
+        raise PathNotFoundError(f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
-        raise PermissionError(f"output folder {folder} is not writable")
+        raise NotWritableError(f"output folder {folder} is not writable")
     if exclusive and _taken(target):
         raise TargetExistsError(f"{target} already exists; files written exclusively are never overwritten")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)

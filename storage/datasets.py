@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mepf_core.errors import InvalidArgumentError, MepfError
+
 logger = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -29,19 +31,19 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba", "imagefolder:PATH")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MepfError, FileNotFoundError):
     """The dataset is neither on disk nor downloadable."""
 
 
-class CorruptImageError(ValueError):
+class CorruptImageError(MepfError, ValueError):
     """An image file cannot be decoded into a valid image."""
 
 
-class DatasetCheckError(ValueError):
+class DatasetCheckError(MepfError, ValueError):
     """The dataset fails a check that a release needs (e.g. an empty class in a labelled release)."""
 
 
-class ExtractionError(ValueError):
+class ExtractionError(MepfError, ValueError):
     """Extraction failed on a private record; the message names neither the record nor a count."""
 
 
@@ -533,7 +535,7 @@ def labelled_release_problems(source: ImageSource, limit: int | None = None) -> 
 def open_dataset(spec: str, split: str = "train", root: str | os.PathLike | None = None) -> ImageSource:
     """Open a dataset split by its spec (see module docstring)."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InvalidArgumentError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root) if root is not None else None
     if spec == "fashion-mnist":
         return _fashion_mnist(split, root)
@@ -545,4 +547,4 @@ def open_dataset(spec: str, split: str = "train", root: str | os.PathLike | None
         return _torchvision_array_source("celeba", "CelebA", split, root, split="train" if split == "train" else "test")
     if spec.startswith("imagefolder:"):
         return _imagefolder(spec.split(":", 1)[1], split)
-    raise ValueError(f"unknown dataset {spec!r}; known: {', '.join(DATASETS)}")
+    raise InvalidArgumentError(f"unknown dataset {spec!r}; known: {', '.join(DATASETS)}")

@@ -50,40 +50,19 @@ Lines written before sources were recorded (no "source" key) get one inferred fr
   * any other id: the id itself (`fashion-mnist:train` was the previous key of named datasets, and is
     still their default id, so their old and new charges compose under one id).
 
-Accounting (why epsilon at the budget delta is a valid guarantee, whatever each release's delta)
------------------------------------------------------------------------------------------------
-Every release is a Gaussian mechanism: all its parts are sums with L2 sensitivity Delta_k under the
-release's relation, noised with sigma_k, so it is ONE Gaussian mechanism with effective multiplier
-z = (sum_k (sigma_k / Delta_k)^-2)^-1/2. A Gaussian mechanism is not "(epsilon, delta)" for one
-pair: it satisfies (epsilon, delta(epsilon)) for EVERY epsilon >= 0 at once, where delta(.) is its
-privacy profile, delta(eps) = Phi(1/(2z) - eps z) - e^eps Phi(-1/(2z) - eps z) (Balle & Wang 2018,
-Thm 8; autodp ExactGaussianMechanism). The delta a release was calibrated at only picks the point
-of that curve it reports; the mechanism, and so the privacy loss, is fixed by z alone.
-Releases of one dataset compose (adaptively) to a Gaussian mechanism with 1/z^2 = sum_r 1/z_r^2
-(the composition of Gaussian mechanisms is exactly Gaussian: Dong, Roth & Su 2019, mu-GDP with
-mu = 1/z; autodp ComposeGaussian), which again satisfies (eps, delta(eps)) for every eps. Reading
-the composed curve at delta = the budget's delta gives eps* with (eps*, delta_budget)-DP for all
-releases together, which is what we compare with the budget epsilon. Consequences:
-  * no delta is summed, and no release's own delta enters the account, so a release calibrated at
-    a large delta is charged for the noise it really has (a small z costs a large eps* at the
-    budget delta) and cannot make the reported spend drop;
-  * adding a release only lowers the composed z, so spent epsilon never decreases;
-  * the exact composition is never looser than basic composition (sum of epsilons at the sum of
-    deltas), because the Gaussian profile is the tightest guarantee of the composed mechanism.
+Accounting (mepf_core.privacy.accountant holds the derivation)
+--------------------------------------------------------------
+Each charge line is one GaussianRelease event (its "noise_multiplier" z and its "neighbouring"
+relation, None for lines written before relations were recorded); a dataset's spend is the exact
+composition of its events read at the budget's delta (GaussianAccountant.get_epsilon). No delta is
+summed and no release's own delta enters the account, so spent epsilon never decreases.
 
-Relations. Sensitivities, and so z, are relative to one neighbouring relation, and the composition
-above is only valid for releases of one relation. A dataset's relation is that of its first charge;
-a charge of the other relation is refused (RelationMismatchError), never converted.
-Charge lines written before relations were recorded (no "neighbouring" key) are counted by the one
-rule that never under-counts: their relation is unknown, so
-  * under replace-one they are charged at z / 2. A replace-one pair D, D' = D - x + x' is two
-    add-remove steps (D -> D - x -> D'), so each part's mean moves by at most 2 Delta_add-remove
-    (per part: sums 2C vs C, labelled counts sqrt 2 <= 2 x 1, unlabelled counts 0 <= 2); a release
-    with add-remove multiplier z has replace-one multiplier >= z / 2, and one with replace-one
-    multiplier z has z >= z / 2. Either way z / 2 over-counts or is exact.
-  * under add-remove they cannot be bounded at all (a replace-one unlabelled release publishes n
-    exactly, which add-remove must noise), so an add-remove release on such a dataset is refused.
-  A dataset holding only legacy charges reports relation "unknown" and its replace-one spend.
+Relations. A dataset's relation is that of its first charge; a charge of the other relation is
+refused (RelationMismatchError), never converted. Charge lines without a relation count at z / 2
+under replace-one and cannot be bounded under add-remove, so an add-remove release on such a dataset
+is refused (the accountant's relation rule). A dataset holding only legacy charges reports relation
+"unknown" and its replace-one spend; one holding both relations (a hand-edited ledger) "mixed" and
+infinite spend.
 """
 
 from __future__ import annotations
@@ -99,7 +78,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mepf_core.privacy.calibration import MAX_TARGET_DELTA, epsilon_spent, validate_delta
+from mepf_core.errors import InvalidArgumentError, MepfError, PathNotFoundError
+from mepf_core.privacy import accountant
+from mepf_core.privacy.accountant import UNKNOWN  # noqa: F401 - re-exported for readers of summaries
+from mepf_core.privacy.accountant import MIXED, GaussianAccountant, GaussianRelease
+from mepf_core.privacy.calibration import MAX_TARGET_DELTA, validate_delta
 from mepf_core.privacy.sensitivity import Neighbouring
 
 # Default delta budget of a dataset (probability, no unit): the same as the default target_delta of
@@ -108,11 +91,11 @@ from mepf_core.privacy.sensitivity import Neighbouring
 DEFAULT_BUDGET_DELTA = 1e-5
 
 ADD_REMOVE, REPLACE_ONE = Neighbouring.ADD_REMOVE.value, Neighbouring.REPLACE_ONE.value
-UNKNOWN = "unknown"  # only legacy charges (no relation recorded)
-MIXED = "mixed"  # both relations recorded: only possible in a hand-edited ledger; spend is infinite
+# UNKNOWN ("unknown": only legacy charges, no relation recorded) and MIXED ("mixed": both relations
+# recorded, only possible in a hand-edited ledger; spend is infinite) come from the accountant.
 
 
-class BudgetExceededError(Exception):
+class BudgetExceededError(MepfError):
     """The release would spend more than the dataset's remaining budget."""
 
 
@@ -124,7 +107,7 @@ class DatasetOverlapError(BudgetExceededError):
     """The release's records are (partly) already charged to another dataset id (see the module docstring)."""
 
 
-class LedgerError(Exception):
+class LedgerError(MepfError):
     """The ledger is unreadable or inconsistent."""
 
 
@@ -146,37 +129,27 @@ class DatasetBudget:
 
     @property
     def remaining_epsilon(self) -> float | None:
+        """budget_epsilon - spent_epsilon, floored at 0; None when no budget is set."""
         return None if self.budget_epsilon is None else max(self.budget_epsilon - self.spent_epsilon, 0.0)
 
     def as_dict(self) -> dict:
+        """JSON-ready dict with remaining_epsilon (one row of `mepf budget --json`)."""
         return {**self.__dict__, "remaining_epsilon": self.remaining_epsilon}
 
 
 def composed_epsilon(charges: list[dict], delta: float = DEFAULT_BUDGET_DELTA) -> tuple[float, float]:
     """(epsilon, delta) of the exact composition of these charges' Gaussian mechanisms, at `delta`.
 
-    Uses only each charge's "noise_multiplier" (autodp ComposeGaussian + analytic Gaussian; see the
-    module docstring); no relation handling here, the ledger converts legacy charges first.
+    Uses only each charge's "noise_multiplier" (mepf_core.privacy.accountant.composed_epsilon); no
+    relation handling here. Raises ValueError for a bad noise multiplier or delta.
     """
-    if not charges:
-        return 0.0, delta
-    return epsilon_spent([c["noise_multiplier"] for c in charges], delta=delta, name="budget_delta"), delta
+    zs = [c["noise_multiplier"] for c in charges]
+    return accountant.composed_epsilon(zs, delta=delta, name="budget_delta"), delta
 
 
-def _account(charges: list[dict], delta: float) -> tuple[float, str | None, int]:
-    """(spent epsilon at `delta`, relation, number of legacy charges) under the module's relation rule."""
-    legacy = [c for c in charges if c.get("neighbouring") is None]
-    known = {c["neighbouring"] for c in charges if c.get("neighbouring") is not None}
-    if not charges:
-        return 0.0, None, 0
-    if len(known) > 1:
-        return math.inf, MIXED, len(legacy)
-    relation = known.pop() if known else UNKNOWN
-    if legacy and relation == ADD_REMOVE:
-        return math.inf, relation, len(legacy)  # legacy charges are unbounded under add-remove
-    zs = [{"noise_multiplier": c["noise_multiplier"] / 2 if c.get("neighbouring") is None else c["noise_multiplier"]}
-          for c in charges]  # legacy: the replace-one worst case, z / 2
-    return composed_epsilon(zs, delta)[0], relation, len(legacy)
+def _event(charge: dict) -> GaussianRelease:
+    """The accountant's event for one charge line (relation None: written before relations were recorded)."""
+    return GaussianRelease(charge["noise_multiplier"], charge.get("neighbouring"))
 
 
 def _positive(x) -> bool:
@@ -220,10 +193,17 @@ def sources_overlap(a: str | None, b: str | None) -> bool:
 
 
 class BudgetLedger:
+    """The append-only JSON-lines ledger at `path` (format: module docstring), under an exclusive lock.
+
+    Every read-check-append happens under one `fcntl` lock on the file, so concurrent releases on one
+    machine cannot both spend the last of a budget. Raises PathNotFoundError when the ledger's folder
+    does not exist; LedgerError when the file is unreadable or inconsistent.
+    """
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"ledger folder {self.path.parent} does not exist")
+            raise PathNotFoundError(f"ledger folder {self.path.parent} does not exist")
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[object]:
@@ -269,10 +249,11 @@ class BudgetLedger:
         charges = [e for e in entries if e["kind"] == "charge" and e["dataset_id"] == dataset_id]
         b = budgets[0] if budgets else {}
         delta = _budget_delta(b)
-        eps, relation, legacy = _account(charges, delta)
+        account = GaussianAccountant.from_history(_event(c) for c in charges)
+        eps = account.get_epsilon(delta, name="budget_delta")
         sources = tuple(sorted({e["source"] for e in budgets + charges if e.get("source")}))
         return DatasetBudget(dataset_id, b.get("epsilon"), delta if b else None, eps, delta, len(charges),
-                             relation, legacy, sources)
+                             account.relation, account.legacy_events, sources)
 
     @staticmethod
     def _check_records(entries: list[dict], dataset_id: str, source: str | None, legacy_id: str | None) -> None:
@@ -321,7 +302,7 @@ class BudgetLedger:
         is recorded on a new budget line.
         """
         if not _positive(epsilon):
-            raise ValueError(f"budget epsilon must be a finite number > 0, got {epsilon}")
+            raise InvalidArgumentError(f"budget epsilon must be a finite number > 0, got {epsilon}")
         if delta is not None:
             delta = validate_delta(delta, name="budget_delta", cap=MAX_TARGET_DELTA)
         with self._locked() as f:
@@ -359,10 +340,10 @@ class BudgetLedger:
         """
         relation = Neighbouring(neighbouring).value  # ValueError on anything but the two relations
         if not _positive(epsilon):
-            raise ValueError(f"charge epsilon must be a finite number > 0, got {epsilon}")
+            raise InvalidArgumentError(f"charge epsilon must be a finite number > 0, got {epsilon}")
         validate_delta(delta, name="target_delta")
         if not _positive(noise_multiplier):
-            raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier}")
+            raise InvalidArgumentError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier}")
         with self._locked() as f:
             entries = self._entries(f)
             self._check_records(entries, dataset_id, source, legacy_id)
@@ -401,6 +382,7 @@ class BudgetLedger:
             return after
 
     def summary(self) -> list[DatasetBudget]:
+        """Every dataset's account (`DatasetBudget`), sorted by dataset id; [] when the file does not exist."""
         if not self.path.exists():
             return []
         with self._locked() as f:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mepf_core.errors import PathNotFoundError
 from storage.atomic import atomic_path, atomic_write_bytes
+from storage.provenance import SyntheticInfo
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,17 @@ class MetricRow:
             raise ValueError(f"delta of {self.run} must be in (0, 1) or None, got {self.delta}")
         if self.steps < 0:
             raise ValueError(f"steps of {self.run} must be non-negative, got {self.steps}")
+
+    @classmethod
+    def of_synthetic(cls, run: str, metric: str, value: float, info: SyntheticInfo) -> "MetricRow":
+        """A metric of a synthetic dataset: its provenance (claim, encoder, steps, release) from `info`."""
+        return cls(run, metric, float(value), info.epsilon, info.delta, info.encoder, info.steps, info.release_id)
+
+    @classmethod
+    def of_real_data(cls, run: str, metric: str, value: float) -> "MetricRow":
+        """A metric of real data (the non-private ceiling): no epsilon, delta, encoder, generator or release,
+        written as None, None, "", 0 steps and "" (the table's types have no missing integer)."""
+        return cls(run, metric, float(value), None, None, "", 0, "")
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(MetricRow))
@@ -190,7 +203,7 @@ def write_report(out_dir: str | os.PathLike, rows: Iterable[MetricRow | Mapping]
     if sample_grid_png is not None:
         source = Path(sample_grid_png)
         if not source.is_file():
-            raise FileNotFoundError(f"sample grid {source} does not exist")
+            raise PathNotFoundError(f"sample grid {source} does not exist")
         if source.resolve() != (out_dir / SAMPLES_PNG).resolve():
             with atomic_path(out_dir / SAMPLES_PNG) as tmp:
                 shutil.copyfile(source, tmp)

@@ -48,6 +48,7 @@ import numpy as np
 from mepf_core import __version__
 from mepf_core.embedding import mean_embeddings
 from mepf_core.encoders import EncoderSpec
+from mepf_core.errors import InvalidArgumentError, MepfError, PathNotFoundError
 from mepf_core.privacy.calibration import MAX_TARGET_DELTA, epsilon_spent, validate_delta
 from mepf_core.privacy.sensitivity import count_sensitivity, parse_neighbouring, sum_sensitivity
 from storage import signing
@@ -66,7 +67,7 @@ EPSILON_RTOL = 1e-9
 
 
 
-class ReleaseError(Exception):
+class ReleaseError(MepfError):
     """Base class: the file is not a valid dp-mepf release."""
 
 
@@ -104,6 +105,15 @@ class ReleaseExistsError(TargetExistsError):
 
 @dataclass(frozen=True)
 class PartRecord:
+    """What a release file records about one released array (the `GaussianPart` it came from).
+
+    name: "moment1" | "moment2" | "counts"; shape: the array's shape (K x D for the sums, (K,) for the
+    counts); sensitivity: its L2 sensitivity under the release's relation (0: released exactly);
+    sigma: the noise standard deviation added to every entry (units of the part, 0 when exact);
+    noise_multiplier: z = sigma / sensitivity, None when released exactly; sha256: hex digest of
+    the array's float64 bytes as written (checked on reading: ReleaseCorruptError).
+    """
+
     name: str
     shape: tuple[int, ...]
     sensitivity: float
@@ -114,6 +124,17 @@ class PartRecord:
 
 @dataclass(frozen=True)
 class ReleaseMetadata:
+    """The public description of a release, stored as checksummed JSON in the file (schema SCHEMA_VERSION).
+
+    Everything the public stage may know: the privacy claim (epsilon actually spent, at delta, under
+    `neighbouring`, with target_epsilon and the norm bounds C1 = norm_bound, C2 = second_moment_bound
+    (None with moments 1)), the format (moments 1 or 2, labelled, class_names of K classes,
+    image_shape C, H, W), the encoder (`EncoderSpec`, with its weights' SHA-256), one `PartRecord` per
+    array, and identity (release_id: uuid4 hex; created_at: ISO 8601 UTC; code_version). dataset_id is
+    the ledger key charged; n_public the dataset size, present only when the relation makes n public
+    (replace-one, unlabelled: the counts are then exact). `read_release` re-derives the claim from these fields (ReleaseClaimError).
+    """
+
     dataset_id: str
     neighbouring: str
     epsilon: float  # epsilon actually spent (<= target) at delta
@@ -135,15 +156,18 @@ class ReleaseMetadata:
 
     @property
     def num_classes(self) -> int:
+        """K: the number of classes (1 for an unlabelled release)."""
         return len(self.class_names)
 
     def to_json(self) -> str:
+        """The metadata as canonical JSON (sorted keys), as stored and hashed in the file."""
         d = asdict(self)
         d["encoder"] = self.encoder.to_dict()
         return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ReleaseMetadata":
+        """Parse `to_json`'s text; ReleaseSchemaError when a field is missing or malformed."""
         try:
             d = json.loads(text)
             d["encoder"] = EncoderSpec.from_dict(d["encoder"])
@@ -155,6 +179,7 @@ class ReleaseMetadata:
             raise ReleaseSchemaError(f"release metadata is malformed: {type(exc).__name__}: {exc}") from None
 
     def part(self, name: str) -> PartRecord:
+        """The record of part `name` ("moment1", "moment2", "counts"); KeyError when absent."""
         for p in self.parts:
             if p.name == name:
                 return p
@@ -177,6 +202,7 @@ class SignatureInfo:
     trusted: bool | None = None
 
     def as_dict(self) -> dict:
+        """JSON-ready dict (the `signature` object of `mepf inspect --json`)."""
         return {"signed": self.signed, "valid": self.signed, "fingerprint": self.fingerprint,
                 "signer": self.signer, "trusted": self.trusted}
 
@@ -186,6 +212,13 @@ UNSIGNED = SignatureInfo(signed=False)
 
 @dataclass(frozen=True)
 class Release:
+    """A release file as read and verified by `read_release` (structure, checksums, claim, signature).
+
+    path: the file; metadata: its `ReleaseMetadata`; noisy: the released float64 arrays by part name
+    (K x D sums, (K,) counts); signature: who signed it (UNSIGNED when nobody did);
+    epsilon_recomputed: epsilon at metadata.delta recomputed from the recorded noise multipliers.
+    """
+
     path: Path
     metadata: ReleaseMetadata
     noisy: dict[str, np.ndarray]  # the released arrays, by part name
@@ -457,7 +490,7 @@ def _resolve_trusted(trusted_keys) -> list[tuple[str, bytes]] | None:
         key = k if isinstance(k, signing.Ed25519PublicKey) else signing.load_public_key(k)
         keys.append((signing.fingerprint(key), signing.public_key_bytes(key)))
     if not keys:
-        raise ValueError("trusted_keys must name at least one public key when given")
+        raise InvalidArgumentError("trusted_keys must name at least one public key when given")
     return keys
 
 
@@ -548,7 +581,7 @@ def read_release(path: str | os.PathLike, *, trusted_keys=None) -> Release:
     path = Path(path)
     trusted = _resolve_trusted(trusted_keys)
     if not path.is_file():
-        raise FileNotFoundError(f"release file {path} does not exist")
+        raise PathNotFoundError(f"release file {path} does not exist")
     try:
         with h5py.File(path, "r") as f:
             datasets = _check_structure(path, f)

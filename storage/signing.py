@@ -29,6 +29,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from mepf_core.errors import InvalidArgumentError, MepfError, PathExistsError, PathNotFoundError
+
 SIGNATURE_CONTEXT = b"dp-mepf release signature v1\x00"
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
@@ -36,7 +38,7 @@ MAX_SIGNER_NAME = 200
 _MAX_KEY_FILE_BYTES = 64 * 1024  # a PEM Ed25519 key is ~120 bytes; refuse to read anything large
 
 
-class SigningKeyError(ValueError):
+class SigningKeyError(MepfError, ValueError):
     """A key file is missing, unreadable, not Ed25519, or (private key) readable by others."""
 
 
@@ -72,7 +74,7 @@ def validate_signer_name(name: str | None) -> str:
     if name is None:
         return ""
     if not isinstance(name, str) or len(name) > MAX_SIGNER_NAME or not name.isprintable():
-        raise ValueError(f"signer name must be printable text of at most {MAX_SIGNER_NAME} characters, got {name!r}")
+        raise InvalidArgumentError(f"signer name must be printable text of at most {MAX_SIGNER_NAME} characters, got {name!r}")
     return name
 
 
@@ -164,12 +166,12 @@ def generate_keypair(private_path: str | os.PathLike, public_path: str | os.Path
     private = Path(private_path)
     public = Path(public_path) if public_path is not None else default_public_path(private)
     if private.resolve() == public.resolve():
-        raise ValueError(f"private and public key paths must differ, both are {private}")
+        raise InvalidArgumentError(f"private and public key paths must differ, both are {private}")
     for p in (private, public):
         if not p.parent.resolve().is_dir():
-            raise FileNotFoundError(f"key folder {p.parent} does not exist")
+            raise PathNotFoundError(f"key folder {p.parent} does not exist")
         if p.exists() or p.is_symlink():
-            raise FileExistsError(f"{p} already exists; keys are never overwritten")
+            raise PathExistsError(f"{p} already exists; keys are never overwritten")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(encoding=serialization.Encoding.PEM, format=serialization.PrivateFormat.PKCS8,
                             encryption_algorithm=serialization.NoEncryption())

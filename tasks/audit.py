@@ -7,8 +7,8 @@ hidden Jupyter copies of the differing record), and their un-noised sums from
 `tasks.custodian.shard_sums`, the release's own extraction (record selection by `open_dataset`,
 bounded features, float64 per-class sums): a record-selection fault (a hidden copy counted, a window
 that pushes a record out) moves the audited sums as it moves a release's. Calling another task
-module's plain function is allowed (DESIGN section 3); `shard_sums` takes a `ReleaseParams`, which
-still lives in `flows.release_params` (a tasks -> flows import that `tasks/custodian.py` shares).
+module's plain function is allowed (DESIGN section 3); `shard_sums` takes a `ReleaseParams`
+(`storage.params`).
 
 Two entry points compose the same functions:
 - `run_audit`: plain Python, no Prefect run. `mepf audit` calls it: the default audit takes about
@@ -31,7 +31,6 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.release_params import ReleaseParams
 from mepf_core.encoders import FeatureMap, build_feature_map
 from mepf_core.features import images_to_features
 from mepf_core.privacy.audit_run import (BASE_SIZE, CANARY, DEFAULT_DRAWS, REFERENCE_SIZE,  # noqa: F401 - public names
@@ -42,6 +41,7 @@ from mepf_core.privacy.audit_run import (BASE_SIZE, CANARY, DEFAULT_DRAWS, REFER
 from mepf_core.privacy.mechanism import ReleaseMechanism
 from mepf_core.privacy.sensitivity import Neighbouring
 from storage.datasets import open_dataset
+from storage.params import ReleaseParams
 from tasks.custodian import shard_sums
 
 _PRIVATE = dict(persist_result=False, cache_policy=NO_CACHE)  # un-noised sums: never stored, never cached

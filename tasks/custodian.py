@@ -15,7 +15,6 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from flows.release_params import ReleaseParams
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.encoders import FeatureMap, build_feature_map
 from mepf_core.features import images_to_features
@@ -23,6 +22,7 @@ from mepf_core.privacy.mechanism import ReleaseMechanism, design_mechanism
 from storage.datasets import (CorruptImageError, DatasetCheckError, ExtractionError, ImageSource,
                               labelled_release_problems, open_dataset)
 from storage.ledger import BudgetLedger
+from storage.params import ReleaseParams
 from storage.release import PartRecord, ReleaseMetadata, check_metadata, embedding_to_release
 from storage.signing import fingerprint, load_private_key
 

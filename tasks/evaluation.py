@@ -5,7 +5,6 @@ Nothing here feeds back into training or checkpoint choice.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,62 +12,15 @@ import torch
 from prefect import get_run_logger, task
 
 from mepf_core.classifiers import downstream_accuracy
+from mepf_core.errors import InvalidArgumentError
 from mepf_core.fid import activation_statistics, frechet_distance
-from mepf_core.inception import images_to_inception_activations, load_fid_inception
-from storage.datasets import canonical_dataset_id, imagefolder_root, open_dataset
+from mepf_core.inception import images_to_inception_activations
+from storage.datasets import canonical_dataset_id, open_dataset
 from storage.metrics import load_or_compute_reference_stats
-from storage.synthetic import read_synthetic
-
-
-def parse_reference(reference: str) -> tuple[str, str]:
-    """'fashion-mnist:test' -> ('fashion-mnist', 'test'); the split defaults to test."""
-    name, _, split = reference.rpartition(":") if reference.endswith((":test", ":train")) else (reference, "", "test")
-    return name, split
-
-
-def _training_folders(path: str) -> list[str]:
-    """The resolved folders whose images a training (release) split of `imagefolder:PATH` reads.
-
-    `PATH/train` when it exists. Otherwise the train split reads PATH itself (every visible subfolder
-    a class), except in a split layout holding only `test/`: there the training records are the
-    other visible subfolders of PATH, if any (a `test/` folder alone is a public test split).
-    """
-    from storage.datasets import is_hidden_name
-
-    root = Path(path)
-    if (root / "train").is_dir():
-        return [os.path.realpath(root / "train")]
-    if not (root / "test").is_dir():
-        return [os.path.realpath(root)]
-    return [os.path.realpath(d) for d in sorted(root.iterdir())
-            if d.name != "test" and not is_hidden_name(d.name) and d.is_dir()]
-
-
-def _overlaps(a: str, b: str) -> bool:
-    """Whether resolved folder `a` contains `b`, or is contained in it (or is it)."""
-    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
-
-
-def reads_training_records(reference: str, data_root: str | None = None) -> bool:
-    """Whether `reference` reads (or may read) the records of a training split, which may be private.
-
-    True for `X:train`. For `imagefolder:PATH[:test]` by containment, not by equality of ids: the
-    folder the reference actually reads (resolved: symlinks and `..` followed, see
-    `storage.datasets.imagefolder_root`) is private when it contains, is contained in, or is a
-    training folder of PATH (`_training_folders`). So `imagefolder:data` and `imagefolder:data:test`
-    when data/ holds only `train/` (the reference would read data/ with `train` as a class), a folder
-    without `test/` (its test split is its training folder), and any spelling of `data/train` or of a
-    class folder below it are all private; `imagefolder:data` with its own `data/test/` beside
-    `data/train/` is not.
-    """
-    name, split = parse_reference(reference)
-    if split == "train":
-        return True
-    if not name.startswith("imagefolder:"):
-        return False  # named datasets: the test split is a separate file set
-    path = name.split(":", 1)[1]
-    read = os.path.realpath(imagefolder_root(path, split))
-    return any(_overlaps(read, folder) for folder in _training_folders(path))
+from storage.references import parse_reference, reads_training_records  # noqa: F401 - used by flows.evaluate
+from storage.provenance import SyntheticInfo
+from storage.synthetic import read_synthetic_dataset
+from storage.weights import load_fid_inception
 
 
 def reference_cache_key(reference: str, data_root: str | None = None) -> str:
@@ -78,8 +30,11 @@ def reference_cache_key(reference: str, data_root: str | None = None) -> str:
 
 
 @task(name="load-synthetic", persist_result=False)
-def load_synthetic(path: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    return read_synthetic(path)
+def load_synthetic(path: str) -> tuple[np.ndarray, np.ndarray | None, SyntheticInfo]:
+    """(images uint8 N x C x H x W, labels int64 (N,) or None, provenance); ProvenanceError when the
+    file's metadata lacks a field (storage.synthetic.read_synthetic_dataset)."""
+    data = read_synthetic_dataset(path)
+    return data.images, data.labels, data.info
 
 
 @task(name="load-reference", persist_result=False)
@@ -125,7 +80,7 @@ def fid_task(synthetic: np.ndarray, reference_images: np.ndarray, reference_key:
 @task(name="downstream-accuracy", persist_result=False)
 def accuracy_task(train_images, train_labels, test_images, test_labels, classifiers: list[str], seed: int = 0) -> dict:
     if train_labels is None:
-        raise ValueError("downstream accuracy needs a labelled synthetic dataset (release made with --labelled)")
+        raise InvalidArgumentError("downstream accuracy needs a labelled synthetic dataset (release made with --labelled)")
     return downstream_accuracy(train_images, train_labels, test_images, test_labels, classifiers=classifiers, seed=seed)
 
 

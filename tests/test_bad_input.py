@@ -26,9 +26,9 @@ from pydantic import ValidationError
 
 import flows.custodian_release
 from flows import cli
-from flows.release_params import ReleaseParams
 from mepf_core.encoders import available_encoders
 from storage.datasets import CorruptImageError, open_dataset
+from storage.params import ReleaseParams
 
 EXAMPLES = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -308,7 +308,7 @@ def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
 def test_a_corrupt_image_in_a_release_names_no_file(tmp_path):
     """Inside the custodian's tasks (whose errors reach Prefect) the error names neither the file nor a
     count; `open_dataset` used locally (above, and `mepf check-data`) still names the file."""
-    from flows.release_params import ReleaseParams
+    from storage.params import ReleaseParams
     from tasks.custodian import shard_sums
 
     spec, target = _folder(tmp_path, "secret-name-7.png", HOSTILE["truncated.png"])

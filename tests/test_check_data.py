@@ -111,7 +111,7 @@ def test_the_flow_itself_refuses_an_empty_class_without_naming_it(tmp_path):
     """Called directly (a deployment, the API), the flow refuses before the budget check, and its
     message (which reaches Prefect) names no class."""
     from flows.custodian_release import custodian_release
-    from flows.release_params import ReleaseParams
+    from storage.params import ReleaseParams
     from storage.datasets import DatasetCheckError
 
     d = tmp_path / "d"
@@ -216,7 +216,7 @@ def test_limit_window_without_a_class_is_refused_before_any_charge(tmp_path, cap
 
 def test_the_flow_checks_the_released_window_too(tmp_path):
     """describe_dataset (what a deployment runs) looks at the first `limit` records, and names no class."""
-    from flows.release_params import ReleaseParams
+    from storage.params import ReleaseParams
     from storage.datasets import DatasetCheckError
     from tasks.custodian import describe_dataset
 

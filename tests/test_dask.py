@@ -5,7 +5,7 @@ import numpy as np
 from prefect import flow, task
 
 from flows.custodian_release import WORKER_NO_SPILL, custodian_release, extract_sums, private_dask_runner
-from flows.release_params import ReleaseParams
+from storage.params import ReleaseParams
 from storage.release import read_release
 from tasks.custodian import extract_shard
 

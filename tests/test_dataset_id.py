@@ -52,7 +52,8 @@ def _images(folder: Path, classes=("a", "b"), k: int = 3) -> None:
 
 def _release(dataset: str, out: str, ledger: Path, *extra: str) -> int:
     return main(["release", "--dataset", dataset, "--target-epsilon", "1", "--out", out, "--ledger", str(ledger),
-                 "--budget", "1", "--encoder", "efficientnet-lite0", "--batch-size", "8", "--json", *extra])
+                 "--budget", "1", "--encoder", "efficientnet-lite0", "--batch-size", "8", "--no-labelled", "--json",
+                 *extra])
 
 
 def test_reviewer_t2_split_and_parent_folder_share_the_budget(tmp_path, capsys, monkeypatch):

@@ -23,7 +23,6 @@ import pytest
 import torch
 from prefect.logging import disable_run_logger
 
-from flows.release_params import ReleaseParams
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.encoders import EncoderSpec
 from mepf_core.privacy.calibration import effective_noise_multiplier
@@ -32,6 +31,7 @@ from mepf_core.privacy.sensitivity import Neighbouring
 from storage.atomic import atomic_path
 from storage.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from storage.ledger import BudgetExceededError, BudgetLedger, composed_epsilon
+from storage.params import ReleaseParams
 from storage.release import (PartRecord, ReleaseCorruptError, ReleaseError, ReleaseMetadata, ReleaseSchemaError,
                              embedding_to_release, read_release)
 from tasks.custodian import calibrate, charge_noise_and_release, check_budget

@@ -119,14 +119,6 @@ def test_provisioning_uses_no_network_and_lands_where_pytorch_fid_looks(tmp_path
         assert model(torch.full((1, 3, 75, 75), 0.5))[0].shape == (1, 2048, 1, 1)
 
 
-def test_core_forwarder_builds_the_same_network(fid_model, hub_dir):
-    """`mepf_core.inception.load_fid_inception` (kept for tasks/evaluation.py) is storage.weights' loader."""
-    forwarded = inception.load_fid_inception(cache_dir=hub_dir)
-    ours, theirs = fid_model.state_dict(), forwarded.state_dict()
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) or (ours[k].isnan().all() and theirs[k].isnan().all()) for k in ours)
-
-
 def test_missing_weights_raise_a_named_error_saying_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "fid_helper_model_file", lambda: None)
     with pytest.raises(weights.FidWeightsMissingError) as err:

@@ -38,7 +38,7 @@ def test_delta_out_of_limits_exits_2_with_one_line_and_writes_nothing(tmp_path, 
 
 
 def test_smallest_normal_delta_is_accepted_at_the_boundary():
-    from flows.release_params import ReleaseParams
+    from storage.params import ReleaseParams
 
     p = ReleaseParams(target_epsilon=1.0, target_delta=2.2250738585072014e-308, out="x.h5")
     assert p.target_delta == 2.2250738585072014e-308

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.release_params import ReleaseParams
 from mepf_core.privacy.mechanism import design_mechanism
 from mepf_core.privacy.sensitivity import Neighbouring
 from storage.datasets import DEBIAN_FASHION_MNIST, dataset_source
 from storage.ledger import (BudgetExceededError, BudgetLedger, DatasetOverlapError, LedgerError,
                             RelationMismatchError, sources_overlap)
+from storage.params import ReleaseParams
 from tasks.custodian import check_budget
 
 

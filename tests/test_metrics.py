@@ -122,3 +122,13 @@ def test_reference_stats_reject_bad_statistics(tmp_path):
     with pytest.raises(ValueError, match="key must be a non-empty string"):
         load_or_compute_reference_stats("", lambda: (np.ones(2), np.eye(2)), cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rows_take_provenance_from_the_synthetic_file_not_defaults():
+    from storage.provenance import SyntheticInfo
+
+    info = SyntheticInfo(release_id="r1", epsilon=2.0, delta=1e-5, encoder="lite0", class_names=None, steps=300)
+    row = MetricRow.of_synthetic("run", "fid", 12, info)
+    assert (row.epsilon, row.delta, row.encoder, row.steps, row.release_id, row.value) == (2.0, 1e-5, "lite0", 300, "r1", 12.0)
+    ceiling = MetricRow.of_real_data("real-data-ceiling", "acc_mlp", 0.9)
+    assert (ceiling.epsilon, ceiling.release_id, ceiling.steps) == (None, "", 0)

@@ -59,7 +59,7 @@ RUNNER = textwrap.dedent("""
     for name in ("mepf_core", "storage", "tasks", "flows", "mepf"):  # the project's own loggers at DEBUG
         logging.getLogger(name).setLevel(logging.DEBUG)
     from flows.custodian_release import custodian_release
-    from flows.release_params import ReleaseParams
+    from storage.params import ReleaseParams
     params = ReleaseParams(**json.loads(sys.argv[1]))
     result = custodian_release(params)
     sys.stdout.write(json.dumps(result, default=str) + "\\n")
@@ -251,7 +251,7 @@ FLOW_FAULT_RUNNER = textwrap.dedent("""
         return real(path)
     os.scandir = scandir
     from flows.custodian_release import custodian_release
-    from flows.release_params import ReleaseParams
+    from storage.params import ReleaseParams
     results = []
     for params in json.loads(sys.argv[2]):
         try:
@@ -327,7 +327,7 @@ def test_every_custodian_error_is_sanitized(tmp_path, monkeypatch, fault, where)
     import traceback
 
     import tasks.custodian as custodian
-    from flows.release_params import ReleaseParams
+    from storage.params import ReleaseParams
     from storage.datasets import ExtractionError
 
     data = tmp_path / "d"

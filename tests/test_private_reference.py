@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 import tasks.evaluation
 from flows.cli import main
-from flows.evaluate import EvaluateParams
+from storage.params import EvaluateParams
 from storage.synthetic import write_synthetic
 
 
@@ -80,7 +80,7 @@ def test_the_guard_compares_folders_by_containment(tmp_path, monkeypatch):
     """data/ holds only train/: `imagefolder:data` and `imagefolder:data:test` read data/ (with "train"
     as a class), i.e. the training images. Before: both passed the guard. Now every spelling that
     reads, contains or lies in a training folder is private; a real test split beside it is not."""
-    from tasks.evaluation import reads_training_records
+    from storage.references import reads_training_records
 
     monkeypatch.chdir(tmp_path)
     _folder(tmp_path / "data" / "train")

@@ -22,10 +22,10 @@ from pydantic import ValidationError
 
 import storage.datasets
 from flows.cli import main
-from flows.release_params import ReleaseParams
 from mepf_core.privacy.mechanism import design_mechanism
 from mepf_core.privacy.sensitivity import Neighbouring
 from storage.datasets import canonical_dataset_id, open_dataset, scan_imagefolder
+from storage.params import ReleaseParams
 from tasks.custodian import shard_sums
 
 

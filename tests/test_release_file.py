@@ -163,7 +163,7 @@ def test_release_loser_gets_a_clear_error_winner_intact_and_its_charge_stays(tmp
     from prefect.logging import disable_run_logger
 
     import storage.release
-    from flows.release_params import ReleaseParams
+    from storage.params import ReleaseParams
     from tasks.custodian import calibrate, charge_noise_and_release, check_budget
 
     winner_meta, _ = make_release(tmp_path / "winner.h5")

@@ -98,3 +98,42 @@ def test_bad_input_is_rejected_and_writes_nothing(tmp_path, images, labels, meta
     with pytest.raises(ValueError, match=message):
         write_synthetic(tmp_path / "s.h5", images, labels, meta)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- typed provenance (issue 12) --------------------------------------------------------------------
+
+def test_provenance_is_typed_and_a_missing_field_is_a_named_error(tmp_path):
+    import h5py
+
+    from storage.provenance import ProvenanceError, SyntheticInfo
+    from storage.synthetic import read_synthetic_dataset
+
+    images, labels = _data(1, 8)
+    full = SyntheticInfo(release_id="rel-123", epsilon=1.0, delta=1e-5, encoder="efficientnet-lite0",
+                         class_names=("a", "b", "c"), steps=4000, dataset_id="fashion-mnist:train",
+                         checkpoint="checkpoint_best.pt", seed=0, neighbouring="add-remove")
+    for suffix in (".h5", ".parquet"):
+        data = read_synthetic_dataset(write_synthetic(tmp_path / f"t{suffix}", images, labels, full))
+        assert data.info == full and SyntheticInfo.from_dict(full.to_dict()) == full
+    # a file written before a field existed reads with the documented None, not a made-up value
+    old = read_synthetic_dataset(write_synthetic(tmp_path / "old.h5", images, labels, META)).info
+    assert old.dataset_id is None and old.seed is None and old.steps == 4000
+    # a file lacking a required field is refused on reading, naming the file and the field
+    path = tmp_path / "t.h5"
+    with h5py.File(path, "r+") as f:
+        f.attrs["metadata_json"] = '{"epsilon": 1.0, "delta": 1e-05, "release_id": "r", "encoder": "e", "class_names": null}'
+    with pytest.raises(ProvenanceError, match=r"t.h5: metadata lacks \['steps'\]"):
+        read_synthetic(path)
+    with pytest.raises(ProvenanceError, match="steps must be an integer >= 0"):
+        SyntheticInfo.from_dict({**META, "steps": "many"})
+
+
+def test_quantise_rounds_half_to_even_and_clips():
+    import torch
+
+    from storage.synthetic import quantise
+
+    x = torch.tensor([[[[0.0, 1.0, 1.2, -0.1, 0.5 / 255, 1.5 / 255, 0.4]]]])
+    assert quantise(x).tolist() == [[[[0, 255, 255, 0, 0, 2, 102]]]] and quantise(x).dtype == np.uint8
+    with pytest.raises(ValueError, match="floating point"):
+        quantise(torch.zeros(1, 1, 2, 2, dtype=torch.uint8))

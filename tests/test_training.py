@@ -219,6 +219,31 @@ def test_sampling_is_reproducible_and_needs_a_checkpoint(release, tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_checkpoints_carry_typed_release_provenance(release, tmp_path):
+    """Issue 12: one ReleaseInfo from the release into every checkpoint (same keys as before), read
+    back typed; a checkpoint whose release record lacks a field is a named error, not a default."""
+    from storage.checkpoints import load_training_checkpoint, save_checkpoint
+    from storage.provenance import ReleaseInfo
+    from tasks.public import train_generator
+
+    train_generator(release, tmp_path / "run", TrainConfig(steps=2, batch_size=10, checkpoint_every=2, eval_samples=10,
+                                                          device="cpu"), progress=False)
+    info = ReleaseInfo.from_release(release)
+    checkpoint = load_training_checkpoint(tmp_path / "run" / BEST)
+    assert checkpoint.release == info and checkpoint.step == 2
+    assert info.neighbouring == "add-remove" and info.signed_by is None and info.num_classes == 10
+    raw = load_checkpoint(tmp_path / "run" / BEST)["release"]
+    assert {"path", "release_id", "dataset_id", "epsilon", "delta", "labelled", "class_names", "num_classes",
+            "image_shape", "moments", "norm_bound", "second_moment_bound", "encoder"} <= set(raw)
+    old = {k: v for k, v in raw.items() if k != "neighbouring"}  # written before the relation was recorded
+    save_checkpoint(tmp_path / "old.pt", state=checkpoint.state, config=checkpoint.config, release=old)
+    assert load_training_checkpoint(tmp_path / "old.pt").release.neighbouring is None
+    save_checkpoint(tmp_path / "bad.pt", state=checkpoint.state, config=checkpoint.config,
+                    release={k: v for k, v in raw.items() if k != "labelled"})
+    with pytest.raises(CheckpointError, match=r"bad.pt: release lacks \['labelled'\]"):
+        load_training_checkpoint(tmp_path / "bad.pt")
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 def test_encoder_hash_mismatch_is_refused(tmp_path):
@@ -294,7 +319,8 @@ def test_damaged_checkpoint_is_a_named_error(release, tmp_path):
 def test_train_generator_and_sample_flows(release, tmp_path, no_private_data):
     from pydantic import ValidationError
 
-    from flows.train_generator import SampleParams, TrainParams, sample, train_generator
+    from flows.train_generator import sample, train_generator
+    from storage.params import SampleParams, TrainParams
 
     with pytest.raises(ValidationError, match="steps must be > 0, got 0"):
         TrainParams(release=str(release.path), out=str(tmp_path / "run"), steps=0)

@@ -129,6 +129,7 @@ class ShiftTest:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The tests, in order: one per differing part, then "joint"."""
         return tuple(self.shifts)
 
     def scores(self, release: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -158,6 +159,7 @@ class EpsilonBound:
     hypotheses: int  # (test, threshold) pairs tried
 
     def as_dict(self) -> dict:
+        """JSON-ready dict of every field."""
         return dict(self.__dict__)
 
 

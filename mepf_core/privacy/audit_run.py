@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mepf_core.embedding import FeatureSums, mean_embeddings, sums_to_noisy_parts
+from mepf_core.errors import InvalidArgumentError
 from mepf_core.features import images_to_features
 from mepf_core.privacy.audit import (EpsilonBound, ShiftCheck, ShiftTest, audit_epsilon, clopper_pearson,
                                      clustered_bootstrap_auc, gaussian_auc, gaussian_shift_check, max_auc,
@@ -158,13 +159,13 @@ def replace_one_plan(images: torch.Tensor, labels: torch.Tensor, base_size: int,
 def validate_audit(draws: int, confidence: float, white_box_confidence: float, moments: int) -> None:
     """Refuse an audit's settings before any work starts (ValueError)."""
     if not (isinstance(draws, int) and not isinstance(draws, bool) and draws >= 100):
-        raise ValueError(f"draws must be an integer >= 100, got {draws!r}")
+        raise InvalidArgumentError(f"draws must be an integer >= 100, got {draws!r}")
     if not (isinstance(confidence, float) and 0 < confidence < 1):
-        raise ValueError(f"confidence must be a float in (0, 1), got {confidence!r}")
+        raise InvalidArgumentError(f"confidence must be a float in (0, 1), got {confidence!r}")
     if not (isinstance(white_box_confidence, float) and 0 < white_box_confidence < 1):
-        raise ValueError(f"white_box_confidence must be a float in (0, 1), got {white_box_confidence!r}")
+        raise InvalidArgumentError(f"white_box_confidence must be a float in (0, 1), got {white_box_confidence!r}")
     if moments not in (1, 2):
-        raise ValueError(f"moments must be 1 or 2, got {moments!r}")
+        raise InvalidArgumentError(f"moments must be 1 or 2, got {moments!r}")
 
 
 def audit_mechanism(*, target_epsilon: float, target_delta: float, relation: Neighbouring, labelled: bool,

@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from autodp.mechanism_zoo import ExactGaussianMechanism
 from autodp.transformer_zoo import ComposeGaussian
 
+from mepf_core.errors import InvalidArgumentError
+
 
 MIN_DELTA = sys.float_info.min  # 2.2250738585072014e-308: autodp fails on every subnormal delta
 MAX_TARGET_DELTA = 1e-3  # per release (and per budget): delta must stay far below 1/n
@@ -41,11 +43,11 @@ def validate_delta(delta: float, *, name: str = "delta", cap: float | None = Non
     The messages name `name` (for example "target_delta") so the user sees which setting is wrong.
     """
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {delta}")
+        raise InvalidArgumentError(f"{name} must be in (0, 1), got {delta}")
     if delta < MIN_DELTA:
-        raise ValueError(f"{name} must be >= {MIN_DELTA:g} (the smallest delta autodp calibrates), got {delta:g}")
+        raise InvalidArgumentError(f"{name} must be >= {MIN_DELTA:g} (the smallest delta autodp calibrates), got {delta:g}")
     if cap is not None and delta > cap:
-        raise ValueError(f"{name} must be <= {cap:g} (delta is the probability of a catastrophic leak; keep it far "
+        raise InvalidArgumentError(f"{name} must be <= {cap:g} (delta is the probability of a catastrophic leak; keep it far "
                          f"below 1/n), got {delta:g}")
     return float(delta)
 
@@ -53,7 +55,7 @@ def validate_delta(delta: float, *, name: str = "delta", cap: float | None = Non
 def validate_epsilon_delta(epsilon: float, delta: float) -> None:
     """Check one release's target (epsilon > 0, finite; MIN_DELTA <= delta < 1); messages name target_*."""
     if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
-        raise ValueError(f"target_epsilon must be a finite number > 0, got {epsilon}")
+        raise InvalidArgumentError(f"target_epsilon must be a finite number > 0, got {epsilon}")
     validate_delta(delta, name="target_delta")
 
 
@@ -65,19 +67,19 @@ def epsilon_spent(noise_multipliers: Sequence[float], *, delta: float, name: str
     ExactGaussianMechanism). Any failure inside autodp becomes a ValueError naming `name`.
     """
     if not noise_multipliers:
-        raise ValueError("noise_multipliers must not be empty")
+        raise InvalidArgumentError("noise_multipliers must not be empty")
     for z in noise_multipliers:
         if not (math.isfinite(z) and z > 0):
-            raise ValueError(f"every noise multiplier must be a finite number > 0, got {z}")
+            raise InvalidArgumentError(f"every noise multiplier must be a finite number > 0, got {z}")
     validate_delta(delta, name=name)
     try:
         mechs = [ExactGaussianMechanism(sigma=z) for z in noise_multipliers]
         composed = mechs[0] if len(mechs) == 1 else ComposeGaussian()(mechs, [1] * len(mechs))
         eps = float(composed.get_approxDP(delta))
     except (RuntimeError, ValueError, ArithmeticError) as exc:  # autodp: "Failed to find epsilon", overflow
-        raise ValueError(f"autodp could not compute epsilon at {name} {delta:g}: {str(exc)[:120]}") from None
+        raise InvalidArgumentError(f"autodp could not compute epsilon at {name} {delta:g}: {str(exc)[:120]}") from None
     if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"autodp returned epsilon {eps} at {name} {delta:g}; choose another {name}")
+        raise InvalidArgumentError(f"autodp returned epsilon {eps} at {name} {delta:g}; choose another {name}")
     return eps
 
 
@@ -92,7 +94,7 @@ def effective_noise_multiplier(*, target_epsilon: float, target_delta: float) ->
     while eps(hi) > target_epsilon:
         lo, hi = hi, hi * 2.0
         if hi > 1e7:
-            raise ValueError(f"cannot reach epsilon {target_epsilon} at target_delta {target_delta}")
+            raise InvalidArgumentError(f"cannot reach epsilon {target_epsilon} at target_delta {target_delta}")
     while hi / lo > 1 + 1e-10:  # bisection in log space; `hi` always satisfies the target
         mid = math.sqrt(lo * hi)
         if eps(mid) > target_epsilon:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mepf_core.errors import InvalidArgumentError
 from mepf_core.privacy.calibration import calibrate_parts, epsilon_spent, validate_epsilon_delta
 from mepf_core.privacy.sensitivity import Neighbouring, count_sensitivity, sum_sensitivity
 
@@ -19,21 +20,42 @@ COUNT_SHARE = 0.1
 
 @dataclass(frozen=True)
 class GaussianPart:
+    """One released array and the Gaussian mechanism that protects it (Dwork & Roth 2014, App. A).
+
+    name: "moment1" (K x D first-moment sums), "moment2" (K x D second-moment sums) or "counts"
+    (K class counts); sensitivity: the part's L2 sensitivity (Frobenius norm for K x D, in the
+    units of the features, bounded by the norm bounds) under the release's neighbouring relation
+    (`mepf_core.privacy.sensitivity`), 0 when the relation makes the part public; noise_multiplier:
+    z = sigma / sensitivity (no unit), `math.inf` for a part released exactly.
+    """
+
     name: str  # "moment1", "moment2" or "counts"
     sensitivity: float  # L2 sensitivity under the release's neighbouring relation
     noise_multiplier: float  # z = sigma / sensitivity; inf for a part released exactly (sensitivity 0)
 
     @property
     def sigma(self) -> float:
+        """Standard deviation of the noise added to every entry (units of the part); 0 when exact."""
         return 0.0 if self.sensitivity == 0 else self.noise_multiplier * self.sensitivity
 
     @property
     def noised(self) -> bool:
+        """True when noise is added; False for a part the relation makes public (sensitivity 0)."""
         return self.sensitivity > 0
 
 
 @dataclass(frozen=True)
 class ReleaseMechanism:
+    """The frozen description of one release: every part's Gaussian mechanism, composed.
+
+    Depends on public settings only (built by `design_mechanism` before any private data is read).
+    relation: the neighbouring relation the guarantee is stated under; target_epsilon, target_delta:
+    the (epsilon, delta)-DP target (no unit; delta a probability); parts: one `GaussianPart` per
+    released array, in release order. All noised parts together are one Gaussian mechanism with
+    1/z^2 = sum_k 1/z_k^2 (composition of Gaussians, autodp's ComposeGaussian), whose (epsilon, delta)
+    curve is the analytic Gaussian mechanism's (Balle & Wang 2018) - see `mepf_core.privacy.calibration`.
+    """
+
     relation: Neighbouring
     target_epsilon: float
     target_delta: float
@@ -50,6 +72,7 @@ class ReleaseMechanism:
         return 1.0 / math.sqrt(sum(1.0 / p.noise_multiplier**2 for p in self.parts if p.noised))
 
     def part(self, name: str) -> GaussianPart:
+        """The part called `name` ("moment1", "moment2", "counts"); KeyError when there is none."""
         for p in self.parts:
             if p.name == name:
                 return p
@@ -67,12 +90,20 @@ def design_mechanism(
     second_moment_bound: float,
     count_share: float = COUNT_SHARE,
 ) -> ReleaseMechanism:
-    """Sensitivities of each part under `relation`, then joint calibration with autodp."""
+    """Sensitivities of each part under `relation`, then joint calibration with autodp.
+
+    The sums (moment1, and moment2 when `moments` is 2) share 1 - `count_share` of the precision
+    1/z^2 equally, the counts get `count_share` (all of it goes to the sums when the counts are
+    public: unlabelled under replace-one). norm_bound, second_moment_bound: the L2 bounds C1, C2 of
+    each record's features. Raises InvalidArgumentError (a ValueError) for an epsilon or delta out of
+    range, moments not 1 or 2, count_share outside (0, 1), a bound not finite and > 0, or a target
+    autodp cannot reach.
+    """
     validate_epsilon_delta(target_epsilon, target_delta)
     if moments not in (1, 2):
-        raise ValueError(f"moments must be 1 or 2, got {moments}")
+        raise InvalidArgumentError(f"moments must be 1 or 2, got {moments}")
     if not 0 < count_share < 1:
-        raise ValueError(f"count_share must be in (0, 1), got {count_share}")
+        raise InvalidArgumentError(f"count_share must be in (0, 1), got {count_share}")
     sens = {"moment1": sum_sensitivity(relation, norm_bound)}
     if moments == 2:
         sens["moment2"] = sum_sensitivity(relation, second_moment_bound)

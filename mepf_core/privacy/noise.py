@@ -36,6 +36,7 @@ def secure_standard_normal(shape: tuple[int, ...] | int) -> np.ndarray:
 
 
 def gaussian_noise(shape: tuple[int, ...] | int, *, sigma: float) -> np.ndarray:
+    """N(0, sigma^2) float64 noise of `shape` from the secure source; ValueError unless 0 <= sigma < inf."""
     if not (np.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
     return sigma * secure_standard_normal(shape)

@@ -35,30 +35,34 @@ from __future__ import annotations
 import math
 from enum import Enum
 
+from mepf_core.errors import InvalidArgumentError
+
 
 class Neighbouring(str, Enum):
+    """The neighbouring relation a release's (epsilon, delta) guarantee is stated under (module docstring).
+
+    ADD_REMOVE ("add-remove"): the datasets differ by one record added or removed; n is private.
+    REPLACE_ONE ("replace-one"): equal, public size n, one record replaced. The value is the
+    spelling used on the command line, in release metadata and in the ledger.
+    """
+
     ADD_REMOVE = "add-remove"
     REPLACE_ONE = "replace-one"
 
-    @property
-    def description(self) -> str:
-        if self is Neighbouring.ADD_REMOVE:
-            return "add-remove: datasets differ by adding or removing one (image, label) record"
-        return "replace-one: datasets of equal, public size n differ in one (image, label) record"
-
 
 def parse_neighbouring(value: "str | Neighbouring") -> Neighbouring:
+    """The relation spelled `value` ("add-remove" or "replace-one"); InvalidArgumentError otherwise."""
     try:
         return Neighbouring(value)
     except ValueError:
         allowed = ", ".join(n.value for n in Neighbouring)
-        raise ValueError(f"neighbouring must be one of {allowed}, got {value!r}") from None
+        raise InvalidArgumentError(f"neighbouring must be one of {allowed}, got {value!r}") from None
 
 
 def sum_sensitivity(relation: Neighbouring, norm_bound: float) -> float:
     """L2 (Frobenius) sensitivity of the K x D per-class sums of features bounded by `norm_bound`."""
     if not (math.isfinite(norm_bound) and norm_bound > 0):
-        raise ValueError(f"norm_bound must be a finite number > 0, got {norm_bound}")
+        raise InvalidArgumentError(f"norm_bound must be a finite number > 0, got {norm_bound}")
     return norm_bound if relation is Neighbouring.ADD_REMOVE else 2.0 * norm_bound
 
 

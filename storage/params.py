@@ -1,0 +1,505 @@
+"""The parameters of each stage, declared once: release, train, sample, evaluate (and the pipeline).
+
+One pydantic model per stage, validated at every boundary: the `mepf` command line builds its flags
+from these models (`flows.cli.add_model_flag`: each flag's default and help are the field's), the
+flows take them as their one `params` argument (so `prefect.yaml` deployments are validated against
+their JSON schema), and the tasks read them. `tests/test_params_single_source.py` checks that the CLI,
+`prefect.yaml` and `scripts/local_stack.py` repeat no default that differs from these.
+
+Why in `storage/`: validating a parameter set reads the file system (the dataset names
+`storage.datasets` knows, signing keys that must load now, whether an evaluation reference contains
+training records), and `mepf_core` stays free of files. This module imports no Prefect, tasks or
+flows. `TrainParams` takes each training field's default from `mepf_core.training.TrainConfig`.
+
+Errors: invalid values raise `pydantic.ValidationError`, one entry per field, naming the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from mepf_core.losses import LOSS_MODES
+from mepf_core.privacy.sensitivity import Neighbouring
+from mepf_core.training import DEVICES, LR_SCHEDULES, TrainConfig
+from storage.references import parse_reference, reads_training_records
+
+# --- custodian-release ---------------------------------------------------------------------------
+
+class ReleaseParams(BaseModel):
+    """Everything the custodian chooses for one release. All of it is public."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field("fashion-mnist", description="fashion-mnist | mnist | cifar10 | celeba | imagefolder:PATH")
+    split: Literal["train", "test"] = "train"
+    data_root: str | None = Field(None, description="folder holding the dataset files (default: standard places)")
+    out: str = Field("release.h5", description="release file to write (must not exist)")
+    target_epsilon: float = Field(..., strict=True, description="epsilon of this release, > 0")
+    target_delta: float = Field(1e-5, strict=True, description="delta of this release, in [MIN_DELTA, MAX_TARGET_DELTA] "
+                                "(mepf_core.privacy.calibration: 2.2e-308 and 1e-3)")
+    labelled: bool = Field(True, strict=True, description="one embedding per class (labels are private too)")
+    moments: Literal[1, 2] = Field(1, description="1: mean of features; 2: also mean of squared features")
+    encoder: str = "efficientnet-lite0"
+    encoder_weights: str | None = Field(None, description="weights file for the encoder (default: packaged or cached)")
+    norm_bound: float = Field(1.0, strict=True, description="L2 norm C of each example's first-moment features")
+    second_moment_bound: float = Field(1.0, strict=True, description="L2 norm of each example's second-moment features")
+    neighbouring: Neighbouring = Neighbouring.ADD_REMOVE
+    count_share: float = Field(0.1, strict=True, description="share of the privacy precision spent on the class counts")
+    dataset_id: str | None = Field(None, description="ledger key for this dataset (default: canonical id, "
+                                   "see storage.datasets.canonical_dataset_id)")
+    ledger: str | None = Field(None, description="budget ledger file (JSON lines)")
+    budget: float | None = Field(None, strict=True, description="total epsilon budget of the dataset (sets it in a new ledger)")
+    budget_delta: float | None = Field(None, strict=True, description="total delta budget of the dataset, with --budget "
+                                       "(default: the ledger's, or storage.ledger.DEFAULT_BUDGET_DELTA = 1e-5, the "
+                                       "default target_delta, for a new budget)")
+    batch_size: int = Field(256, strict=True, ge=1, le=65536)
+    shards: int = Field(1, strict=True, ge=1, le=1024, description="extraction tasks; each returns partial sums")
+    limit: int | None = Field(None, strict=True, description="use only the first LIMIT images (replace-one only)")
+    signing_key: str | None = Field(None, description="Ed25519 private key (`mepf keygen`) to sign the release with")
+    signer_name: str | None = Field(None, description="name signed along with the release (needs signing_key)")
+
+    @field_validator("moments", mode="before")
+    @classmethod
+    def _moments(cls, v):
+        if isinstance(v, bool) or v not in (1, 2):
+            raise ValueError(f"moments must be 1 or 2, got {v!r}")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        from storage.datasets import DATASETS
+
+        if v not in DATASETS[:-1] and not (v.startswith("imagefolder:") and len(v) > len("imagefolder:")):
+            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS)}")
+        return v
+
+    @field_validator("dataset_id")
+    @classmethod
+    def _dataset_id(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(f"dataset_id must be a non-empty name when given, got {v!r}")
+        return v
+
+    @field_validator("target_epsilon")
+    @classmethod
+    def _eps(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"target_epsilon must be a finite number > 0, got {v}")
+        return v
+
+    @field_validator("target_delta")
+    @classmethod
+    def _delta(cls, v: float) -> float:
+        from mepf_core.privacy.calibration import MAX_TARGET_DELTA, validate_delta
+
+        return validate_delta(v, name="target_delta", cap=MAX_TARGET_DELTA)
+
+    @field_validator("budget_delta")
+    @classmethod
+    def _budget_delta(cls, v: float | None) -> float | None:
+        from mepf_core.privacy.calibration import MAX_TARGET_DELTA, validate_delta
+
+        return None if v is None else validate_delta(v, name="budget_delta", cap=MAX_TARGET_DELTA)
+
+    @field_validator("norm_bound", "second_moment_bound")
+    @classmethod
+    def _bound(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"norm bounds must be finite numbers > 0, got {v}")
+        return v
+
+    @field_validator("count_share")
+    @classmethod
+    def _share(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"count_share must be in (0, 1), got {v}")
+        return v
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder(cls, v: str) -> str:
+        from mepf_core.encoders import available_encoders
+
+        if v not in available_encoders():
+            raise ValueError(f"unknown encoder {v!r}; available: {', '.join(available_encoders())}")
+        return v
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"limit must be >= 1, got {v}")
+        return v
+
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_key(cls, v: str | None) -> str | None:
+        """The key must load now (exists, Ed25519, mode 0600), before any image is read or budget spent."""
+        if v is not None:
+            from storage.signing import load_private_key
+
+            load_private_key(v)  # SigningKeyError (a ValueError) names the problem
+        return v
+
+    @field_validator("signer_name")
+    @classmethod
+    def _signer_name(cls, v: str | None) -> str | None:
+        from storage.signing import validate_signer_name
+
+        return None if v is None else validate_signer_name(v)
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v: str) -> str:
+        p = Path(v)
+        if p.suffix not in (".h5", ".hdf5"):
+            raise ValueError(f"out must end in .h5 or .hdf5, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _signer_needs_key(self) -> "ReleaseParams":
+        if self.signer_name is not None and self.signing_key is None:
+            raise ValueError("--signer-name needs --signing-key (the name is signed with the key)")
+        return self
+
+    @model_validator(mode="after")
+    def _ledger_budget(self) -> "ReleaseParams":
+        if self.budget is not None and self.ledger is None:
+            raise ValueError("--budget needs --ledger (where the budget is kept)")
+        if self.budget is not None and not (math.isfinite(self.budget) and self.budget > 0):
+            raise ValueError(f"budget must be a finite number > 0, got {self.budget}")
+        if self.budget_delta is not None and self.budget is None:
+            raise ValueError("--budget-delta needs --budget (a budget is the pair epsilon, delta)")
+        return self
+
+    @model_validator(mode="after")
+    def _limit_keeps_relation(self) -> "ReleaseParams":
+        """`limit` (the first N records) is refused under add-remove, allowed under replace-one.
+
+        Add-remove: adding one record x to D can push another record y out of the window, so the
+        windows W(D) and W(D + x) differ by one record in and one out, a replace-one change: the
+        first-moment sums move by phi(x) - phi(y), up to 2C, and the labelled counts by sqrt 2, against
+        the claimed C and 1 (measured 1.4142 and 1.4142 on 2 classes x 4 images, --limit 6:
+        tests/test_record_selection.py). A release claiming epsilon 1 would really spend about 2.
+
+        Replace-one: D and D' have the same size n and differ in one record (x replaced by x'; the
+        order is by file name or position). W is the N first records. If neither x nor x' is among the
+        first N, W(D) = W(D'). Otherwise x leaves (if it was in W) and x' enters (if it sorts into W),
+        and the window's size min(n, N) is the same for both, so whichever of them is missing is made
+        up by the record at the window's edge: W(D) and W(D') differ by exactly one replaced record,
+        which is the replace-one relation on the window with the same sensitivities (2C for the sums,
+        sqrt 2 for labelled counts). The window's size min(n, N) is a function of n, which the relation
+        makes public, so an unlabelled replace-one release may record it as n_public.
+        """
+        if self.limit is not None and self.neighbouring is Neighbouring.ADD_REMOVE:
+            raise ValueError(
+                f"limit={self.limit} (the first N images) is not a per-record selection: under add-remove, "
+                "adding one image can push another out of the window, which doubles the sensitivity. "
+                "Drop --limit, or use --neighbouring replace-one (where the window keeps the relation)")
+        return self
+
+    @property
+    def resolved_dataset_id(self) -> str:
+        """The ledger key: --dataset-id, else the canonical id (one id however the path is spelled)."""
+        from storage.datasets import canonical_dataset_id
+
+        return self.dataset_id or canonical_dataset_id(self.dataset, self.split, self.data_root)
+
+    @property
+    def source(self) -> str:
+        """The records this release reads, as the ledger compares them (storage.datasets.dataset_source):
+        recorded on every charge; records already charged to another dataset id are refused."""
+        from storage.datasets import dataset_source
+
+        return dataset_source(self.dataset, self.split, self.data_root)
+
+    @property
+    def legacy_dataset_id(self) -> str:
+        """The key the code before canonical ids gave this dataset (the spec as spelled + ":" + split), so
+        the ledger can refuse to lose what was charged under it (storage.ledger, legacy lines)."""
+        return f"{self.dataset}:{self.split}"
+
+    @property
+    def published_dataset_id(self) -> str:
+        """The dataset id written into the (public) release: --dataset-id, else the canonical id with an
+        image folder's path replaced by a 16-hex SHA-256 of it. The custodian's path (user names,
+        project names) is no business of the public side; the ledger keeps the readable path."""
+        import hashlib
+
+        dataset_id = self.resolved_dataset_id
+        if self.dataset_id is None and dataset_id.startswith("imagefolder:"):
+            path = dataset_id.split(":", 1)[1]
+            return f"imagefolder:sha256-{hashlib.sha256(path.encode()).hexdigest()[:16]}"
+        return dataset_id
+
+
+# --- train-generator and sample --------------------------------------------------------------------
+
+# Default length of a training run: on 2 CPU cores ~10 minutes for Fashion-MNIST. From 4,000 to
+# 10,000 steps (cosine schedule, epsilon 10) FID fell from 69.6 to 56.0 and logistic-regression
+# accuracy rose from 73.6% to 76.5% (bench/README.md, training choices).
+DEFAULT_STEPS = 10_000
+
+TRAIN_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))  # TrainParams' fields that form it
+
+
+def _config_default(name: str):
+    """`TrainConfig`'s default for field `name` (the one place training defaults are declared)."""
+    default = TrainConfig.__dataclass_fields__[name].default
+    if default is dataclasses.MISSING:
+        raise TypeError(f"TrainConfig.{name} has no default")
+    return default
+
+
+def _positive(value: int, name: str) -> int:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+class TrainParams(BaseModel):
+    """One training run of a generator on a release (defaults: `TrainConfig`'s, the tuned Fashion-MNIST
+    setting, and DEFAULT_STEPS). The fields named in TRAIN_CONFIG_FIELDS form the `TrainConfig`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    release: str = Field(..., description="release file (.h5) written by the custodian")
+    out: str = Field(..., description="run directory for checkpoints, run.json and images")
+    steps: int = Field(DEFAULT_STEPS, description="total generator updates (a resumed run continues up to this)")
+    batch_size: int = Field(_config_default("batch_size"), description="generated images per step")
+    lr_gen: float = Field(_config_default("lr_gen"),
+                          description="generator Adam learning rate (start of the cosine schedule)")
+    lr_mavg: float = Field(_config_default("lr_mavg"), description="moving-average Adam learning rate (mavg loss)")
+    beta1: float = Field(_config_default("beta1"), description="generator Adam beta1")
+    loss: Literal[LOSS_MODES] = _config_default("loss")
+    lr_schedule: Literal[LR_SCHEDULES] = _config_default("lr_schedule")
+    seed: int = Field(_config_default("seed"), ge=0)
+    device: Literal[DEVICES] = _config_default("device")
+    mixed_precision: bool = Field(_config_default("mixed_precision"), description="bfloat16 autocast on cuda")
+    checkpoint_every: int = Field(_config_default("checkpoint_every"), description="steps between checkpoints")
+    eval_samples: int = Field(_config_default("eval_samples"),
+                              description="fixed-seed images for the release-based selection criterion")
+    resume: bool = Field(False, description="continue the run in `out` from its latest checkpoint")
+    encoder_weights: str | None = Field(None, description="encoder weights file (default: packaged or cached)")
+    progress: bool = Field(True, description="show a progress bar")
+    trusted_keys: tuple[str, ...] = Field((), description="Ed25519 public keys (PEM); when given, the release must "
+                                          "be signed by one of them")
+
+    @field_validator("steps", "batch_size", "checkpoint_every", "eval_samples")
+    @classmethod
+    def _positive_int(cls, v: int, info) -> int:
+        return _positive(v, info.field_name)
+
+    @field_validator("lr_gen", "lr_mavg")
+    @classmethod
+    def _positive_lr(cls, v: float, info) -> float:
+        if not v > 0 or v == float("inf"):
+            raise ValueError(f"{info.field_name} must be a finite number > 0, got {v}")
+        return v
+
+    @field_validator("release")
+    @classmethod
+    def _release_exists(cls, v: str) -> str:
+        if not Path(v).is_file():
+            raise ValueError(f"release file {v} does not exist")
+        return v
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _trusted_keys_load(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from storage.signing import load_public_key
+
+        for key in v:
+            load_public_key(key)  # SigningKeyError (a ValueError): missing, not PEM, not Ed25519
+        return v
+
+    @field_validator("encoder_weights")
+    @classmethod
+    def _weights_exist(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"encoder weights file {v} does not exist")
+        return v
+
+    @model_validator(mode="after")
+    def _valid_config(self) -> "TrainParams":
+        """The rest of TrainConfig's own checks (beta1 in [0, 1)) at the boundary, not at the first step."""
+        self.train_config()
+        return self
+
+    def train_config(self) -> TrainConfig:
+        """The `TrainConfig` these parameters describe (raises ValueError where TrainConfig refuses one)."""
+        return TrainConfig(**{name: getattr(self, name) for name in TRAIN_CONFIG_FIELDS})
+
+    def explicit_fields(self) -> list[str]:
+        """Config fields the caller set on purpose (they must agree with a resumed checkpoint)."""
+        return sorted(set(self.model_fields_set) & set(TRAIN_CONFIG_FIELDS))
+
+
+class SampleParams(BaseModel):
+    """One synthetic dataset drawn from a trained run's best checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str = Field(..., description="run directory of a trained generator")
+    n: int = Field(..., description="number of images to generate (class-balanced when labelled)")
+    out: str | None = Field(None, description="synthetic dataset (.h5 or .parquet; default RUN/synthetic.h5)")
+    seed: int = Field(0, ge=0)
+    device: Literal[DEVICES] = "cpu"
+
+    @field_validator("n")
+    @classmethod
+    def _positive_n(cls, v: int, info) -> int:
+        return _positive(v, info.field_name)
+
+
+# --- evaluate --------------------------------------------------------------------------------------
+
+class EvaluateParams(BaseModel):
+    """FID and downstream accuracy of a run's synthetic dataset against a real, public split.
+
+    A reference or ceiling that reads training records (`storage.references.reads_training_records`)
+    is refused unless `allow_private_reference` accepts it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str = Field(..., description="run directory of a trained generator (holds synthetic.h5 after sampling)")
+    synthetic: str | None = Field(None, description="synthetic dataset file (default RUN/synthetic.h5)")
+    reference: str = Field("fashion-mnist:test", description="real public split: DATASET[:test|train]")
+    data_root: str | None = None
+    out: str = Field(..., description="folder for metrics.parquet, metrics.json, report.md, metrics.png")
+    fid_samples: int = Field(5000, ge=0, description="synthetic images for FID (0: skip FID)")
+    fid_reference: int | None = Field(None, ge=100, description="real images for the FID statistics (default all)")
+    classifiers: tuple[str, ...] = ("logreg", "mlp", "cnn")
+    train_samples: int | None = Field(None, ge=100, description="synthetic images to train classifiers on (default all)")
+    ceiling: bool = Field(False, description="also train the classifiers on real training images")
+    allow_private_reference: bool = Field(False, description="accept a reference or ceiling that reads a "
+                                          "training split (possibly private); its statistics are not cached")
+    seed: int = 0
+
+    @field_validator("classifiers", mode="before")
+    @classmethod
+    def _split(cls, v):
+        from mepf_core.classifiers import CLASSIFIERS
+
+        names = tuple(x.strip() for x in v.split(",") if x.strip()) if isinstance(v, str) else tuple(v)
+        unknown = [n for n in names if n not in CLASSIFIERS]
+        if unknown:
+            raise ValueError(f"unknown classifier(s) {unknown}; known: {', '.join(CLASSIFIERS)}")
+        return names
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, v: str) -> str:
+        from storage.datasets import DATASETS
+
+        name, _ = parse_reference(v)
+        if name not in DATASETS and not name.startswith("imagefolder:"):
+            raise ValueError(f"unknown reference dataset {name!r}; known: {', '.join(DATASETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _private_reference(self) -> "EvaluateParams":
+        if self.allow_private_reference:
+            return self
+        if reads_training_records(self.reference, self.data_root):
+            raise ValueError(
+                f"reference {self.reference!r} reads a training split, which may be the private data: its FID "
+                "statistics are not differentially private. Use a test split, or pass --allow-private-reference "
+                "(allow_private_reference=True) to accept it")
+        if self.ceiling and self.classifiers:
+            raise ValueError(
+                "ceiling trains classifiers on the real training split, which may be the private data; pass "
+                "--allow-private-reference (allow_private_reference=True) to accept it")
+        return self
+
+    @property
+    def private_reference(self) -> bool:
+        """Whether the reference reads training records (then its FID statistics are never cached)."""
+        return reads_training_records(self.reference, self.data_root)
+
+
+# --- dp-mepf-pipeline (all four stages) --------------------------------------------------------------
+
+# The stage fields a pipeline configuration may set, by stage. Each keeps its stage model's type,
+# default, description and constraints (the stage models validate them again in `stage_params`).
+RELEASE_FIELDS = ("dataset", "data_root", "target_epsilon", "target_delta", "labelled", "neighbouring", "moments",
+                  "encoder", "ledger", "budget", "limit")
+TRAIN_FIELDS = ("steps", "batch_size", "lr_gen", "lr_mavg", "lr_schedule", "checkpoint_every", "eval_samples",
+                "device")
+EVALUATE_FIELDS = ("reference", "fid_samples", "fid_reference", "classifiers")
+
+# Where the pipeline's defaults differ from a stage model's, on purpose. The pipeline is the quick
+# end-to-end job (about 20 minutes on 2 CPU cores, README): Inception runs about 10 images/s there,
+# so FID uses 1,000 synthetic against 1,000 real test images (the bench's quality rows use the same,
+# bench/README.md) instead of `mepf evaluate`'s 5,000 against the whole split. FIDs at different
+# sample sizes are not comparable: compare runs with the same `fid_samples` and `fid_reference`.
+PIPELINE_DEFAULTS = {
+    "target_epsilon": 10.0,  # ReleaseParams has no default (a custodian chooses it); the demo's epsilon
+    "fid_samples": 1000,
+    "fid_reference": 1000,
+}
+
+
+def _stage_field(model: type[BaseModel], name: str) -> tuple:
+    """`model`'s declaration of field `name` as a (type, FieldInfo) pair for `create_model`, with the
+    default replaced where PIPELINE_DEFAULTS names the field."""
+    info = model.model_fields[name]
+    override = {"default": PIPELINE_DEFAULTS[name]} if name in PIPELINE_DEFAULTS else {}
+    return info.annotation, FieldInfo.merge_field_infos(info, **override)
+
+
+class _Pipeline(BaseModel):
+    """The end-to-end job; defaults finish in about 20 minutes on 2 CPU cores (Fashion-MNIST).
+
+    Flat keys (a `mepf run --config` file holds one mapping): the stage fields RELEASE_FIELDS,
+    TRAIN_FIELDS and EVALUATE_FIELDS as their stage models declare them (defaults included, except
+    PIPELINE_DEFAULTS), `out_dir` and `n_samples`. `stage_params` validates every stage up front.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out_dir: str = Field(None, description="folder for release.h5, run/ and report/ (default runs/TIMESTAMP)")
+    n_samples: int = Field(10_000, description="synthetic images drawn for evaluation")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_out_dir(cls, values):
+        if isinstance(values, dict) and not values.get("out_dir"):
+            values = {**values, "out_dir": str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))}
+        return values
+
+    def stage_params(self) -> tuple[ReleaseParams, dict, dict]:
+        """Validate every stage's parameters up front, before any work is done.
+
+        Returns the release parameters and the keyword arguments of TrainParams (without `release`,
+        known only once the release is written) and of EvaluateParams. Raises pydantic's
+        ValidationError naming the stage field that is refused.
+        """
+        out = Path(self.out_dir)
+        release = ReleaseParams(out=str(out / "release.h5"), **{name: getattr(self, name) for name in RELEASE_FIELDS})
+        train = dict(out=str(out / "run"), **{name: getattr(self, name) for name in TRAIN_FIELDS})
+        evaluation = dict(run=str(out / "run"), out=str(out / "report"), data_root=None,
+                          **{name: getattr(self, name) for name in EVALUATE_FIELDS})
+        EvaluateParams(**evaluation)  # validates classifier names and the reference now
+        return release, train, evaluation
+
+
+PipelineParams = create_model(
+    "PipelineParams",
+    __base__=_Pipeline,
+    __module__=__name__,
+    __doc__=_Pipeline.__doc__,
+    **{name: _stage_field(model, name)
+       for model, names in ((ReleaseParams, RELEASE_FIELDS), (TrainParams, TRAIN_FIELDS),
+                            (EvaluateParams, EVALUATE_FIELDS))
+       for name in names},
+)
