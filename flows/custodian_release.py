@@ -6,10 +6,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from mepf_core.encoders import build_feature_map
 from mepf_core.errors import MepfError, PathNotFoundError
 from storage.params import ReleaseParams
-from tasks.custodian import calibrate, charge_noise_and_release, check_budget, describe_dataset, extract_shard, reduce_sums
+from tasks.custodian import (_feature_map, calibrate, charge_noise_and_release, check_budget, describe_dataset,
+                             extract_shard, reduce_sums)
 
 
 class OutputExistsError(MepfError, FileExistsError):
@@ -27,7 +27,7 @@ def preflight(params: ReleaseParams) -> None:
         raise PathNotFoundError(f"ledger folder {Path(params.ledger).parent} does not exist")
     if params.encoder_weights is not None and not Path(params.encoder_weights).is_file():
         raise PathNotFoundError(f"encoder weights file {params.encoder_weights} does not exist")
-    build_feature_map(params.encoder, weights_path=params.encoder_weights)  # weights present and loadable
+    _feature_map(params)  # weights present and loadable; built once, the tasks reuse it
 
 
 # Dask. What travels between processes: the ReleaseParams (public) to each worker, and each shard's

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_MODES = ("mavg", "mmd")
+from mepf_core.train_config import LOSS_MODES  # noqa: F401 (declared with the config)
 
 
 def class_weight_matrix(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

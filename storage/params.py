@@ -9,7 +9,7 @@ their JSON schema), and the tasks read them. `tests/test_params_single_source.py
 Why in `storage/`: validating a parameter set reads the file system (the dataset names
 `storage.datasets` knows, signing keys that must load now, whether an evaluation reference contains
 training records), and `mepf_core` stays free of files. This module imports no Prefect, tasks or
-flows. `TrainParams` takes each training field's default from `mepf_core.training.TrainConfig`.
+flows. `TrainParams` takes each training field's default from `mepf_core.train_config.TrainConfig`.
 
 Errors: invalid values raise `pydantic.ValidationError`, one entry per field, naming the value.
 """
@@ -25,9 +25,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from mepf_core.losses import LOSS_MODES
 from mepf_core.privacy.sensitivity import Neighbouring
-from mepf_core.training import DEVICES, LR_SCHEDULES, TrainConfig
+from mepf_core.train_config import DEVICES, LOSS_MODES, LR_SCHEDULES, TrainConfig
 from storage.references import parse_reference, reads_training_records
 
 # --- custodian-release ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@ nothing here logs a statistic of the data (not even n, which is private under ad
 from __future__ import annotations
 
 import functools
+
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,8 +97,16 @@ def check_labelled(params: ReleaseParams, src: ImageSource) -> None:
             f"and this dataset does not pass that check; {check_data_hint(params)}"))
 
 
+@functools.lru_cache(maxsize=4)
+def _build_once(encoder: str, weights_path: str | None) -> FeatureMap:
+    return build_feature_map(encoder, weights_path=weights_path)
+
+
 def _feature_map(params: ReleaseParams) -> FeatureMap:
-    return build_feature_map(params.encoder, weights_path=params.encoder_weights)
+    """The release's encoder, built (and its weights hashed) once per process: the preflight, the
+    describe-dataset task and every shard share it. Safe to share: a FeatureMap is frozen and always
+    in eval mode, so its forward pass has no state (concurrent shards only read it)."""
+    return _build_once(params.encoder, params.encoder_weights)
 
 
 def shard_range(n: int, shard: int, shards: int) -> tuple[int, int]:

@@ -129,7 +129,7 @@ def test_concurrent_builds_hash_once(hash_calls):
 
 
 @pytest.mark.slow
-def test_one_release_hashes_the_encoder_once(hash_calls, tmp_path, capsys):
+def test_one_release_hashes_the_encoder_once(hash_calls, tmp_path, capsys, monkeypatch):
     """`mepf release --dataset imagefolder:... --target-epsilon 1 --out X.h5`: measured 4 hashes before, 1 after."""
     from flows.cli import main
 
@@ -140,8 +140,15 @@ def test_one_release_hashes_the_encoder_once(hash_calls, tmp_path, capsys):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
     args = ["release", "--dataset", f"imagefolder:{tmp_path / 'data'}", "--target-epsilon", "1",
             "--out", str(tmp_path / "X.h5")]
+    import tasks.custodian
+
+    builds = []
+    real_build = tasks.custodian.build_feature_map
+    tasks.custodian._build_once.cache_clear()
+    monkeypatch.setattr(tasks.custodian, "build_feature_map", lambda *a, **k: builds.append(a) or real_build(*a, **k))
     assert main(args) == 0, capsys.readouterr().err
     assert len(hash_calls) == 1
+    assert len(builds) == 1  # built once per release (was 4: preflight, describe-dataset, each shard)
 
 
 # --- layering: provisioning lives in storage ------------------------------------------------------
