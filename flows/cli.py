@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from flows.cli_common import CliError, _emit, _model  # noqa: E402 - shared with the subcommand modules
 from flows.cli_flags import add_model_flag, add_model_flags, given_values  # noqa: E402
+from flows.cli_prefect import run_flow  # noqa: E402 - Prefect API checked before a flow starts
 
 
 # --- release --------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def _cmd_release(args) -> dict:
     params = _model(ReleaseParams, given_values(args, ReleaseParams))
     _dataset_available(params.dataset, params.split, params.data_root, params.labelled, params.limit)
     preflight(params)
-    result = custodian_release(params)
+    result = run_flow(custodian_release, params)
     _emit(result, args.json, lambda r: (
         f"release {r['release_id']} written to {r['path']}\n"
         f"  epsilon {r['epsilon']:.4f} at delta {r['delta']:g} ({r['neighbouring']})\n"
@@ -185,7 +186,7 @@ def _cmd_train(args) -> dict:
     from storage.params import TrainParams
 
     params = _model(TrainParams, given_values(args, TrainParams))  # only typed flags count as set (resume)
-    result = train_generator(params)
+    result = run_flow(train_generator, params)
     _emit(result, args.json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
     return result
 
@@ -206,7 +207,7 @@ def _cmd_sample(args) -> dict:
     from storage.params import SampleParams
 
     params = _model(SampleParams, given_values(args, SampleParams))
-    result = sample(params)
+    result = run_flow(sample, params)
     _emit(result, args.json, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
     return result
 
@@ -216,7 +217,8 @@ def _add_evaluate(sub) -> None:
 
     p = sub.add_parser("evaluate", help="public: FID and downstream accuracy on a real test split")
     add_model_flags(p, EvaluateParams, ("run", "synthetic", "reference", "data_root", "fid_samples", "fid_reference",
-                                        "classifiers", "train_samples", "ceiling", "allow_private_reference", "out"))
+                                        "classifiers", "train_samples", "ceiling", "allow_private_reference",
+                                        "allow_small_fid", "out"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_evaluate)
 
@@ -230,14 +232,16 @@ def _cmd_evaluate(args) -> dict:
     synthetic = params.synthetic or str(synthetic_path_for(params.run))
     if not os.path.isfile(synthetic):
         raise CliError(f"{synthetic} does not exist; draw it first with `mepf sample --run {params.run} --n N --out {synthetic}`")
-    result = evaluate(params)
+    result = run_flow(evaluate, params)
     _emit(result, args.json, _metrics_text)
     return result
 
 
 def _metrics_text(r: dict) -> str:
     lines = [f"report: {r['report']}"]
-    lines += [f"  {k}: {v:.4f}" for k, v in r["metrics"].items()]
+    counts = (f" ({r['fid_synthetic_count']} synthetic / {r['fid_reference_count']} reference images)"
+              if r.get("fid_synthetic_count") else "")
+    lines += [f"  {k}: {v:.4f}" + (counts if k.startswith("fid") else "") for k, v in r["metrics"].items()]
     lines += [f"  ceiling {k}: {v:.4f}" for k, v in r.get("ceiling", {}).items()]
     return "\n".join(lines)
 
@@ -271,7 +275,7 @@ def _cmd_run(args) -> dict:
             raise CliError(f"config file {args.config} must hold a mapping of parameters")
     values.update(given_values(args, PipelineParams))
     params = _model(PipelineParams, values, check=lambda p: p.stage_params())
-    result = dp_mepf_pipeline(params)
+    result = run_flow(dp_mepf_pipeline, params)
     _emit(result, args.json, lambda r: (
         f"release:  {r['release']} (epsilon {r['epsilon']:.3g}, delta {r['delta']:g})\n"
         f"run:      {r['run']['run_dir']}\nsamples:  {r['samples']['path']}\n" + _metrics_text(r)))

@@ -25,4 +25,6 @@ def dp_mepf_pipeline(params: PipelineParams) -> dict:
     sampled = sample(SampleParams(run=train["out"], n=params.n_samples))
     evaluated = evaluate(EvaluateParams(**evaluation))
     return {"release": release_path, "epsilon": released["epsilon"], "delta": released["delta"],
-            "run": trained, "samples": sampled, "report": evaluated["report"], "metrics": evaluated["metrics"]}
+            "run": trained, "samples": sampled, "report": evaluated["report"], "metrics": evaluated["metrics"],
+            "fid_synthetic_count": evaluated["fid_synthetic_count"],
+            "fid_reference_count": evaluated["fid_reference_count"]}

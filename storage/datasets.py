@@ -251,13 +251,15 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def _decode_image(path: Path, size: int) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
+                # EXIF orientation first: a photo stored rotated decodes to what a viewer shows.
+                img = ImageOps.exif_transpose(img)
                 if img.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits, not a saturated convert
                     img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
                 elif img.mode in ("I", "F"):

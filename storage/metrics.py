@@ -2,7 +2,9 @@
 a cache of FID reference statistics of real splits.
 
 Metric naming convention (it drives the plot): accuracies start with ``acc`` (``acc_logreg``,
-``acc_mlp``, ...), FIDs start with ``fid``. A run with ``epsilon`` None is non-private.
+``acc_mlp``, ...), FIDs start with ``fid``. A run with ``epsilon`` None is non-private. Every FID row
+carries the number of synthetic and reference images it was computed from (``fid_synthetic_count``,
+``fid_reference_count``): FIDs from different counts are not comparable.
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ REPORT_PLOT = "metrics.png"
 SAMPLES_PNG = "samples.png"
 CACHE_ENV = "MEPF_CACHE_DIR"
 
+# pytorch-fid's guidance: at least 2,048 images per side, the dimension of the pool3 features. Below it
+# the 2,048 x 2,048 covariance is rank-deficient and FID is biased upwards (the bias grows as the count
+# shrinks), so a smaller FID is accepted only behind `allow_small_fid` (`--allow-small-fid`), for quick
+# runs, and then down to FID_ABSOLUTE_MIN (a covariance needs two samples).
+FID_MIN_SAMPLES = 2048
+FID_ABSOLUTE_MIN = 2
+
+
+def small_fid_problem(name: str, count: int) -> str:
+    """The one-line refusal of an FID from `count` < FID_MIN_SAMPLES images (`name`: what was counted)."""
+    return (f"{name} {count} is below {FID_MIN_SAMPLES:,}, the minimum for a comparable FID (pytorch-fid: at least "
+            f"as many images as the {FID_MIN_SAMPLES:,}-d pool features); use more images, or pass --allow-small-fid "
+            "(allow_small_fid=True) to accept a biased FID for a quick run")
+
 
 @dataclasses.dataclass(frozen=True)
 class MetricRow:
@@ -46,6 +62,8 @@ class MetricRow:
     encoder: str
     steps: int  # generator training steps
     release_id: str  # the release the generator was trained from
+    fid_synthetic_count: int | None = None  # FID rows: synthetic images the FID used; None for other metrics
+    fid_reference_count: int | None = None  # FID rows: real reference images of its statistics
 
     def __post_init__(self):
         if not self.run or not self.metric:
@@ -58,11 +76,22 @@ class MetricRow:
             raise ValueError(f"delta of {self.run} must be in (0, 1) or None, got {self.delta}")
         if self.steps < 0:
             raise ValueError(f"steps of {self.run} must be non-negative, got {self.steps}")
+        counts = (self.fid_synthetic_count, self.fid_reference_count)
+        if self.metric.startswith("fid"):
+            if any(not isinstance(c, int) or isinstance(c, bool) or c < FID_ABSOLUTE_MIN for c in counts):
+                raise ValueError(f"{self.run}/{self.metric} needs fid_synthetic_count and fid_reference_count, "
+                                 f"integers >= {FID_ABSOLUTE_MIN}, got {counts}")
+        elif counts != (None, None):
+            raise ValueError(f"{self.run}/{self.metric} is not an FID: its fid counts must be None, got {counts}")
 
     @classmethod
-    def of_synthetic(cls, run: str, metric: str, value: float, info: SyntheticInfo) -> "MetricRow":
-        """A metric of a synthetic dataset: its provenance (claim, encoder, steps, release) from `info`."""
-        return cls(run, metric, float(value), info.epsilon, info.delta, info.encoder, info.steps, info.release_id)
+    def of_synthetic(cls, run: str, metric: str, value: float, info: SyntheticInfo,
+                     fid_counts: tuple[int, int] | None = None) -> "MetricRow":
+        """A metric of a synthetic dataset: its provenance (claim, encoder, steps, release) from `info`;
+        `fid_counts` (synthetic, reference) for an FID, None for any other metric."""
+        syn, ref = fid_counts if fid_counts is not None else (None, None)
+        return cls(run, metric, float(value), info.epsilon, info.delta, info.encoder, info.steps, info.release_id,
+                   syn, ref)
 
     @classmethod
     def of_real_data(cls, run: str, metric: str, value: float) -> "MetricRow":
@@ -72,6 +101,7 @@ class MetricRow:
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(MetricRow))
+_COUNT_COLUMNS = ("fid_synthetic_count", "fid_reference_count")  # absent from files written before issue 13
 
 
 def as_rows(rows: Iterable[MetricRow | Mapping]) -> list[MetricRow]:
@@ -81,7 +111,7 @@ def as_rows(rows: Iterable[MetricRow | Mapping]) -> list[MetricRow]:
         if isinstance(row, MetricRow):
             out.append(row)
             continue
-        if set(row) != set(COLUMNS):
+        if not set(COLUMNS) - set(_COUNT_COLUMNS) <= set(row) <= set(COLUMNS):
             raise ValueError(f"metric row needs exactly {list(COLUMNS)}, got {sorted(row)}")
         out.append(MetricRow(**row))
     if not out:
@@ -104,6 +134,7 @@ def write_metrics_parquet(path: str | os.PathLike, rows: Iterable[MetricRow | Ma
         ("run", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
         ("epsilon", pa.float64()), ("delta", pa.float64()), ("encoder", pa.string()),
         ("steps", pa.int64()), ("release_id", pa.string()),
+        ("fid_synthetic_count", pa.int64()), ("fid_reference_count", pa.int64()),
     ])
     table = pa.Table.from_pylist([dataclasses.asdict(r) for r in rows], schema=schema)
     path = Path(path)
@@ -136,21 +167,35 @@ def _fmt_eps(epsilon: float | None) -> str:
 def _markdown(rows: list[MetricRow], plot_name: str, samples_name: str | None) -> str:
     runs = list(dict.fromkeys(r.run for r in rows))
     metrics = list(dict.fromkeys(r.metric for r in rows))
-    value = {(r.run, r.metric): r.value for r in rows}
+    value = {(r.run, r.metric): r for r in rows}
     first = {r.run: r for r in reversed(rows)}
     lines = ["# DP-MEPF evaluation", "",
              "| run | epsilon | delta | encoder | steps | release | " + " | ".join(metrics) + " |",
              "|---" * (6 + len(metrics)) + "|"]
     for run in runs:
         r = first[run]
-        cells = [f"{value[(run, m)]:.4f}" if (run, m) in value else "" for m in metrics]
+        cells = [_cell(value[(run, m)]) if (run, m) in value else "" for m in metrics]
         delta = "" if r.delta is None else f"{r.delta:g}"
         lines.append(f"| {run} | {_fmt_eps(r.epsilon)} | {delta} | {r.encoder} | {r.steps} | "
                      f"{r.release_id} | " + " | ".join(cells) + " |")
+    small = [r for r in rows if r.fid_synthetic_count is not None
+             and min(r.fid_synthetic_count, r.fid_reference_count) < FID_MIN_SAMPLES]
+    lines += ["", "FID cells give the synthetic and reference image counts; FIDs from different counts are "
+              "not comparable."] if any(r.metric.startswith("fid") for r in rows) else []
+    if small:
+        lines += ["", f"**Small FID**: {', '.join(f'{r.run}/{r.metric}' for r in small)} used fewer than "
+                  f"{FID_MIN_SAMPLES:,} images on a side (accepted with --allow-small-fid); biased upwards."]
     lines += ["", f"![metrics]({plot_name})", ""]
     if samples_name:
         lines += ["## Samples", "", f"![samples]({samples_name})", ""]
     return "\n".join(lines)
+
+
+def _cell(row: MetricRow) -> str:
+    """A table cell: the value, and for an FID its counts (`12.3456 (1,000 synth / 10,000 ref)`)."""
+    if row.fid_synthetic_count is None:
+        return f"{row.value:.4f}"
+    return f"{row.value:.4f} ({row.fid_synthetic_count:,} synth / {row.fid_reference_count:,} ref)"
 
 
 def _plot(rows: list[MetricRow], path: Path) -> None:

@@ -5,6 +5,7 @@ Nothing here feeds back into training or checkpoint choice.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from mepf_core.errors import InvalidArgumentError
 from mepf_core.fid import activation_statistics, frechet_distance
 from mepf_core.inception import images_to_inception_activations
 from storage.datasets import canonical_dataset_id, open_dataset
-from storage.metrics import load_or_compute_reference_stats
+from storage.metrics import FID_ABSOLUTE_MIN, FID_MIN_SAMPLES, load_or_compute_reference_stats, small_fid_problem
 from storage.references import parse_reference, reads_training_records  # noqa: F401 - used by flows.evaluate
 from storage.provenance import SyntheticInfo
 from storage.synthetic import read_synthetic_dataset
@@ -47,16 +48,46 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def fid_counts(n_synthetic: int, fid_samples: int, n_reference: int, allow_small_fid: bool) -> tuple[int, int]:
+    """(synthetic, reference) image counts an FID will use: min(fid_samples, n_synthetic) and n_reference.
+
+    Raises InvalidArgumentError when either is below FID_MIN_SAMPLES (2,048) and `allow_small_fid` is
+    False, or below FID_ABSOLUTE_MIN (2: a covariance needs two images) in any case.
+    """
+    counts = (min(fid_samples, n_synthetic), n_reference)
+    names = (f"fid_samples {fid_samples} with {n_synthetic} synthetic images: synthetic count",
+             "fid_reference (or the reference split's size): reference count")
+    for name, count in zip(names, counts):
+        if count < FID_ABSOLUTE_MIN:
+            raise InvalidArgumentError(f"{name} {count}, but an FID needs at least {FID_ABSOLUTE_MIN} images")
+        if count < FID_MIN_SAMPLES and not allow_small_fid:
+            raise InvalidArgumentError(small_fid_problem(name, count))
+    return counts
+
+
+def content_fingerprint(images: np.ndarray) -> str:
+    """sha256 (first 16 hex digits) of an image array's dtype, shape and bytes: the reference statistics'
+    cache key names the pixels they were computed from, so replacing the images of a folder (same path,
+    same count, any mtimes) never returns the old statistics."""
+    arr = np.ascontiguousarray(images)
+    digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    digest.update(memoryview(arr).cast("B"))
+    return digest.hexdigest()[:16]
+
+
 def fid_against_reference(images: np.ndarray, reference_images: np.ndarray, reference_key: str, n: int,
                           cache: bool = True) -> float:
     """FID of the first `n` images against the reference split's statistics, cached per key.
 
+    The cache key is `reference_key` (the resolved path for an image folder, `reference_cache_key`),
+    the reference count and the fingerprint of the reference pixels (`content_fingerprint`).
     `cache=False` (a reference that reads training records, see `reads_training_records`): the
     statistics, un-noised functions of possibly private images, are computed in memory and never
     written to the cache under the user's home.
     """
     model = load_fid_inception(_device())
-    key = f"{reference_key}|n={len(reference_images)}|pytorch-fid-pool3|gray->rgb|bilinear299"
+    key = (f"{reference_key}|n={len(reference_images)}|sha256={content_fingerprint(reference_images)}"
+           "|pytorch-fid-pool3|gray->rgb|bilinear299")
 
     def compute():
         return activation_statistics(

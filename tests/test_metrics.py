@@ -22,7 +22,7 @@ def _rows():
     rows = []
     for run, eps, fid, acc in [("eps1", 1.0, 60.0, 0.70), ("eps10", 10.0, 45.0, 0.75), ("nonpriv", None, 40.0, 0.76)]:
         common = dict(run=run, epsilon=eps, delta=1e-5, encoder="lite0", steps=4000, release_id=f"r-{run}")
-        rows += [MetricRow(metric="fid", value=fid, **common),
+        rows += [MetricRow(metric="fid", value=fid, fid_synthetic_count=5000, fid_reference_count=10000, **common),
                  MetricRow(metric="acc_logreg", value=acc, **common),
                  MetricRow(metric="acc_mlp", value=acc - 0.01, **common)]
     return rows
@@ -43,9 +43,12 @@ def test_report_over_several_runs(tmp_path):
     as_json = json.loads((out / "metrics.json").read_text())
     assert len(as_json) == 9 and as_json[0] == {"run": "eps1", "metric": "fid", "value": 60.0, "epsilon": 1.0,
                                                 "delta": 1e-5, "encoder": "lite0", "steps": 4000,
-                                                "release_id": "r-eps1"}
+                                                "release_id": "r-eps1", "fid_synthetic_count": 5000,
+                                                "fid_reference_count": 10000}
+    assert as_json[1]["fid_synthetic_count"] is None and as_json[1]["metric"] == "acc_logreg"
+    assert [(r.fid_synthetic_count, r.fid_reference_count) for r in table if r.metric == "fid"] == [(5000, 10000)] * 3
     text = report.read_text()
-    for needle in ["| eps10 | 10 |", "| nonpriv | non-private |", "45.0000", "0.7500", "acc_mlp",
+    for needle in ["| eps10 | 10 |", "| nonpriv | non-private |", "45.0000 (5,000 synth / 10,000 ref)", "0.7500", "acc_mlp",
                    "![metrics](metrics.png)", "![samples](samples.png)"]:
         assert needle in text, needle
     with Image.open(out / "metrics.png") as plot:
@@ -56,9 +59,11 @@ def test_report_over_several_runs(tmp_path):
 
 def test_report_for_one_run_accepts_dict_rows(tmp_path):
     rows = [{"run": "solo", "metric": "fid", "value": 12.5, "epsilon": 2.0, "delta": 1e-6,
-             "encoder": "vgg19", "steps": 10, "release_id": "r1"}]
+             "encoder": "vgg19", "steps": 10, "release_id": "r1", "fid_synthetic_count": 10, "fid_reference_count": 200}]
     report = write_report(tmp_path, rows)
-    assert "12.5000" in report.read_text() and "samples" not in report.read_text()
+    text = report.read_text()
+    assert "12.5000 (10 synth / 200 ref)" in text and "samples" not in text
+    assert "**Small FID**: solo/fid used fewer than 2,048 images" in text
     assert (tmp_path / "metrics.png").stat().st_size > 0
 
 
@@ -68,10 +73,14 @@ def test_report_for_one_run_accepts_dict_rows(tmp_path):
         ({"value": float("nan")}, "must be finite"),
         ({"epsilon": 0.0}, "epsilon of r must be positive or None, got 0.0"),
         ({"run": ""}, "non-empty"),
+        ({"fid_synthetic_count": None}, "r/fid needs fid_synthetic_count and fid_reference_count"),
+        ({"fid_reference_count": 1}, r"integers >= 2, got \(2048, 1\)"),
+        ({"metric": "acc_mlp"}, "acc_mlp is not an FID: its fid counts must be None"),
     ],
 )
 def test_bad_rows_are_rejected(change, message):
-    row = dict(run="r", metric="fid", value=1.0, epsilon=1.0, delta=1e-5, encoder="e", steps=1, release_id="x")
+    row = dict(run="r", metric="fid", value=1.0, epsilon=1.0, delta=1e-5, encoder="e", steps=1, release_id="x",
+               fid_synthetic_count=2048, fid_reference_count=2048)
     with pytest.raises(ValueError, match=message):
         MetricRow(**{**row, **change})
 
@@ -128,7 +137,8 @@ def test_rows_take_provenance_from_the_synthetic_file_not_defaults():
     from storage.provenance import SyntheticInfo
 
     info = SyntheticInfo(release_id="r1", epsilon=2.0, delta=1e-5, encoder="lite0", class_names=None, steps=300)
-    row = MetricRow.of_synthetic("run", "fid", 12, info)
+    row = MetricRow.of_synthetic("run", "fid", 12, info, fid_counts=(1000, 10000))
     assert (row.epsilon, row.delta, row.encoder, row.steps, row.release_id, row.value) == (2.0, 1e-5, "lite0", 300, "r1", 12.0)
+    assert (row.fid_synthetic_count, row.fid_reference_count) == (1000, 10000)
     ceiling = MetricRow.of_real_data("real-data-ceiling", "acc_mlp", 0.9)
     assert (ceiling.epsilon, ceiling.release_id, ceiling.steps) == (None, "", 0)

@@ -47,7 +47,7 @@ def setup(tmp_path, monkeypatch):
 
 def _evaluate(s, reference: str, *extra: str) -> list[str]:
     return ["evaluate", "--run", str(s["run"]), "--reference", reference, "--classifiers", "",
-            "--fid-samples", "20", "--out", str(s["tmp"] / "report"), "--json", *extra]
+            "--fid-samples", "20", "--allow-small-fid", "--out", str(s["tmp"] / "report"), "--json", *extra]
 
 
 def test_private_reference_refused_without_the_flag(setup, capsys):
