@@ -45,3 +45,39 @@ def fmnist_subset(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def frob(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(((a - b) ** 2).sum()))
+
+
+def write_image_folder(root, *, classes=("a", "b"), per_class: int = 4, seed: int = 0, size=(28, 28)):
+    """ROOT/<class>/<i>.png: random grey images, the same file names for any seed. Returns ROOT."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root, rng = Path(root), np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def cheap_evaluation_run(tmp_path, monkeypatch) -> dict:
+    """A run folder with 20 synthetic images, a fresh HOME (so a fresh FID cache) and a cheap stand-in
+    for Inception (3 pixel values per image): for tests of what evaluation checks and caches, not of FID."""
+    import tasks.evaluation
+    from storage.synthetic import write_synthetic
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("MEPF_CACHE_DIR", raising=False)
+    monkeypatch.setattr(tasks.evaluation, "load_fid_inception", lambda device: None)
+    monkeypatch.setattr(tasks.evaluation, "images_to_inception_activations",
+                        lambda model, images, device, progress: np.asarray(images, np.float64).reshape(len(images), -1)[:, :3])
+    run = tmp_path / "run"
+    run.mkdir()
+    rng = np.random.default_rng(2)
+    write_synthetic(run / "synthetic.h5", rng.integers(0, 256, (20, 3, 32, 32), dtype=np.uint8),
+                    np.arange(20) % 2, {"epsilon": 1.0, "delta": 1e-5, "release_id": "x", "encoder": "efficientnet-lite0",
+                                        "class_names": ["a", "b"], "steps": 1})
+    return {"home": home, "run": run, "cache": home / ".cache" / "dp-mepf" / "fid", "tmp": tmp_path}

@@ -6,10 +6,8 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from flows.cli import main
+from tests.helpers import write_image_folder
 
 
 def test_three_spellings_share_one_budget(tmp_path, capsys, monkeypatch):
@@ -17,11 +15,7 @@ def test_three_spellings_share_one_budget(tmp_path, capsys, monkeypatch):
     keys, all three epsilon-1 releases were accepted with budget 1, and `mepf budget` showed three
     datasets. Now the second and third are refused, and the ledger holds one charge on one dataset."""
     monkeypatch.chdir(tmp_path)
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    write_image_folder(tmp_path / "data")
     ledger = tmp_path / "ledger.jsonl"
     codes = []
     for i, spelling in enumerate(["imagefolder:data", "imagefolder:./data/", f"imagefolder:{tmp_path}/data"]):
@@ -43,11 +37,7 @@ def test_three_spellings_share_one_budget(tmp_path, capsys, monkeypatch):
 
 
 def _images(folder: Path, classes=("a", "b"), k: int = 3) -> None:
-    rng = np.random.default_rng(1)
-    for c in classes:
-        (folder / c).mkdir(parents=True)
-        for i in range(k):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    write_image_folder(folder, classes=classes, per_class=k, seed=1)
 
 
 def _release(dataset: str, out: str, ledger: Path, *extra: str) -> int:

@@ -13,15 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 import storage.ledger
 from flows.cli import main
 from mepf_core.errors import InvalidArgumentError, MepfError
 from storage.ledger import BudgetExceededError, LedgerError
+from tests.helpers import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mepf_core", "storage", "tasks", "flows")
@@ -142,11 +141,7 @@ def test_a_bug_exits_non_zero_with_its_traceback(ledger, verbose):
 def test_a_task_error_inside_the_flow_keeps_its_type_and_exits_2(tmp_path, capsys):
     """Prefect 3 re-raises a task's own exception from a flow called directly: `check_budget`'s
     BudgetExceededError reaches `main` as itself (not wrapped), so it is still a one-line user error."""
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "data" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    write_image_folder(tmp_path / "data")
     ledger = tmp_path / "ledger.jsonl"
     code = main(["release", "--dataset", f"imagefolder:{tmp_path / 'data'}", "--target-epsilon", "1", "--labelled",
                  "--out", str(tmp_path / "r.h5"), "--ledger", str(ledger), "--budget", "0.5", "--batch-size", "8"])

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from pydantic import ValidationError
 
 import tasks.evaluation
@@ -22,37 +21,18 @@ from flows.cli import main
 from mepf_core.errors import InvalidArgumentError
 from storage.metrics import FID_MIN_SAMPLES
 from storage.params import EvaluateParams, PipelineParams
-from storage.synthetic import write_synthetic
+from tests.helpers import cheap_evaluation_run, write_image_folder
 
 
 def _write_reference(root: Path, seed: int, per_class: int = 6) -> Path:
     """ROOT/test/{a,b}/0.png..: a public test split (its own test/ folder), same names for any seed."""
-    rng = np.random.default_rng(seed)
-    for c in ("a", "b"):
-        (root / "test" / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / "test" / c / f"{i}.png")
+    write_image_folder(root / "test", per_class=per_class, seed=seed)
     return root
 
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("MEPF_CACHE_DIR", raising=False)
-    monkeypatch.setattr(tasks.evaluation, "load_fid_inception", lambda device: None)
-    monkeypatch.setattr(tasks.evaluation, "images_to_inception_activations",
-                        lambda model, images, device, progress: np.asarray(images, np.float64).reshape(len(images), -1)[:, :3])
-    run = tmp_path / "run"
-    run.mkdir()
-    rng = np.random.default_rng(2)
-    write_synthetic(run / "synthetic.h5", rng.integers(0, 256, (20, 3, 32, 32), dtype=np.uint8),
-                    np.arange(20) % 2, {"epsilon": 1.0, "delta": 1e-5, "release_id": "x", "encoder": "efficientnet-lite0",
-                                        "class_names": ["a", "b"], "steps": 1})
-    reference = _write_reference(tmp_path / "ref", seed=1)
-    return {"home": home, "run": run, "reference": reference, "tmp": tmp_path,
-            "cache": home / ".cache" / "dp-mepf" / "fid"}
+    return {**cheap_evaluation_run(tmp_path, monkeypatch), "reference": _write_reference(tmp_path / "ref", seed=1)}
 
 
 def _evaluate(s, out: str, *extra: str) -> list[str]:

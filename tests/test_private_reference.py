@@ -6,43 +6,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from pydantic import ValidationError
 
-import tasks.evaluation
 from flows.cli import main
 from storage.params import EvaluateParams
-from storage.synthetic import write_synthetic
+from tests.helpers import cheap_evaluation_run, write_image_folder
 
 
 def _folder(root: Path) -> Path:
-    rng = np.random.default_rng(1)
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
+    return write_image_folder(root, per_class=6, seed=1)
 
 
 @pytest.fixture
 def setup(tmp_path, monkeypatch):
     """A run with a synthetic set, a fresh HOME, and a cheap stand-in for Inception (the cache is the point)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.delenv("MEPF_CACHE_DIR", raising=False)
-    monkeypatch.setattr(tasks.evaluation, "load_fid_inception", lambda device: None)
-    monkeypatch.setattr(tasks.evaluation, "images_to_inception_activations",
-                        lambda model, images, device, progress: np.asarray(images, np.float64).reshape(len(images), -1)[:, :3])
-    run = tmp_path / "run"
-    run.mkdir()
-    rng = np.random.default_rng(2)
-    write_synthetic(run / "synthetic.h5", rng.integers(0, 256, (20, 3, 32, 32), dtype=np.uint8),
-                    np.arange(20) % 2, {"epsilon": 1.0, "delta": 1e-5, "release_id": "x", "encoder": "efficientnet-lite0",
-                                               "class_names": ["a", "b"], "steps": 1})
-    return {"home": home, "run": run, "cache": home / ".cache" / "dp-mepf" / "fid", "tmp": tmp_path}
+    return cheap_evaluation_run(tmp_path, monkeypatch)
 
 
 def _evaluate(s, reference: str, *extra: str) -> list[str]:
