@@ -177,9 +177,15 @@ def _torchvision_download(cls_name: str, root: Path, split: str):
         ) from exc
 
 
+def _idx_roots(spec: str, root: str | os.PathLike | None) -> list[Path]:
+    """Where `open_dataset` looks for an MNIST-format dataset's idx files, in order."""
+    if root is not None:
+        return [Path(root)]
+    return [DEBIAN_FASHION_MNIST, default_data_root()] if spec == "fashion-mnist" else [default_data_root()]
+
+
 def _fashion_mnist(split: str, root: Path | None) -> ImageSource:
-    roots = [root] if root is not None else [DEBIAN_FASHION_MNIST, default_data_root()]
-    for r in roots:
+    for r in _idx_roots("fashion-mnist", root):
         src = _idx_source("fashion-mnist", split, Path(r), FASHION_CLASSES)
         if src is not None:
             return src
@@ -193,7 +199,7 @@ def _fashion_mnist(split: str, root: Path | None) -> ImageSource:
 
 def _mnist(split: str, root: Path | None) -> ImageSource:
     digits = tuple(str(i) for i in range(10))
-    target = Path(root) if root is not None else default_data_root()
+    [target] = _idx_roots("mnist", root)
     src = _idx_source("mnist", split, target, digits)
     if src is not None:
         return src
@@ -473,14 +479,10 @@ _IDX_SOURCES: dict[tuple, str] = {}  # (real path, dev, inode, size, mtime) -> s
 
 def _idx_images_file(spec: str, split: str, root: str | os.PathLike | None) -> Path | None:
     """The idx image file `open_dataset(spec, split, root)` reads (the search of `_fashion_mnist`/`_mnist`)."""
-    if spec == "fashion-mnist":
-        roots = [Path(root)] if root is not None else [DEBIAN_FASHION_MNIST, default_data_root()]
-    elif spec == "mnist":
-        roots = [Path(root) if root is not None else default_data_root()]
-    else:
+    if spec not in ("fashion-mnist", "mnist"):
         return None
     stem = "train" if split == "train" else "t10k"
-    for r in roots:
+    for r in _idx_roots(spec, root):
         images = _find_idx(r, f"{stem}-images-idx3-ubyte")
         if images is not None and _find_idx(r, f"{stem}-labels-idx1-ubyte") is not None:
             return images

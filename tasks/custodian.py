@@ -8,9 +8,6 @@ nothing here logs a statistic of the data (not even n, which is private under ad
 from __future__ import annotations
 
 import functools
-
-import functools
-from dataclasses import replace
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -193,7 +190,7 @@ def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
     k = src.num_classes if params.labelled else 1
     sums = FeatureSums.zeros(k, fm.feature_dim, params.moments)
     bound2 = params.second_moment_bound if params.moments == 2 else None
-    failure: str | None = None
+    corrupt = False
     # The bar shows a percentage and times only: image counts would print n, which is private.
     with tqdm(total=stop - start, desc=f"extract shard {shard + 1}/{params.shards}", leave=False,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
@@ -202,15 +199,11 @@ def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
                 phi1, phi2 = images_to_features(fm, images, norm_bound=params.norm_bound, second_moment_bound=bound2)
                 sums.add(phi1, phi2, labels if params.labelled else None)
                 bar.update(len(images))
-        except CorruptImageError:
-            failure = "corrupt"
-        except Exception as exc:  # noqa: BLE001 - replaced by a message without private values, below
-            failure = type(exc).__name__
-    if failure == "corrupt":
+        except CorruptImageError:  # its message names the file: replaced below, outside the except block
+            corrupt = True
+    if corrupt:
         raise _safe(CorruptImageError(f"an image could not be decoded; {check_data_hint(params)}"))
-    if failure is not None:
-        raise _safe(ExtractionError(f"extraction failed on a private record ({failure}); {check_data_hint(params)}"))
-    return sums
+    return sums  # any other error is replaced by `sanitize_errors`
 
 
 @task(name="extract-shard", **_PRIVATE)
@@ -226,6 +219,12 @@ def reduce_sums(partials: list[FeatureSums]) -> FeatureSums:
     for p in partials[1:]:
         total = total.merge(p)
     return total
+
+
+@sanitize_errors("noise")
+def _noisy_parts(params: ReleaseParams, sums: FeatureSums, mechanism: ReleaseMechanism) -> dict:
+    """`sums_to_noisy_parts`, whose errors could print un-noised sums, behind `sanitize_errors`."""
+    return sums_to_noisy_parts(sums, mechanism)
 
 
 @task(name="charge-noise-release", persist_result=False, cache_policy=NO_CACHE)
@@ -258,7 +257,7 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
             delta=mechanism.target_delta, noise_multiplier=mechanism.effective_noise_multiplier,
             neighbouring=mechanism.relation, source=params.source, legacy_id=params.legacy_dataset_id,
         )
-    noisy = sanitize_errors("noise")(lambda _params: sums_to_noisy_parts(sums, mechanism))(params)
+    noisy = _noisy_parts(params, sums, mechanism)
     path = embedding_to_release(params.out, meta, noisy, signing_key=signing_key, signer_name=params.signer_name)
     get_run_logger().info("release %s written to %s", meta.release_id, path)
     return {
