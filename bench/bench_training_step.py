@@ -62,18 +62,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from bench.common import command_line, env_label, environment, median, table, write_result  # noqa: E402
 from mepf_core.allocator import keep_freed_memory  # noqa: E402
+from mepf_core.precision import cpu_has_native_bf16  # noqa: E402
 from mepf_core.encoders import build_feature_map  # noqa: E402
 from mepf_core.losses import class_weight_matrix  # noqa: E402
 from mepf_core.public_map import PublicFeatureMap  # noqa: E402
-from mepf_core.training import TrainConfig, Trainer, balanced_labels  # noqa: E402
+from mepf_core.training import TrainConfig, Trainer, balanced_labels, build_trainer  # noqa: E402
 
 logger = logging.getLogger("bench_training_step")
 
 NUM_CLASSES = 10
 RELEASE_NOISE = 1e-3  # per-coordinate std of the fake release's noise (eps ~1, n ~ 6,000 per class)
-ALL_OPTIONS = ("default", "baseline", "unfused", "channels_last", "compile", "bf16", "mkldnn_off", "mkldnn_bf16",
-               "flush_denormal", "threads1", "omp_passive", "malloc_heap")
-CPU_ONLY = {"bf16", "mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive", "malloc_heap"}
+ALL_OPTIONS = ("default", "baseline", "baseline+malloc_heap", "m1_and_m2", "unfused", "channels_last", "compile",
+               "bf16", "fp32", "mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive", "system_malloc")
+CPU_ONLY = {"mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive", "malloc_heap", "system_malloc"}
 # Options that need a fresh process: the environment of the child that runs the variant's steps.
 ENV_OPTIONS = {
     "omp_passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # idle OpenMP threads sleep instead of spinning
@@ -83,10 +84,13 @@ ENV_OPTIONS = {
 # Options that change the process itself, applied first thing in the child: production's own calls.
 CHILD_SETUP: dict[str, Callable[[], object]] = {
     # glibc keeps freed memory (the training task's keep_freed_memory), so large per-step tensors
-    # do not page-fault fresh zeroed pages every step
+    # do not page-fault fresh zeroed pages every step. Production (build_trainer) already does this;
+    # the option exists to put the published-code baseline under the same allocator (baseline+malloc_heap)
     "malloc_heap": keep_freed_memory,
 }
-FRESH_PROCESS = ENV_OPTIONS.keys() | CHILD_SETUP.keys()
+# the production trainer built without build_trainer's process settings (glibc's default allocator)
+PLAIN_PROCESS = {"system_malloc"}
+FRESH_PROCESS = ENV_OPTIONS.keys() | CHILD_SETUP.keys() | PLAIN_PROCESS
 ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "MALLOC_MMAP_MAX_",
             "MALLOC_TRIM_THRESHOLD_")
 
@@ -119,6 +123,7 @@ class Variant:
     note: str = ""
     times: list[list[float]] = field(default_factory=list)  # one list of step times per round
     setup_s: float = 0.0  # compile time and other first-step cost, kept out of the medians
+    rss: dict = field(default_factory=dict)  # the child's resident memory, MiB: phases and peak
 
 
 # --- the production step ---------------------------------------------------------------------------
@@ -135,13 +140,20 @@ def release_like_targets(public_map: PublicFeatureMap, image_shape, seed: int = 
             for name, f in public_map(images).items()}
 
 
-def make_trainer(cfg: BenchConfig, device: str, *, fused: bool = True) -> Trainer:
+def make_trainer(cfg: BenchConfig, device: str, *, fused: bool = True, precision: str | None = None,
+                 moments: int = 1, production_process: bool = True) -> Trainer:
+    """The trainer `mepf train` would build for this configuration: `build_trainer` (the production
+    function, which also applies the process settings) on release-like targets, TrainConfig's
+    defaults except steps, batch size, learning rate and device. precision None: TrainConfig's
+    default ("auto"). production_process False: `Trainer(...)` alone (variant system_malloc)."""
     fm = build_feature_map(cfg.encoder, random_init=cfg.random_init)
-    public = PublicFeatureMap(fm, norm_bound=1.0, second_moment_bound=None, moments=1, fused=fused).to(device)
-    config = TrainConfig(steps=1_000_000, batch_size=cfg.batch_size, lr_gen=cfg.lr_gen, device=device,
-                         mixed_precision=True)
-    return Trainer(config, public, release_like_targets(public, cfg.image_shape), image_shape=cfg.image_shape,
-                   labelled=True)
+    public = PublicFeatureMap(fm, norm_bound=1.0, second_moment_bound=1.0 if moments == 2 else None, moments=moments,
+                              fused=fused).to(device)
+    overrides = {} if precision is None else {"precision": precision}
+    config = TrainConfig(steps=1_000_000, batch_size=cfg.batch_size, lr_gen=cfg.lr_gen, device=device, **overrides)
+    build = build_trainer if production_process else Trainer
+    return build(config, public, release_like_targets(public, cfg.image_shape), image_shape=cfg.image_shape,
+                 labelled=True)
 
 
 # --- the published code's approach (cifar10 baseline) ----------------------------------------------
@@ -198,10 +210,11 @@ class PublishedResNetGenerator(nn.Module):
 class BaselineStep:
     """One published-style step: generate, hook features, norm bound, class means, squared distance."""
 
-    def __init__(self, targets: torch.Tensor, batch_size: int, device: str, seed: int = 0):
+    def __init__(self, targets: torch.Tensor, batch_size: int, device: str, seed: int = 0,
+                 features: PublishedVGGFeatures | None = None):
         torch.manual_seed(seed)
         self.generator = PublishedResNetGenerator().to(device).train()
-        self.features = PublishedVGGFeatures().to(device)
+        self.features = features if features is not None else PublishedVGGFeatures().to(device)
         self.targets = targets.to(device)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=1e-3, betas=(0.5, 0.999))
         self.batch_size, self.device = batch_size, device
@@ -220,6 +233,67 @@ class BaselineStep:
         loss.backward()
         self.optimizer.step()
         return loss.detach()
+
+
+def make_baseline(cfg: BenchConfig, device: str, seed: int = 0) -> BaselineStep:
+    """The published-approach step with release-like targets from its own (random) VGG19: class means
+    of the norm-bounded features of 4K random images plus release-sized noise."""
+    torch.manual_seed(seed)
+    features = PublishedVGGFeatures().to(device)
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        images = torch.rand(4 * NUM_CLASSES, *cfg.image_shape, generator=rng).to(device)
+        f = features(images)
+        f = f / f.norm(dim=1, keepdim=True)
+        weights = class_weight_matrix(balanced_labels(len(images), NUM_CLASSES), NUM_CLASSES).to(device)
+        targets = weights @ f + RELEASE_NOISE * torch.randn(NUM_CLASSES, f.shape[1], generator=rng).to(device)
+    return BaselineStep(targets, cfg.batch_size, device, seed, features=features)
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+def rss_mib() -> dict[str, float]:
+    """This process's resident memory now and its peak so far (VmRSS, VmHWM), MiB; {} off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return {}
+    return {"now": round(int(fields["VmRSS"].split()[0]) / 1024, 1), "peak": round(int(fields["VmHWM"].split()[0]) / 1024, 1)}
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_breakdown(trainer: Trainer) -> dict[str, float]:
+    """Where a training step's memory goes, MiB: weights, optimiser states, the loss's K x D tensors,
+    the tensors autograd saves for backward in one step (unique storages, weights excluded) and the
+    largest of them. Runs one extra training step."""
+    params = {p.data_ptr() for m in (trainer.generator, trainer.feature_map) for p in m.parameters()}
+    params |= {b.data_ptr() for b in trainer.feature_map.buffers()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() not in params and t.data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.train_step()
+    loss = trainer.loss
+    loss_tensors = [*loss.targets.values(), *loss.gaps.values()]
+    if loss.optimizer is not None:
+        loss_tensors += [v for st in loss.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    mib = lambda b: round(b / 2**20, 1)  # noqa: E731
+    return {"generator_weights": mib(_nbytes(trainer.generator.parameters())),
+            "encoder_weights": mib(_nbytes([*trainer.feature_map.parameters(), *trainer.feature_map.buffers()])),
+            "generator_adam_state": mib(_nbytes(v for st in trainer.optimizer.state.values() for v in st.values()
+                                                if torch.is_tensor(v))),
+            "loss_targets_gaps_adam": mib(_nbytes(loss_tensors)),
+            "saved_for_backward": mib(sum(saved.values())),
+            "largest_saved": mib(max(saved.values(), default=0)),
+            "saved_tensors": len(saved)}
 
 
 # --- variants --------------------------------------------------------------------------------------
@@ -256,12 +330,13 @@ def num_threads(n: int):
 
 
 class RemoteStep:
-    """A variant's step in a child process started with extra environment variables.
+    """A variant's step in its own child process, driven step by step over a pipe.
 
-    OpenMP's OMP_WAIT_POLICY and glibc's malloc settings are read when the process starts, so the
-    only fair in-run comparison is a second process driven step by step from this one (one pipe
-    round trip, well under a millisecond, per step); the parent's threads are idle meanwhile. The
-    child applies the variant's in-process parts itself and reports the step's FLOPs when ready.
+    Every variant runs in a fresh process: production's process settings (`build_trainer` makes glibc
+    keep freed memory) and OpenMP's OMP_WAIT_POLICY are process-wide and read or applied once, and
+    each variant's peak resident memory must be its own. One pipe round trip (well under a
+    millisecond) per step; the parent's threads are idle meanwhile. The child builds the variant,
+    counts one step's FLOPs and reports them with its note when ready.
     """
 
     def __init__(self, cfg: BenchConfig, device: str, env: dict[str, str], parts: list[str]):
@@ -269,18 +344,30 @@ class RemoteStep:
                                       "--worker-parts", "+".join(parts) or "default", "--device", device],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env={**os.environ, **env}, cwd=Path(__file__).resolve().parents[1])
-        self.flops = int(self._expect("ready")[0])
+        ready = self._ask(None, "ready")
+        self.flops, self.note = int(ready["flops"]), ready["note"]
 
-    def _expect(self, word: str) -> list[str]:
-        line = self.proc.stdout.readline().split()
-        if not line or line[0] != word:
+    def _ask(self, command: str | None, word: str):
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        head, _, body = line.partition(" ")
+        if head.strip() != word:
             raise RuntimeError(f"benchmark worker answered {line!r} instead of {word!r} (exit code {self.proc.poll()})")
-        return line[1:]
+        return json.loads(body) if body.strip() else None
 
     def __call__(self) -> None:
-        self.proc.stdin.write("step\n")
-        self.proc.stdin.flush()
-        self._expect("ok")
+        self._ask("step", "ok")
+
+    def rss(self) -> dict:
+        return self._ask("rss", "rss")
+
+    def memory(self) -> dict:
+        return self._ask("memory", "memory")
+
+    def profile(self) -> list[dict]:
+        return self._ask("profile", "profile")
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -288,23 +375,43 @@ class RemoteStep:
 
 
 def worker(config: str, parts: str, device: str) -> None:
-    """Child side of RemoteStep: build the variant's step, then one step per 'step' line."""
+    """Child side of RemoteStep: build the variant's step, then answer one command per line
+    (step, rss, memory, profile) until stdin closes."""
     names = [p for p in parts.split("+") if p != "default"]
     for name in names:
         if name in CHILD_SETUP:
             CHILD_SETUP[name]()
-    trainer, flags, _ = modified_trainer(CONFIGS[config], device, [p for p in names if p != "baseline"])
-    step = trainer.train_step
+    phases = {"imports": rss_mib().get("now")}
+    cfg = CONFIGS[config]
+    trainer = None
     if "baseline" in names:
-        step = BaselineStep(trainer.loss.targets["moment1"], CONFIGS[config].batch_size, device)
+        step, flags = make_baseline(cfg, device), contextlib.nullcontext
+        notes = ["published approach: full torchvision VGG19 + hooks, plain generator"]
+    else:
+        trainer, flags, notes = modified_trainer(cfg, device, names)
+        step = trainer.train_step
+        notes.insert(0, f"build_trainer (production), autocast {trainer.amp_dtype or 'off'}"
+                     if "system_malloc" not in names else "Trainer(...) without build_trainer's process settings")
+    notes += [f"{p}: {CHILD_SETUP[p].__name__}() first" for p in names if p in CHILD_SETUP]
+    phases["built"] = rss_mib().get("now")
     with flags():
-        print(f"ready {count_flops(step)}", flush=True)
+        flops = count_flops(step)
+    phases["after_first_step"] = rss_mib().get("now")
+    print("ready " + json.dumps({"flops": flops, "note": "; ".join(notes)}), flush=True)
     for line in sys.stdin:
-        if line.strip() == "step":
+        command = line.strip()
+        if command == "step":
             with flags():
                 step()
             synchronize(device)
             print("ok", flush=True)
+        elif command == "rss":
+            print("rss " + json.dumps({**phases, "peak": rss_mib().get("peak")}), flush=True)
+        elif command == "memory":
+            print("memory " + json.dumps(memory_breakdown(trainer) if trainer is not None else {}), flush=True)
+        elif command == "profile":
+            with flags():
+                print("profile " + json.dumps(profile_step(step, device)), flush=True)
 
 
 def count_flops(step: Callable[[], object]) -> int:
@@ -327,21 +434,22 @@ def _compile(t: Trainer):
     return None, "generator.compile() and feature_map.compile(), steady state"
 
 
-def _bf16(t: Trainer):
-    t.amp_dtype = torch.bfloat16  # the Trainer's own autocast path, which it enables on cuda only
-    return None, "Trainer autocast bf16 on the CPU"
-
-
-# In-process modifiers of a fresh default trainer: (trainer) -> (flags context factory or None, note).
+# In-process modifiers of a freshly built trainer: (trainer) -> (flags context factory or None, note).
 # They combine with "+" (e.g. channels_last+threads1), applied left to right.
 MODIFIERS: dict[str, Callable[[Trainer], tuple]] = {
     "channels_last": _channels_last,
     "compile": _compile,
-    "bf16": _bf16,
     "mkldnn_off": lambda t: (lambda: torch.backends.mkldnn.flags(enabled=False), "torch.backends.mkldnn.enabled = False"),
     "mkldnn_bf16": lambda t: (lambda: mkldnn_fp32_precision("bf16"), "mkldnn conv/matmul fp32_precision = 'bf16'"),
     "flush_denormal": lambda t: (flush_denormal, "torch.set_flush_denormal(True)"),
     "threads1": lambda t: (lambda: num_threads(1), "torch.set_num_threads(1)"),
+}
+# Parts that change how the trainer is built (TrainConfig / PublicFeatureMap arguments)
+BUILD_PARTS = {
+    "unfused": "PublicFeatureMap(fused=False): batch norms kept",
+    "bf16": "TrainConfig(precision='bf16')",
+    "fp32": "TrainConfig(precision='fp32')",
+    "m1_and_m2": "moments=2 (first and second moments, D x 2)",
 }
 
 
@@ -355,25 +463,30 @@ def stacked(factories: list[Callable[[], contextlib.AbstractContextManager]]):
 
 
 def option_name(value: str) -> str:
-    """argparse type: a known option, or in-process modifiers, 'unfused' and environment options
-    joined by '+' (e.g. channels_last+threads1, omp_passive+malloc_heap)."""
+    """argparse type: a known option, or modifiers, build parts and process options joined by '+'
+    (e.g. channels_last+threads1, bf16+m1_and_m2, omp_passive+bf16); baseline only with process options."""
     parts = value.split("+")
-    if len(parts) == 1 and value in ALL_OPTIONS:
+    if value in ALL_OPTIONS:
         return value
-    bad = [p for p in parts if p not in MODIFIERS and p not in FRESH_PROCESS and p not in ("unfused", "baseline")]
-    if "baseline" in parts and not FRESH_PROCESS & set(parts):
+    bad = [p for p in parts if p not in MODIFIERS and p not in FRESH_PROCESS and p not in BUILD_PARTS
+           and p != "baseline"]
+    if "baseline" in parts and set(parts) - FRESH_PROCESS - {"baseline"}:
         bad.append("baseline (combines only with " + ", ".join(sorted(FRESH_PROCESS)) + ")")
+    if "bf16" in parts and "fp32" in parts:
+        bad.append("bf16 with fp32")
     if bad or len(set(parts)) != len(parts):
         raise argparse.ArgumentTypeError(
             f"unknown option {value!r} ({', '.join(bad) or 'a part repeats'}); choose from {', '.join(ALL_OPTIONS)} or join "
-            f"{', '.join([*MODIFIERS, *FRESH_PROCESS])} and unfused with '+' (baseline with a process option)")
+            f"{', '.join([*MODIFIERS, *BUILD_PARTS, *FRESH_PROCESS])} with '+' (baseline with a process option)")
     return value
 
 
 def modified_trainer(cfg: BenchConfig, device: str, parts: list[str]) -> tuple[Trainer, Callable, list[str]]:
-    """A fresh trainer with the in-process parts applied: (trainer, flags context factory, notes)."""
-    t = make_trainer(cfg, device, fused="unfused" not in parts)
-    flags, notes = [], ["PublicFeatureMap(fused=False): batch norms kept"] if "unfused" in parts else []
+    """A fresh production trainer with the variant's parts applied: (trainer, flags context factory, notes)."""
+    precision = "bf16" if "bf16" in parts else "fp32" if "fp32" in parts else None
+    t = make_trainer(cfg, device, fused="unfused" not in parts, precision=precision,
+                     moments=2 if "m1_and_m2" in parts else 1, production_process="system_malloc" not in parts)
+    flags, notes = [], [BUILD_PARTS[p] for p in parts if p in BUILD_PARTS]
     for part in parts:
         if part in MODIFIERS:
             ctx, note = MODIFIERS[part](t)
@@ -383,40 +496,28 @@ def modified_trainer(cfg: BenchConfig, device: str, parts: list[str]) -> tuple[T
 
 
 def build_variants(cfg: BenchConfig, device: str, options: list[str]) -> list[Variant]:
-    """The default production step first (every ratio is against it), then the requested options."""
-    default = make_trainer(cfg, device)
-    fused = default.feature_map.raw is not default.feature_map.feature_map
-    variants = [Variant("default", default.train_step, cfg.batch_size, flops=count_flops(default.train_step),
-                        note="Trainer.train_step" + (", fused map" if fused else ""))]
-    for name in options:
-        parts = name.split("+")
-        if name == "default":
-            continue
+    """The default production step first (every ratio is against it), then the requested options,
+    each in its own child process."""
+    variants = []
+    for name in ["default", *[o for o in options if o != "default"]]:
+        parts = [p for p in name.split("+") if p != "default"]
         if device == "cuda" and CPU_ONLY & set(parts):
             logger.warning("option %s is CPU-only; skipped on cuda", name)
             continue
         if "unfused" in parts and cfg.encoder != "efficientnet-lite0":
             continue  # only Lite0 has a fused map
-        if name == "baseline":
-            if cfg.name != "cifar10":
-                continue
-            base = BaselineStep(default.loss.targets["moment1"], cfg.batch_size, device)
-            variants.append(Variant("baseline", base, cfg.batch_size, flops=count_flops(base),
-                                    note="published approach: full torchvision VGG19 + hooks, plain generator"))
-        elif FRESH_PROCESS & set(parts):
-            env = {k: v for p in parts if p in ENV_OPTIONS for k, v in ENV_OPTIONS[p].items()}
-            local = [p for p in parts if p not in ENV_OPTIONS]
-            if "baseline" in parts and cfg.name != "cifar10":
-                continue
-            remote = RemoteStep(cfg, device, env, local)
-            notes = [f"in a child process with {' '.join(f'{k}={v}' for k, v in env.items()) or 'no extra environment'}"]
-            notes += [f"{p}: {CHILD_SETUP[p].__name__}() first" if p in CHILD_SETUP else p for p in local]
-            variants.append(Variant(name, remote, cfg.batch_size, flops=remote.flops, note="; ".join(notes)))
-        else:
-            t, flags, notes = modified_trainer(cfg, device, parts)
-            flops = count_flops(t.train_step) if "unfused" in parts else variants[0].flops
-            variants.append(Variant(name, t.train_step, cfg.batch_size, flops=flops, flags=flags,
-                                    note="; ".join(notes)))
+        if "baseline" in parts and cfg.name != "cifar10":
+            continue  # the published VGG19 approach
+        env = {k: v for p in parts if p in ENV_OPTIONS for k, v in ENV_OPTIONS[p].items()}
+        try:
+            remote = RemoteStep(cfg, device, env, [p for p in parts if p not in ENV_OPTIONS])
+        except RuntimeError as exc:  # e.g. torch.compile without a working C++ toolchain
+            logger.warning("%s failed to start and is skipped: %s", name, exc)
+            variants.append(Variant(name, None, cfg.batch_size, note=f"skipped: {exc}"[:240]))
+            continue
+        where = " ".join(f"{k}={v}" for k, v in env.items())
+        note = remote.note + (f"; child started with {where}" if where else "")
+        variants.append(Variant(name, remote, cfg.batch_size, flops=remote.flops, note=note))
     return variants
 
 
@@ -477,14 +578,14 @@ def time_round(variant: Variant, steps: int, device: str) -> None:
     variant.times.append(times)
 
 
-def profile_step(variant: Variant, device: str, top: int = 20) -> list[dict]:
-    """torch.profiler's top ops by self time over two steps of the variant."""
+def profile_step(step: Callable[[], object], device: str, top: int = 20) -> list[dict]:
+    """torch.profiler's top ops by self time over two steps."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(2):
-            variant.step()
+            step()
         synchronize(device)
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
@@ -493,9 +594,19 @@ def profile_step(variant: Variant, device: str, top: int = 20) -> list[dict]:
              "share": round(getattr(e, key) / total, 3), "calls_per_step": e.count // 2} for e in events]
 
 
-def process_parts(name: str) -> list[str]:
-    """The parts of a variant name that set up its process (environment, allocator), in order."""
-    return [p for p in name.split("+") if p in FRESH_PROCESS]
+def allocator_of(name: str) -> str:
+    """'heap' when the variant's process keeps freed memory (production's build_trainer, or the
+    baseline with malloc_heap), else 'system' (glibc's default: the published code, system_malloc)."""
+    parts = name.split("+")
+    if "baseline" in parts:
+        return "heap" if "malloc_heap" in parts else "system"
+    return "system" if "system_malloc" in parts else "heap"
+
+
+def same_process_baseline(name: str) -> str:
+    """The baseline variant under the same allocator and environment as variant `name`."""
+    parts = [p for p in name.split("+") if p in ENV_OPTIONS]
+    return "+".join(["baseline", *parts, *(["malloc_heap"] if allocator_of(name) == "heap" else [])])
 
 
 def summarise(cfg: BenchConfig, variants: list[Variant], peak: float, conv_peak: float) -> list[dict]:
@@ -518,8 +629,9 @@ def summarise(cfg: BenchConfig, variants: list[Variant], peak: float, conv_peak:
                "setup_s": round(v.setup_s, 1), "timed_steps": sum(len(r) for r in v.times), "note": v.note}
         if baseline is not None and "baseline" not in v.name.split("+"):
             row["baseline_ratio"] = round(median([median(b) / median(r) for b, r in zip(baseline.times, v.times)]), 3)
-        same_env = next((b for b in variants if b.times and b.name == "+".join(["baseline", *process_parts(v.name)])), None)
-        if same_env is not None and process_parts(v.name) and "baseline" not in v.name.split("+"):
+        row.update({f"rss_{k}_mib": val for k, val in v.rss.items()})
+        same_env = next((b for b in variants if b.times and b.name == same_process_baseline(v.name)), None)
+        if same_env is not None and "baseline" not in v.name.split("+"):
             row["same_process_baseline_ratio"] = round(
                 median([median(b) / median(r) for b, r in zip(same_env.times, v.times)]), 3)
         rows.append(row)
@@ -544,6 +656,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak (cpu 2048, cuda 8192)")
     ap.add_argument("--profile", action="store_true", help="record torch.profiler's top ops of the default step")
+    ap.add_argument("--memory", action="store_true",
+                    help="record where each production variant's memory goes (weights, optimiser, loss, saved "
+                         "activations; one extra step each) under `memory` in the JSON")
     ap.add_argument("--out", default="training_step", help="result name under bench/results/")
     ap.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)  # child side of RemoteStep
     ap.add_argument("--worker-parts", default="default", help=argparse.SUPPRESS)
@@ -560,11 +675,12 @@ def main() -> None:
     peak_size = args.peak_size or (8192 if args.device == "cuda" else 2048)
     command, env = command_line(ENV_KEYS), environment(ENV_KEYS)
 
-    rows, peaks, profiles = [], {}, {}
+    rows, peaks, profiles, memory = [], {}, {}, {}
     for name in args.configs:
         cfg = CONFIGS[name]
         load_before = os.getloadavg()[0]
         variants = build_variants(cfg, args.device, args.options)
+        remotes = [v.step for v in variants if v.step is not None]
         try:
             for v in variants:
                 warm_up(v, args.warmup, args.device)
@@ -574,12 +690,18 @@ def main() -> None:
                 peaks[name].append(measure_peaks(args.device, peak_size))
                 for v in live[r % len(live):] + live[:r % len(live)]:
                     time_round(v, args.steps, args.device)
-            if args.profile:
-                profiles[name] = profile_step(variants[0], args.device)
+            for v in live:
+                v.rss = v.step.rss()  # peak before the extra steps of --memory / --profile
+            if args.memory:
+                for v in live:
+                    if "baseline" not in v.name.split("+"):
+                        memory[f"{args.device}/{name}/{v.name}"] = {**v.step.memory(), "rss_mib": v.rss}
+            if args.profile and variants[0].step is not None:
+                profiles[name] = variants[0].step.profile()
         finally:
-            for v in variants:
-                if isinstance(v.step, RemoteStep):
-                    v.step.close()
+            for remote in remotes:
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    remote.close()
         load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
         peak = {k: median([p[k] for p in peaks[name]]) for k in ("matmul", "conv")}  # under this config's load
         for row in summarise(cfg, variants, peak["matmul"], peak["conv"]):
@@ -588,12 +710,14 @@ def main() -> None:
                          "conv_peak_gflop_per_s": round(peak["conv"] / 1e9, 1), "command": command})
         del variants
 
-    cols = ["config", "variant", "s_per_step", "images_per_s", "ratio", "baseline_ratio", "gflop_per_step",
-            "gflop_per_s", "peak_fraction", "conv_peak_fraction", "setup_s", "note"]
+    cols = ["config", "variant", "s_per_step", "images_per_s", "ratio", "baseline_ratio", "same_process_baseline_ratio",
+            "rss_peak_mib", "gflop_per_step", "gflop_per_s", "conv_peak_fraction", "setup_s", "note"]
     print(f"env: {env_label(env)}; fp32 peaks, GFLOP/s, median per config (matmul {peak_size}x{peak_size} / "
           "3x3 conv): " + ", ".join(f"{k} {median([p['matmul'] for p in v]) / 1e9:.1f} / "
                                     f"{median([p['conv'] for p in v]) / 1e9:.1f}" for k, v in peaks.items()))
     print(table(rows, cols))
+    for name, parts in memory.items():
+        print(f"\nmemory, MiB, {name}: " + ", ".join(f"{k} {v}" for k, v in parts.items()))
     for name, top in profiles.items():
         print(f"\ntop ops, default {name} step:")
         print(table(top, list(top[0])))
@@ -606,8 +730,11 @@ def main() -> None:
         "columns": {"s_per_step": "median seconds per training step over all timed steps",
                     "ratio": "default s/step over this variant's, median over rounds (> 1: faster)",
                     "baseline_ratio": "ours / published-approach baseline, images per second",
-                    "same_process_baseline_ratio": "this variant / baseline+<its process options> (same allocator and "
-                                                   "environment for both), images per second",
+                    "same_process_baseline_ratio": "this variant / the baseline under the same allocator and "
+                                                   "environment (baseline+malloc_heap for production variants), "
+                                                   "images per second",
+                    "rss_peak_mib": "the variant's child process: peak resident memory (VmHWM) after warm-up and the "
+                                    "timed steps, MiB; rss_imports/built/after_first_step_mib: VmRSS at those points",
                     "peak_fraction": "achieved FLOP/s over the fp32 matmul peak measured in the same rounds",
                     "conv_peak_fraction": "achieved FLOP/s over a large channels-last fp32 3x3 conv's FLOP/s, "
                                           "same rounds (oneDNN; MKL's matmul is slower on AMD CPUs)",
@@ -615,6 +742,8 @@ def main() -> None:
         "peaks": {"matmul": f"float32 {peak_size}x{peak_size} torch.matmul",
                   "conv": "float32 3x3 conv, 128x256x16x16 -> 256 channels, channels-last, padding 1"},
         "rows": all_rows, **({"profiles": profiles} if profiles else {}),
+        **({"memory": {**old.get("memory", {}), **memory}} if memory or "memory" in old else {}),
+        "cpu_native_bf16": cpu_has_native_bf16(),
         **({"before": old["before"]} if "before" in old else {})})  # a recorded before/after comparison stays
     print(f"wrote {path}")
 

@@ -39,6 +39,7 @@ def _add_release(sub) -> None:
     add_model_flags(p, ReleaseParams, ("dataset", "split", "data_root", "target_epsilon", "target_delta"))
     add_model_flag(p, ReleaseParams, "out", required=True)  # the CLI insists on naming the release file
     add_model_flag(p, ReleaseParams, "labelled", kind="bool")
+    add_model_flags(p, ReleaseParams, ("image_size", "channels"))
     add_model_flags(p, ReleaseParams, (
         "moments", "encoder", "encoder_weights", "norm_bound", "second_moment_bound", "neighbouring", "dataset_id",
         "ledger", "budget", "budget_delta", "batch_size", "shards", "limit", "signing_key", "signer_name"))
@@ -51,7 +52,8 @@ def _cmd_release(args) -> dict:
     from storage.params import ReleaseParams
 
     params = _model(ReleaseParams, given_values(args, ReleaseParams))
-    _dataset_available(params.dataset, params.split, params.data_root, params.labelled, params.limit)
+    _dataset_available(params.dataset, params.split, params.data_root, params.labelled, params.limit,
+                       image_size=params.image_size, channels=params.channels)
     preflight(params)
     result = run_flow(custodian_release, params)
     _emit(result, args.json, lambda r: (
@@ -64,16 +66,17 @@ def _cmd_release(args) -> dict:
 
 
 def _dataset_available(dataset: str, split: str, root: str | None, labelled: bool = False,
-                       limit: int | None = None) -> None:
-    """Local checks before Prefect starts: the dataset opens (whole: an unreadable subfolder or file
-    refuses it), and a labelled one has >= 2 classes, each non-empty among the records released (the
-    first `limit` with --limit).
+                       limit: int | None = None, *, image_size: int | None = None, channels: int | None = None) -> None:
+    """Local checks before Prefect starts: the dataset opens in the image mode asked for (whole: an
+    unreadable subfolder or file refuses it; a named dataset's own format only), and a labelled one
+    has >= 2 classes, each non-empty among the records released (the first `limit` with --limit).
 
     These messages go to the custodian's terminal only (the flow repeats the checks with messages
     that name no record and no class, since its errors reach Prefect)."""
     from storage.datasets import DatasetCheckError, labelled_release_problems, open_dataset
 
-    src = open_dataset(dataset, split, root)  # raises DatasetNotFoundError / DatasetCheckError with a clear message
+    # raises DatasetNotFoundError / DatasetCheckError / InvalidArgumentError with a clear message
+    src = open_dataset(dataset, split, root, image_size=image_size, channels=channels)
     problems = labelled_release_problems(src, limit) if labelled else []
     if problems:
         where = f" --limit {limit}" if limit is not None else ""
@@ -158,8 +161,10 @@ def _budget_line(d: dict) -> str:
 def _cmd_budget(args) -> dict:
     from storage.ledger import BudgetLedger
 
-    if not os.path.isfile(args.ledger):
-        raise CliError(f"ledger {args.ledger} does not exist")
+    try:  # only a missing file "does not exist": a folder we may not enter is permission denied (main names it)
+        os.stat(args.ledger)
+    except FileNotFoundError:
+        raise CliError(f"ledger {args.ledger} does not exist") from None
     rows = [b.as_dict() for b in BudgetLedger(args.ledger).summary()]
     result = {"ledger": args.ledger, "datasets": rows}
     _emit(result, args.json, lambda r: "\n".join(_budget_line(d) for d in r["datasets"]) or "no datasets in this ledger")
@@ -173,7 +178,8 @@ def _add_train(sub) -> None:
 
     p = sub.add_parser("train", help="public: train a generator from a release file alone")
     add_model_flags(p, TrainParams, ("release", "out", "steps", "batch_size", "lr_gen", "lr_mavg", "lr_schedule", "loss",
-                                     "checkpoint_every", "seed", "device", "encoder_weights", "resume"))
+                                     "checkpoint_every", "seed", "ema_decay", "device", "precision", "encoder_weights",
+                                     "resume"))
     add_model_flag(p, TrainParams, "trusted_keys", "--trusted-key", kind="append", metavar="PUB",
                    help="Ed25519 public key (PEM) of a trusted custodian: refuse a release that is unsigned or "
                         "signed by any other key (repeatable)")
@@ -196,7 +202,10 @@ def _add_sample(sub) -> None:
 
     p = sub.add_parser("sample", help="public: draw a synthetic dataset from a trained run")
     add_model_flags(p, SampleParams, ("run", "n"))
-    add_model_flag(p, SampleParams, "out", required=True, help="synthetic.h5 or synthetic.parquet")
+    add_model_flag(p, SampleParams, "out", required=True,
+                   help="synthetic.h5, synthetic.parquet (Hugging Face datasets Image layout), synthetic.npz "
+                        "(x: N x H x W x C uint8, y), or DIR/ (image folder: one PNG subfolder per class, "
+                        "torchvision ImageFolder); DATASET_CARD.md is written beside it")
     add_model_flag(p, SampleParams, "seed")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_sample)
@@ -218,20 +227,17 @@ def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="public: FID and downstream accuracy on a real test split")
     add_model_flags(p, EvaluateParams, ("run", "synthetic", "reference", "data_root", "fid_samples", "fid_reference",
                                         "classifiers", "train_samples", "ceiling", "allow_private_reference",
-                                        "allow_small_fid", "out"))
+                                        "allow_small_fid", "draw_samples", "seed", "out"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_evaluate)
 
 
 def _cmd_evaluate(args) -> dict:
+    """Evaluate a run; a run not sampled yet gets RUN/synthetic.h5 drawn by the flow (flows.evaluate.synthetic_for)."""
     from flows.evaluate import evaluate
     from storage.params import EvaluateParams
-    from tasks.evaluation import synthetic_path_for
 
     params = _model(EvaluateParams, given_values(args, EvaluateParams))
-    synthetic = params.synthetic or str(synthetic_path_for(params.run))
-    if not os.path.isfile(synthetic):
-        raise CliError(f"{synthetic} does not exist; draw it first with `mepf sample --run {params.run} --n N --out {synthetic}`")
     result = run_flow(evaluate, params)
     _emit(result, args.json, _metrics_text)
     return result
@@ -296,8 +302,14 @@ def _add_check_data(sub) -> None:
     add_check_data_subcommand(sub)
 
 
+def _add_sweep_and_report(sub) -> None:
+    from flows.cli_sweep import add_sweep_subcommands
+
+    add_sweep_subcommands(sub)
+
+
 SUBCOMMANDS: list[Callable] = [_add_release, _add_keygen, _add_inspect, _add_budget, _add_train, _add_sample,
-                               _add_evaluate, _add_run, _add_audit, _add_check_data]
+                               _add_evaluate, _add_run, _add_audit, _add_check_data, _add_sweep_and_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,35 +324,51 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `mepf` subcommand; returns the exit status.
 
-    0 on success; 2 on a user error (any `mepf_core.errors.MepfError`, or a pydantic
-    `ValidationError`), printed as one line `mepf CMD: error: TYPE: MESSAGE` on stderr; 130 on Ctrl-C.
-    Any other exception is a bug and propagates with its traceback (exit status 1 from the
-    interpreter), with or without -v. argparse itself exits 2 on a malformed command line.
+    0 on success; 2 on a user error, printed as one line `mepf CMD: error: TYPE: MESSAGE` on stderr
+    (with -v, after the error's traceback): any `mepf_core.errors.MepfError`, a pydantic
+    `ValidationError`, or an `OSError` of the environment (permission denied, read-only file system,
+    full disk, a file locked by another process, an I/O error: `mepf_core.errors.file_access_error`
+    names the cause and what to do); 130 on Ctrl-C. Any other exception is a bug and propagates with
+    its traceback (exit status 1 from the interpreter), with or without -v. argparse itself exits 2
+    on a malformed command line.
     """
+    import flows.cli_common as common
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    common.VERBOSE = args.verbose
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # one line per HTTP request to the local Prefect server is noise, not progress
         logging.getLogger("httpx").setLevel(logging.WARNING)
     from pydantic import ValidationError
 
-    from flows.cli_common import _describe_error
-    from mepf_core.errors import MepfError
-
     try:
         args.handler(args)
-    except MepfError as exc:  # a user error (bad input, missing file, spent budget...): one line, exit 2
-        sys.stderr.write(f"mepf {args.command}: error: {type(exc).__name__}: {exc}\n")
-        return 2
     except ValidationError as exc:  # parameters refused by a pydantic model: one line naming each field
-        msgs = "; ".join(_describe_error(e) for e in exc.errors())
-        sys.stderr.write(f"mepf {args.command}: error: {type(exc).__name__}: {msgs}\n")
-        return 2
+        msgs = "; ".join(common._describe_error(e) for e in exc.errors())
+        return _user_error_line(args, exc, f"{type(exc).__name__}: {msgs}")
     except KeyboardInterrupt:
         sys.stderr.write(f"mepf {args.command}: interrupted\n")
         return 130
+    except Exception as exc:  # a MepfError, or an OSError of the environment; anything else is a bug
+        error = common.user_error(exc)
+        if error is None:
+            raise
+        return _user_error_line(args, exc, f"{type(error).__name__}: {error}")
     return 0
+
+
+def _user_error_line(args, exc: BaseException, text: str) -> int:
+    """Write the one-line message (after the traceback under -v); the exit status of a user error, 2."""
+    import re
+    import traceback
+
+    if args.verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    one_line = re.sub(r"\s*\n\s*", " ", text.strip())
+    sys.stderr.write(f"mepf {args.command}: error: {one_line}\n")
+    return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from flows.cli_common import CliError
+from flows.cli_common import CliError, quiet_user_error_tracebacks
 
 EPHEMERAL_TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 _EPHEMERAL_TIMEOUT_TEXT = "Timed out while attempting to connect to ephemeral Prefect API server"
@@ -43,6 +43,7 @@ def run_flow(flow: Callable, *args):
     """`flow(*args)` after `check_prefect_api`; an ephemeral server's start-up timeout becomes a CliError
     naming PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (the CLI's default: 120 s)."""
     check_prefect_api()
+    quiet_user_error_tracebacks()  # a failed run's user error is the command's one line, not a traceback
     try:
         return flow(*args)
     except RuntimeError as exc:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
-from mepf_core.errors import MepfError, PathNotFoundError
+from mepf_core.errors import MepfError, MissingExtraError, PathNotFoundError
+from storage.datasets import check_image_mode
+from storage.atomic import check_writable_file, check_writable_folder
 from storage.params import ReleaseParams
+from storage.provenance import file_sha256
+from tasks.artifacts import RELEASE_KEY, publish_markdown, release_summary_markdown
 from tasks.custodian import (_feature_map, calibrate, charge_noise_and_release, check_budget, describe_dataset,
                              extract_shard, reduce_sums)
 
@@ -17,14 +21,18 @@ class OutputExistsError(MepfError, FileExistsError):
 
 
 def preflight(params: ReleaseParams) -> None:
-    """Checks that need no private data, so a bad call fails before any work or budget is spent."""
+    """Checks that need no private data, so a bad call fails before any work or budget is spent.
+
+    The image mode (--image-size, --channels) is checked again here (a generator exists for it; a
+    named dataset keeps its own format): a `model_construct`ed parameter set skips pydantic.
+    """
+    check_image_mode(params.dataset, params.image_size, params.channels)
     out = Path(params.out)
     if out.exists():
         raise OutputExistsError(f"{out} already exists; releases are never overwritten, choose another --out")
-    if not out.parent.resolve().is_dir():
-        raise PathNotFoundError(f"output folder {out.parent} does not exist")
-    if params.ledger is not None and not Path(params.ledger).parent.resolve().is_dir():
-        raise PathNotFoundError(f"ledger folder {Path(params.ledger).parent} does not exist")
+    check_writable_folder(out.parent)  # missing, read-only or unwritable: refused before any budget is spent
+    if params.ledger is not None:
+        check_writable_file(params.ledger, "ledger")
     if params.encoder_weights is not None and not Path(params.encoder_weights).is_file():
         raise PathNotFoundError(f"encoder weights file {params.encoder_weights} does not exist")
     _feature_map(params)  # weights present and loadable; built once, the tasks reuse it
@@ -48,8 +56,12 @@ def private_dask_runner(**cluster_kwargs):
     (`DaskTaskRunner(address=...)`), set the same two keys in the workers' dask config; README,
     "Beyond one machine: Dask", also shows TLS.
     """
-    import dask
-    from prefect_dask import DaskTaskRunner
+    try:
+        import dask
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:
+        raise MissingExtraError(f"the Dask task runner needs prefect-dask ({exc.name} is not installed): "
+                                "pip install 'dp-mepf[dask]'") from None
 
     dask.config.set(WORKER_NO_SPILL)
     kwargs = {"processes": True, "dashboard_address": None, **cluster_kwargs}
@@ -68,13 +80,29 @@ def extract_sums(params: ReleaseParams):
 def custodian_release(params: ReleaseParams) -> dict:
     """Calibrate, check the dataset and the budget, extract in shards, reduce, charge, noise once, write.
 
-    The dataset is described (and a labelled release with an empty or single class refused) before the
-    budget check, which may write the ledger's budget line: a refused dataset leaves the ledger as it was.
+    The dataset is described (its image mode resolved, and a labelled release with an empty or single
+    class refused) before the budget check, which may write the ledger's budget line: a refused dataset leaves the ledger as it was.
     Runs unchanged on a Dask cluster: `custodian_release.with_options(task_runner=private_dask_runner(...))`.
     """
     preflight(params)
     mechanism = calibrate(params)
     info = describe_dataset(params)
     check_budget(params, mechanism)
-    sums = extract_sums(params)
-    return charge_noise_and_release(params, mechanism, sums, info)
+    # Every shard decodes to the image mode resolved once by describe-dataset (an image folder's
+    # inferred channels are not inferred again per shard); the release records how it was chosen.
+    channels, size, _ = info["image_shape"]
+    sums = extract_sums(params.model_copy(update={"channels": channels, "image_size": size}))
+    released = charge_noise_and_release(params, mechanism, sums, info)
+    publish_release_summary(released)
+    return released
+
+
+def publish_release_summary(released: dict) -> None:
+    """The release summary as a markdown artifact: public fields of the release file only, no count, no n
+    (tasks.artifacts.release_summary_markdown), with the release file's SHA-256."""
+    try:  # the release is written and charged: a failed summary must not fail the flow (a rerun is refused)
+        summary = release_summary_markdown({**released, "release_sha256": file_sha256(released["path"])})
+    except OSError as exc:
+        get_run_logger().warning("release summary artifact not created: %s", exc)
+        return
+    publish_markdown(summary, key=RELEASE_KEY, description=f"release {released['release_id']}")

@@ -35,3 +35,16 @@ def keep_freed_memory() -> bool:
     applied = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     logger.debug("glibc keeps freed memory for reuse: %s", applied)
     return applied
+
+
+def prepare_training_process(device) -> dict[str, bool]:
+    """The process-wide settings a training run applies before building its Trainer; what was applied.
+
+    The one place that decides them: `tasks.public._release_trainer` (what `mepf train` runs) and
+    bench/bench_training_step.py both call it, so the benchmark times the production step. device:
+    the run's resolved `torch.device` (or its type as a string). On the CPU, glibc keeps freed memory
+    (`keep_freed_memory`); on other devices nothing changes. Call it after the encoder is built, so
+    building's transient memory (weights files, construction) is returned to the system.
+    """
+    kind = getattr(device, "type", device)
+    return {"keep_freed_memory": keep_freed_memory() if kind == "cpu" else False}

@@ -318,11 +318,28 @@ class _Block(nn.Module):
 
 @register_encoder("vgg19", "VGG19, ImageNet (torchvision); all 16 conv layers before ReLU (D=303,104 at 32x32)")
 def _vgg19(*, weights_path=None, random_init=False, image_size=None) -> FeatureMap:
-    from torchvision.models import vgg19
+    from torchvision.models.vgg import cfgs, make_layers
 
-    net = vgg19(weights=None)
-    if not random_init:
-        _load_weights(net, weights_path, f"VGG19 weights file {weights_path} does not exist")
+    # Only `features` is built and loaded: torchvision's whole vgg19() also allocates the 123M-parameter
+    # classifier (~470 MiB) and loading the full file another ~470 MiB, all discarded here but counted in
+    # the process's peak memory (bench/README.md, training-step memory).
+    net = nn.Module()
+    net.features = make_layers(cfgs["E"], batch_norm=False)  # torchvision's VGG19 layer list, same indices
+    if random_init:  # torchvision VGG's own conv initialisation
+        for m in net.features.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+    else:
+        if weights_path is None or not Path(weights_path).is_file():
+            raise EncoderWeightsMissingError(f"VGG19 weights file {weights_path} does not exist")
+        # mmap: the classifier's tensors are never read into memory
+        try:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (pre-zip) file cannot be memory-mapped: read it whole
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        net.load_state_dict({k: v for k, v in state.items() if k.startswith("features.")}, strict=True)
+        del state
     # Split `features` so that each stage ends with a conv; the ReLU/pool that follows a conv
     # starts the next stage, so every stage output is a pre-ReLU conv activation.
     stages, current, names = [], [], []

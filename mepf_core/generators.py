@@ -1,5 +1,8 @@
 """The paper's generators: a small conv net for 28x28 grayscale, a ResNet for 32x32 / 64x64 RGB.
 
+Each also serves the other channel count (1 or 3) with only its last convolution's output channels
+changed: 3 x 28 x 28 by the conv net, 1 x 32 x 32 / 1 x 64 x 64 by the ResNet (`build_generator`).
+
 Every generator maps a code (one-hot label concatenated with Gaussian noise when labelled, plain
 noise otherwise) to images in [0, 1], the range the feature map expects. Codes are drawn by
 `Generator.sample_codes` from an explicit `torch.Generator`, so a run is reproducible from its seed.
@@ -53,14 +56,17 @@ class Generator(nn.Module):
 
 
 class Conv28Generator(Generator):
-    """The paper's 28x28 single-channel generator.
+    """The paper's 28x28 single-channel generator (`out_channels` 3 for 28x28 RGB).
 
     FC code-500 (BN, ReLU), FC 500-784 (BN, ReLU), reshape 16x7x7, bilinear x2, conv5 16->8 (BN,
-    ReLU), bilinear x2, conv5 8->1, sigmoid.
+    ReLU), bilinear x2, conv5 8->out_channels, sigmoid.
     """
 
-    def __init__(self, num_classes: int, labelled: bool, hidden: int = 500, channels: tuple[int, int] = (16, 8)):
-        super().__init__((1, 28, 28), num_classes, labelled)
+    def __init__(self, num_classes: int, labelled: bool, hidden: int = 500, channels: tuple[int, int] = (16, 8),
+                 out_channels: int = 1):
+        if out_channels not in (1, 3):
+            raise ValueError(f"out_channels must be 1 or 3, got {out_channels}")
+        super().__init__((out_channels, 28, 28), num_classes, labelled)
         c0, c1 = channels
         self.c0 = c0
         self.fc = nn.Sequential(
@@ -72,7 +78,7 @@ class Conv28Generator(Generator):
             nn.ReLU(inplace=True),
         )
         self.conv1 = nn.Sequential(nn.Conv2d(c0, c1, 5, padding=2), nn.BatchNorm2d(c1), nn.ReLU(inplace=True))
-        self.conv2 = nn.Conv2d(c1, 1, 5, padding=2)
+        self.conv2 = nn.Conv2d(c1, out_channels, 5, padding=2)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         x = self.fc(codes).view(codes.shape[0], self.c0, 7, 7)
@@ -131,21 +137,24 @@ class _UpBlock(nn.Module):
 
 
 class ResNetGenerator(Generator):
-    """The paper's ResNet generator (ngf 64) for 3 x 32 x 32 and 3 x 64 x 64 images.
+    """The paper's ResNet generator (ngf 64) for 3 x 32 x 32 and 3 x 64 x 64 images (`out_channels` 1
+    for grayscale at those sizes).
 
     Transposed conv from the code to 512 x 4 x 4, then 3 (32x32) or 4 (64x64) residual up-blocks
-    halving the channels, BN-ReLU-conv3 to 3 channels, tanh mapped to [0, 1].
+    halving the channels, BN-ReLU-conv3 to out_channels, tanh mapped to [0, 1].
     """
 
-    def __init__(self, image_size: int, num_classes: int, labelled: bool, ngf: int = 64):
-        super().__init__((3, image_size, image_size), num_classes, labelled)
+    def __init__(self, image_size: int, num_classes: int, labelled: bool, ngf: int = 64, out_channels: int = 3):
+        if out_channels not in (1, 3):
+            raise ValueError(f"out_channels must be 1 or 3, got {out_channels}")
+        super().__init__((out_channels, image_size, image_size), num_classes, labelled)
         n_blocks = {32: 3, 64: 4}.get(image_size)
         if n_blocks is None:
             raise ValueError(f"ResNetGenerator supports image sizes 32 and 64, got {image_size}")
         channels = [ngf * 8 // 2**i for i in range(n_blocks + 1)]
         self.project = nn.ConvTranspose2d(self.code_dim, channels[0], 4, 1, 0)
         self.blocks = nn.Sequential(*[_UpBlock(a, b) for a, b in zip(channels[:-1], channels[1:])])
-        self.out = nn.Sequential(nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True), nn.Conv2d(channels[-1], 3, 3, padding=1))
+        self.out = nn.Sequential(nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True), nn.Conv2d(channels[-1], out_channels, 3, padding=1))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         x = self.project(codes[:, :, None, None]).contiguous(memory_format=torch.channels_last)  # ~1.3x on CPU
@@ -154,12 +163,18 @@ class ResNetGenerator(Generator):
 
 
 def build_generator(image_shape: tuple[int, int, int], num_classes: int, labelled: bool) -> Generator:
-    """The paper's generator for this image shape: 1x28x28 -> conv28; 3x32x32 / 3x64x64 -> ResNet."""
+    """The paper's generator for this image shape (C, H, W), C in {1, 3}: 28x28 -> the conv net
+    (`Conv28Generator`, the paper's for 1x28x28); 32x32 / 64x64 -> the ResNet (the paper's for RGB).
+
+    Raises ValueError naming the shape for any other shape.
+    """
     shape = tuple(int(s) for s in image_shape)
-    if shape == (1, 28, 28):
-        return Conv28Generator(num_classes, labelled)
-    if shape in ((3, 32, 32), (3, 64, 64)):
-        return ResNetGenerator(shape[1], num_classes, labelled)
+    if len(shape) == 3 and shape[0] in (1, 3) and shape[1] == shape[2]:
+        c, size = shape[0], shape[1]
+        if size == 28:
+            return Conv28Generator(num_classes, labelled, out_channels=c)
+        if size in (32, 64):
+            return ResNetGenerator(size, num_classes, labelled, out_channels=c)
     raise ValueError(
-        f"no generator for image shape {shape}; supported: (1, 28, 28), (3, 32, 32), (3, 64, 64)"
+        f"no generator for image shape {shape}; supported: C x 28 x 28, C x 32 x 32, C x 64 x 64 with C 1 or 3"
     )

@@ -14,6 +14,7 @@ from mepf_core.errors import InvalidArgumentError
 LOSS_MODES = ("mavg", "mmd")  # moving-average gap (the paper's, GFMN) or plain squared distance
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")  # forward-pass precision; mepf_core.precision decides what "auto" means
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,13 @@ class TrainConfig:
     # 77.9 for constant 1e-3 (bench/README.md, training choices)
     seed: int = 0  # seeds the generator's initial weights and every code and label drawn in training
     device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
-    mixed_precision: bool = True  # autocast to bfloat16 on cuda where supported; ignored on cpu
+    precision: str = "auto"  # "fp32", "bf16" (autocast the generator and encoder forward) or "auto": bf16
+    # only where the hardware runs it natively and a quality A/B showed no drop (mepf_core.precision)
     checkpoint_every: int = 500  # steps between checkpoints (the criterion is evaluated at each)
     eval_samples: int = 2000  # fixed-seed, class-balanced images behind the selection criterion
+    ema_decay: float = 0.0  # exponential moving average of the generator's weights (and batch-norm
+    # statistics) for sampling, the criterion and the grids: w_ema <- d w_ema + (1 - d) w after each
+    # step; 0 = off (sample the trained weights). bench/results/levers.jsonl holds its A/B
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "eval_samples"):
@@ -44,6 +49,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise InvalidArgumentError(f"{name} must be a finite number > 0, got {value!r}")
+        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or not 0 <= self.ema_decay < 1:
+            raise InvalidArgumentError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay!r}")
         if not 0 <= self.beta1 < 1:
             raise InvalidArgumentError(f"beta1 must be in [0, 1), got {self.beta1!r}")
         if self.loss not in LOSS_MODES:
@@ -52,6 +59,8 @@ class TrainConfig:
             raise InvalidArgumentError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.device not in DEVICES:
             raise InvalidArgumentError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise InvalidArgumentError(f"seed must be an integer >= 0, got {self.seed!r}")
 
@@ -60,6 +69,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        if "mixed_precision" in d and "precision" not in d:  # checkpoints written before `precision`
+            d["precision"] = "auto" if d.pop("mixed_precision") else "fp32"
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -438,6 +438,7 @@ def bring_up_and_run(args: argparse.Namespace, stack: Stack, summary: dict) -> b
     base.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
     server_env = {k: v for k, v in base.items() if k != "PREFECT_API_URL"}
     server_env["PREFECT_SERVER_UI_ENABLED"] = "true" if args.ui else "false"
+    server_env["PREFECT_UI_API_URL"] = api_url  # the dashboard's browser side calls this (default: port 4200)
     client_env = {**base, "PREFECT_API_URL": api_url}
     summary.update(api_url=api_url, port=port, prefect_home=str(prefect_home))
 
@@ -511,6 +512,8 @@ def print_summary(summary: dict) -> None:
     metrics = Path(summary.get("report") or "/nonexistent") / "metrics.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         for row in json.loads(metrics.read_text()):
+            if row.get("class_name") is not None:  # class-wise accuracies: see report.md
+                continue
             lines.append(f"  {row['metric']}: {row['value']:.4f} (epsilon {row['epsilon']:.4g})")
     if summary.get("error"):
         lines.append(f"  error: {summary['error']}")

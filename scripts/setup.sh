@@ -3,10 +3,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+APT=()
+[ -d /usr/share/datasets/fashion-mnist ] || APT+=(dataset-fashion-mnist)
+# Headless Chromium and its driver: tests/test_ui_browser.py checks what the Prefect UI renders.
+command -v chromium >/dev/null || APT+=(chromium)
+command -v chromedriver >/dev/null || APT+=(chromium-driver)
+if [ ${#APT[@]} -gt 0 ]; then
   $SUDO apt-get update -q
-  $SUDO apt-get install -y -q dataset-fashion-mnist
+  $SUDO apt-get install -y -q "${APT[@]}"
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

@@ -20,7 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from mepf_core.errors import MepfError, NotWritableError, PathNotFoundError
+from mepf_core.errors import (MepfError, NotWritableError, PathNotFoundError, PermissionDeniedError,
+                              ReadOnlyFileSystemError, file_access_error)
 
 # errno values meaning "this file system cannot make hard links" (then the O_EXCL claim is used)
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV, errno.ENOSYS}
@@ -64,6 +65,57 @@ def _commit_exclusive(tmp_path: Path, target: Path) -> None:
     tmp_path.unlink()
 
 
+def check_writable_folder(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Fail before any work if `folder` cannot receive a new file; creates nothing. Returns it as a Path.
+
+    Raises PathNotFoundError (no such folder), ReadOnlyFileSystemError (the file system is mounted
+    read-only: `statvfs` says so, for every user, root included) or NotWritableError (this user may
+    not create files there; root may everywhere). A full disk cannot be told in advance: see
+    `storage.release.check_room_for_release` for a file of known size.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PathNotFoundError(f"{what} {folder} does not exist")
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise ReadOnlyFileSystemError(
+            f"cannot create files in {what} {folder}: the file system is mounted read-only [EROFS]; write to a "
+            "folder on a writable file system (choose another output path) or remount it read-write")
+    if not os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise NotWritableError(
+            f"cannot create files in {what} {folder}: permission denied [EACCES]; give this user access "
+            f"(`ls -ld {folder}`, then chmod/chown), run as a user who has it, or choose another output path")
+    return folder
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> Path:
+    """Fail before any work if `path` (an existing file to append to, or a new file) cannot be written.
+
+    A missing `path` needs a writable folder (`check_writable_folder`, "WHAT folder"); an existing
+    one needs a writable file system and write permission on the file itself. Raises
+    PathNotFoundError, ReadOnlyFileSystemError or PermissionDeniedError; creates nothing.
+    """
+    path = Path(path)
+    if not path.exists():
+        check_writable_folder(path.parent if str(path.parent) else Path("."), f"{what} folder")
+        return path
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        raise ReadOnlyFileSystemError(
+            f"cannot write {what} {path}: the file system is mounted read-only [EROFS]; move it to a writable "
+            "file system or remount it read-write")
+    if not os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise PermissionDeniedError(
+            f"cannot write {what} {path}: permission denied [EACCES]; give this user write access "
+            f"(`ls -l {path}`, then chmod/chown) or run as its owner")
+    return path
+
+
+def _mapped(exc: OSError, what: str, path: Path) -> BaseException:
+    """`exc` as the user error naming `what` (mepf_core.errors.file_access_error), or `exc` itself."""
+    if isinstance(exc, MepfError):
+        return exc
+    return file_access_error(exc, what, path) or exc
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, *, exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; on success it becomes `target`, on error it is removed.
@@ -71,18 +123,23 @@ def atomic_path(target: str | os.PathLike, *, exclusive: bool = False) -> Iterat
     exclusive=False: an existing `target` is replaced atomically.
     exclusive=True: `target` must not exist, neither before (checked first, TargetExistsError) nor at
     the final step (checked atomically by the link itself, TargetExistsError); an existing file of
-    that name is never touched. Raises FileNotFoundError / PermissionError for a missing or
-    read-only folder.
+    that name is never touched.
+    Raises PathNotFoundError / ReadOnlyFileSystemError / NotWritableError for a missing, read-only or
+    unwritable folder (`check_writable_folder`), before the body runs. An OSError of the environment
+    raised while writing (by the body, fsync or the final rename: a full disk, a lost permission, an
+    I/O error) becomes the matching `mepf_core.errors.FileAccessError` ("writing TARGET failed,
+    nothing was written: ..."), chained to the original; the temporary file is removed and `target`
+    is left as it was. Any other exception propagates unchanged.
     """
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise PathNotFoundError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise NotWritableError(f"output folder {folder} is not writable")
+    check_writable_folder(folder)
     if exclusive and _taken(target):
         raise TargetExistsError(f"{target} already exists; files written exclusively are never overwritten")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _mapped(exc, f"cannot create a file in output folder {folder}", target) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -94,8 +151,16 @@ def atomic_path(target: str | os.PathLike, *, exclusive: bool = False) -> Iterat
         else:
             os.replace(tmp_path, target)
         fsync_dir(folder)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # the folder may have become unwritable: best effort
+            tmp_path.unlink(missing_ok=True)
+        mapped = _mapped(exc, f"writing {target} failed, nothing was written", target)
+        if mapped is exc:
+            raise
+        raise mapped from exc
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
         raise
 
 

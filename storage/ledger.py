@@ -78,7 +78,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mepf_core.errors import InvalidArgumentError, MepfError, PathNotFoundError
+from mepf_core.errors import FileLockedError, InvalidArgumentError, MepfError, PathNotFoundError, file_access_error
 from mepf_core.privacy import accountant
 from mepf_core.privacy.accountant import UNKNOWN  # noqa: F401 - re-exported for readers of summaries
 from mepf_core.privacy.accountant import MIXED, GaussianAccountant, GaussianRelease
@@ -192,12 +192,38 @@ def sources_overlap(a: str | None, b: str | None) -> bool:
     return a == b
 
 
+# A ledger's lock is held for one read-check-append (milliseconds); one held this long belongs to a
+# process that is stuck or stopped (Ctrl-Z), and waiting for it silently would hang the command.
+LOCK_TIMEOUT_SECONDS = 60.0
+_LOCK_POLL_SECONDS = 0.05
+
+
+def _lock(f, kind: int, path: Path) -> None:
+    """flock `f` (`kind`: LOCK_EX or LOCK_SH), waiting up to LOCK_TIMEOUT_SECONDS for another holder;
+    then FileLockedError naming the ledger."""
+    deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
+    while True:
+        try:
+            fcntl.flock(f.fileno(), kind | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise FileLockedError(
+                    f"ledger {path} is locked by another process (a release or `mepf budget` that holds it for "
+                    f"more than {LOCK_TIMEOUT_SECONDS:g} s is stuck or stopped) [EAGAIN]; let that process finish or "
+                    f"end it (`fuser -v {path}` names it), then run again") from None
+            time.sleep(_LOCK_POLL_SECONDS)
+
+
 class BudgetLedger:
     """The append-only JSON-lines ledger at `path` (format: module docstring), under an exclusive lock.
 
     Every read-check-append happens under one `fcntl` lock on the file, so concurrent releases on one
-    machine cannot both spend the last of a budget. Raises PathNotFoundError when the ledger's folder
-    does not exist; LedgerError when the file is unreadable or inconsistent.
+    machine cannot both spend the last of a budget (`summary` reads under a shared lock, read-only).
+    Raises PathNotFoundError when the ledger's folder does not exist; LedgerError when the file is
+    unreadable or inconsistent; FileLockedError when another process holds the lock for more than
+    LOCK_TIMEOUT_SECONDS; PermissionDeniedError / ReadOnlyFileSystemError / DiskFullError
+    (`mepf_core.errors.file_access_error`) when the environment refuses the open or the append.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -206,9 +232,18 @@ class BudgetLedger:
             raise PathNotFoundError(f"ledger folder {self.path.parent} does not exist")
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[object]:
-        with open(self.path, "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    def _locked(self, shared: bool = False) -> Iterator[object]:
+        """The open ledger under its lock: exclusive (read-check-append, "a+b"), or shared for a read
+        (`summary`, opened read-only, so a ledger on a read-only share can still be read)."""
+        try:
+            f = open(self.path, "rb" if shared else "a+b", buffering=0)  # unbuffered: no write is left for close()
+        except OSError as exc:  # permission denied, a read-only file system...: one line naming the ledger
+            mapped = file_access_error(exc, f"cannot {'read' if shared else 'update'} ledger {self.path}", self.path)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        with f:
+            _lock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, self.path)
             try:
                 yield f
             finally:
@@ -240,9 +275,16 @@ class BudgetLedger:
             if keep != size:  # drop a partial line left by a killed writer
                 f.truncate(keep)
         f.seek(0, os.SEEK_END)
-        f.write(json.dumps(entry, sort_keys=True).encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            line = memoryview(json.dumps(entry, sort_keys=True).encode() + b"\n")
+            while line:
+                line = line[f.write(line):]
+            os.fsync(f.fileno())
+        except OSError as exc:  # a full disk...: a cut line is dropped by every reader; no release follows
+            mapped = file_access_error(exc, f"cannot append to ledger {f.name} (no release was written)", f.name)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     def _summary(self, entries: list[dict], dataset_id: str) -> DatasetBudget:
         budgets = [e for e in entries if e["kind"] == "budget" and e["dataset_id"] == dataset_id]
@@ -385,7 +427,7 @@ class BudgetLedger:
         """Every dataset's account (`DatasetBudget`), sorted by dataset id; [] when the file does not exist."""
         if not self.path.exists():
             return []
-        with self._locked() as f:
+        with self._locked(shared=True) as f:
             entries = self._entries(f)
         ids = sorted({e["dataset_id"] for e in entries})
         return [self._summary(entries, i) for i in ids]

@@ -5,6 +5,11 @@ Metric naming convention (it drives the plot): accuracies start with ``acc`` (``
 ``acc_mlp``, ...), FIDs start with ``fid``. A run with ``epsilon`` None is non-private. Every FID row
 carries the number of synthetic and reference images it was computed from (``fid_synthetic_count``,
 ``fid_reference_count``): FIDs from different counts are not comparable.
+
+Class-wise accuracy: rows whose metric starts with ``class_acc`` (``class_acc_logreg``, ...) hold the
+accuracy of that classifier on the test images of one class (``class_name``, the release's class name,
+or the label index as text where the release has no names); every other row has ``class_name`` None.
+A run's overall accuracy is the ``acc_*`` row; select ``class_name`` None for one row per (run, metric).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ METRICS_PARQUET = "metrics.parquet"
 METRICS_JSON = "metrics.json"
 REPORT_MD = "report.md"
 REPORT_PLOT = "metrics.png"
+CLASS_METRIC_PREFIX = "class_"  # "acc_logreg" over the whole test split -> "class_acc_logreg" per class
 SAMPLES_PNG = "samples.png"
 CACHE_ENV = "MEPF_CACHE_DIR"
 
@@ -64,6 +70,7 @@ class MetricRow:
     release_id: str  # the release the generator was trained from
     fid_synthetic_count: int | None = None  # FID rows: synthetic images the FID used; None for other metrics
     fid_reference_count: int | None = None  # FID rows: real reference images of its statistics
+    class_name: str | None = None  # class_acc_* rows: the test class the accuracy is restricted to; else None
 
     def __post_init__(self):
         if not self.run or not self.metric:
@@ -83,25 +90,43 @@ class MetricRow:
                                  f"integers >= {FID_ABSOLUTE_MIN}, got {counts}")
         elif counts != (None, None):
             raise ValueError(f"{self.run}/{self.metric} is not an FID: its fid counts must be None, got {counts}")
+        if self.metric.startswith(CLASS_METRIC_PREFIX + "acc"):
+            if not isinstance(self.class_name, str) or not self.class_name:
+                raise ValueError(f"{self.run}/{self.metric} is a class-wise accuracy: class_name must be a "
+                                 f"non-empty string, got {self.class_name!r}")
+        elif self.class_name is not None:
+            raise ValueError(f"{self.run}/{self.metric} is not a class-wise accuracy (class_acc_*): class_name must "
+                             f"be None, got {self.class_name!r}")
 
     @classmethod
     def of_synthetic(cls, run: str, metric: str, value: float, info: SyntheticInfo,
-                     fid_counts: tuple[int, int] | None = None) -> "MetricRow":
+                     fid_counts: tuple[int, int] | None = None, class_name: str | None = None) -> "MetricRow":
         """A metric of a synthetic dataset: its provenance (claim, encoder, steps, release) from `info`;
-        `fid_counts` (synthetic, reference) for an FID, None for any other metric."""
+        `fid_counts` (synthetic, reference) for an FID, None for any other metric; `class_name` for a
+        class-wise accuracy (class_acc_*)."""
         syn, ref = fid_counts if fid_counts is not None else (None, None)
         return cls(run, metric, float(value), info.epsilon, info.delta, info.encoder, info.steps, info.release_id,
-                   syn, ref)
+                   syn, ref, class_name)
 
     @classmethod
-    def of_real_data(cls, run: str, metric: str, value: float) -> "MetricRow":
+    def of_real_data(cls, run: str, metric: str, value: float, class_name: str | None = None) -> "MetricRow":
         """A metric of real data (the non-private ceiling): no epsilon, delta, encoder, generator or release,
         written as None, None, "", 0 steps and "" (the table's types have no missing integer)."""
-        return cls(run, metric, float(value), None, None, "", 0, "")
+        return cls(run, metric, float(value), None, None, "", 0, "", class_name=class_name)
+
+
+def named_classes(per_class: Iterable[float], class_names: Iterable[str] | None) -> list[tuple[str, float]]:
+    """(class name, accuracy) for each label k with a finite accuracy (NaN: no test image of that class).
+
+    `class_names[k]` names label k (the release's names); without names (None, or fewer than the labels)
+    the label index as text."""
+    names = list(class_names or ())
+    return [(names[k] if k < len(names) else str(k), float(v)) for k, v in enumerate(per_class) if math.isfinite(v)]
 
 
 COLUMNS = tuple(f.name for f in dataclasses.fields(MetricRow))
 _COUNT_COLUMNS = ("fid_synthetic_count", "fid_reference_count")  # absent from files written before issue 13
+_OPTIONAL_COLUMNS = (*_COUNT_COLUMNS, "class_name")  # class_name: absent from files written before issue 14
 
 
 def as_rows(rows: Iterable[MetricRow | Mapping]) -> list[MetricRow]:
@@ -111,21 +136,22 @@ def as_rows(rows: Iterable[MetricRow | Mapping]) -> list[MetricRow]:
         if isinstance(row, MetricRow):
             out.append(row)
             continue
-        if not set(COLUMNS) - set(_COUNT_COLUMNS) <= set(row) <= set(COLUMNS):
+        if not set(COLUMNS) - set(_OPTIONAL_COLUMNS) <= set(row) <= set(COLUMNS):
             raise ValueError(f"metric row needs exactly {list(COLUMNS)}, got {sorted(row)}")
         out.append(MetricRow(**row))
     if not out:
         raise ValueError("rows must hold at least one metric, got 0")
     seen = set()
     for row in out:
-        if (row.run, row.metric) in seen:
-            raise ValueError(f"duplicate metric {row.metric!r} for run {row.run!r}")
-        seen.add((row.run, row.metric))
+        if (row.run, row.metric, row.class_name) in seen:
+            of_class = "" if row.class_name is None else f" of class {row.class_name!r}"
+            raise ValueError(f"duplicate metric {row.metric!r}{of_class} for run {row.run!r}")
+        seen.add((row.run, row.metric, row.class_name))
     return out
 
 
 def write_metrics_parquet(path: str | os.PathLike, rows: Iterable[MetricRow | Mapping]) -> Path:
-    """One row per (run, metric); columns as MetricRow. Written atomically."""
+    """One row per (run, metric, class_name); columns as MetricRow. Written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -134,7 +160,7 @@ def write_metrics_parquet(path: str | os.PathLike, rows: Iterable[MetricRow | Ma
         ("run", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
         ("epsilon", pa.float64()), ("delta", pa.float64()), ("encoder", pa.string()),
         ("steps", pa.int64()), ("release_id", pa.string()),
-        ("fid_synthetic_count", pa.int64()), ("fid_reference_count", pa.int64()),
+        ("fid_synthetic_count", pa.int64()), ("fid_reference_count", pa.int64()), ("class_name", pa.string()),
     ])
     table = pa.Table.from_pylist([dataclasses.asdict(r) for r in rows], schema=schema)
     path = Path(path)
@@ -164,7 +190,24 @@ def _fmt_eps(epsilon: float | None) -> str:
     return "non-private" if epsilon is None else f"{epsilon:g}"
 
 
+def _class_table(rows: list[MetricRow]) -> list[str]:
+    """Markdown lines of the class-wise accuracies (class_acc_* rows): one line per run and classifier."""
+    if not rows:
+        return []
+    classes = list(dict.fromkeys(r.class_name for r in rows))
+    value = {(r.run, r.metric, r.class_name): r.value for r in rows}
+    lines = ["## Class-wise accuracy on the real test split", "",
+             "| run | epsilon | classifier | " + " | ".join(classes) + " |", "|---" * (3 + len(classes)) + "|"]
+    for run, metric, eps in dict.fromkeys((r.run, r.metric, r.epsilon) for r in rows):
+        cells = [f"{value[(run, metric, c)]:.4f}" if (run, metric, c) in value else "" for c in classes]
+        lines.append(f"| {run} | {_fmt_eps(eps)} | {metric.removeprefix(CLASS_METRIC_PREFIX + 'acc_')} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _markdown(rows: list[MetricRow], plot_name: str, samples_name: str | None) -> str:
+    class_rows = [r for r in rows if r.class_name is not None]  # their own table, after the plot
+    rows = [r for r in rows if r.class_name is None]
     runs = list(dict.fromkeys(r.run for r in rows))
     metrics = list(dict.fromkeys(r.metric for r in rows))
     value = {(r.run, r.metric): r for r in rows}
@@ -186,6 +229,7 @@ def _markdown(rows: list[MetricRow], plot_name: str, samples_name: str | None) -
         lines += ["", f"**Small FID**: {', '.join(f'{r.run}/{r.metric}' for r in small)} used fewer than "
                   f"{FID_MIN_SAMPLES:,} images on a side (accepted with --allow-small-fid); biased upwards."]
     lines += ["", f"![metrics]({plot_name})", ""]
+    lines += _class_table(class_rows)
     if samples_name:
         lines += ["## Samples", "", f"![samples]({samples_name})", ""]
     return "\n".join(lines)
@@ -198,43 +242,6 @@ def _cell(row: MetricRow) -> str:
     return f"{row.value:.4f} ({row.fid_synthetic_count:,} synth / {row.fid_reference_count:,} ref)"
 
 
-def _plot(rows: list[MetricRow], path: Path) -> None:
-    """Several runs: accuracy and FID against epsilon (log x); one run: a bar chart of its metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    runs = list(dict.fromkeys(r.run for r in rows))
-    if len(runs) == 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.bar([r.metric for r in rows], [r.value for r in rows])
-        ax.set_title(f"{runs[0]} (epsilon {_fmt_eps(rows[0].epsilon)})")
-        ax.tick_params(axis="x", rotation=30)
-    else:
-        groups = [("accuracy", lambda m: m.startswith("acc")), ("FID", lambda m: m.startswith("fid"))]
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, (label, wanted) in zip(axes, groups):
-            for metric in dict.fromkeys(r.metric for r in rows if wanted(r.metric)):
-                private = sorted((r.epsilon, r.value) for r in rows
-                                 if r.metric == metric and r.epsilon is not None)
-                line = ax.plot(*zip(*private), marker="o", label=metric)[0] if private else None
-                for r in rows:
-                    if r.metric == metric and r.epsilon is None:
-                        ax.axhline(r.value, linestyle="--", color=line.get_color() if line else None,
-                                   label=f"{metric} ({r.run}, non-private)")
-            ax.set_xscale("log")
-            ax.set_xlabel("epsilon")
-            ax.set_ylabel(label)
-            ax.set_title(f"{label} against epsilon")
-            if ax.has_data():
-                ax.legend(fontsize="small")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
 def write_report(out_dir: str | os.PathLike, rows: Iterable[MetricRow | Mapping],
                  sample_grid_png: str | os.PathLike | None = None) -> Path:
     """Write metrics.parquet, metrics.json, metrics.png (and samples.png) and report.md; returns report.md."""
@@ -243,7 +250,9 @@ def write_report(out_dir: str | os.PathLike, rows: Iterable[MetricRow | Mapping]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_metrics_parquet(out_dir / METRICS_PARQUET, rows)
     write_metrics_json(out_dir / METRICS_JSON, rows)
-    _plot(rows, out_dir / REPORT_PLOT)
+    from storage.report_plots import plot_metrics  # imports this module
+
+    plot_metrics(rows, out_dir / REPORT_PLOT)
     samples_name = None
     if sample_grid_png is not None:
         source = Path(sample_grid_png)
@@ -256,6 +265,42 @@ def write_report(out_dir: str | os.PathLike, rows: Iterable[MetricRow | Mapping]
     report = out_dir / REPORT_MD
     atomic_write_bytes(report, _markdown(rows, REPORT_PLOT, samples_name).encode())
     return report
+
+
+# Markdown image links to a PNG beside the report: `![alt](name.png)` or `![alt](sub/name.png "title")`.
+_PNG_LINK = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<src>[^()\s]+\.png)(?P<title>\s+\"[^\"]*\")?\)", re.IGNORECASE)
+EMBED_MAX_BYTES = 4 * 1024 * 1024  # a PNG above this stays a link (a Prefect artifact lives in the server's database)
+
+
+def embed_report_images(markdown: str, base_dir: str | os.PathLike, max_bytes: int = EMBED_MAX_BYTES) -> str:
+    """The report's markdown with every relative PNG link replaced by a `data:image/png;base64,...` URI.
+
+    For the Prefect artifact: the UI cannot resolve `metrics.png` relative to a file on the worker,
+    so such links show as broken images; a data URI carries the image itself (the UI's markdown
+    renderer keeps `data:` image sources; tests/test_ui_browser.py checks it in Chromium). Links
+    that are absolute URLs or `data:` already, files that do not exist under `base_dir`, files
+    that are not PNGs (checked by signature) and files over `max_bytes` are left as they were. The
+    on-disk report.md keeps its relative links. Raises nothing for a bad link; reads only files
+    inside `base_dir`.
+    """
+    import base64
+
+    base = Path(base_dir).resolve()
+
+    def replace(match: re.Match) -> str:
+        src = match.group("src")
+        if ":" in src or src.startswith("/"):
+            return match.group(0)
+        path = (base / src).resolve()
+        if not path.is_relative_to(base) or not path.is_file() or path.stat().st_size > max_bytes:
+            return match.group(0)
+        data = path.read_bytes()
+        if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+            return match.group(0)
+        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        return f"![{match.group('alt')}]({uri}{match.group('title') or ''})"
+
+    return _PNG_LINK.sub(replace, markdown)
 
 
 # --- FID reference statistics cache -------------------------------------------------------------

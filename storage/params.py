@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic.fields import FieldInfo
 
 from mepf_core.privacy.sensitivity import Neighbouring
-from mepf_core.train_config import DEVICES, LOSS_MODES, LR_SCHEDULES, TrainConfig
+from mepf_core.train_config import DEVICES, LOSS_MODES, LR_SCHEDULES, PRECISIONS, TrainConfig
 from storage.references import parse_reference, reads_training_records
 
 # --- custodian-release ---------------------------------------------------------------------------
@@ -44,6 +44,11 @@ class ReleaseParams(BaseModel):
     target_delta: float = Field(1e-5, strict=True, description="delta of this release, in [MIN_DELTA, MAX_TARGET_DELTA] "
                                 "(mepf_core.privacy.calibration: 2.2e-308 and 1e-3)")
     labelled: bool = Field(True, strict=True, description="one embedding per class (labels are private too)")
+    image_size: int | None = Field(None, strict=True, description="side of the square images, 28 | 32 | 64 (default: "
+                                   "a named dataset's own; an image folder: 28 when grayscale, else 32)")
+    channels: int | None = Field(None, strict=True, description="1 (grayscale) | 3 (RGB) (default: a named dataset's "
+                                 "own; an image folder: 1 when every image is grayscale, else 3, a choice made from "
+                                 "the data and recorded as such in the release)")
     moments: Literal[1, 2] = Field(1, description="1: mean of features; 2: also mean of squared features")
     encoder: str = "efficientnet-lite0"
     encoder_weights: str | None = Field(None, description="weights file for the encoder (default: packaged or cached)")
@@ -79,6 +84,15 @@ class ReleaseParams(BaseModel):
         if v not in DATASETS[:-1] and not (v.startswith("imagefolder:") and len(v) > len("imagefolder:")):
             raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS)}")
         return v
+
+    @model_validator(mode="after")
+    def _image_mode(self) -> "ReleaseParams":
+        """image_size in (28, 32, 64), channels in (1, 3), and a named dataset's own format (never resized),
+        before anything is read or charged (storage.datasets.check_image_mode)."""
+        from storage.datasets import check_image_mode
+
+        check_image_mode(self.dataset, self.image_size, self.channels)
+        return self
 
     @field_validator("dataset_id")
     @classmethod
@@ -282,13 +296,18 @@ class TrainParams(BaseModel):
     lr_schedule: Literal[LR_SCHEDULES] = _config_default("lr_schedule")
     seed: int = Field(_config_default("seed"), ge=0)
     device: Literal[DEVICES] = _config_default("device")
-    mixed_precision: bool = Field(_config_default("mixed_precision"), description="bfloat16 autocast on cuda")
+    precision: Literal[PRECISIONS] = Field(_config_default("precision"),
+                                           description="forward-pass precision: fp32, bf16 (autocast) or auto "
+                                           "(bf16 only where native and quality-checked)")
     checkpoint_every: int = Field(_config_default("checkpoint_every"), description="steps between checkpoints")
     eval_samples: int = Field(_config_default("eval_samples"),
                               description="fixed-seed images for the release-based selection criterion")
+    ema_decay: float = Field(_config_default("ema_decay"), ge=0, lt=1,
+                             description="moving average of the generator's weights used for sampling, "
+                             "the criterion and grids (0 = off)")
     resume: bool = Field(False, description="continue the run in `out` from its latest checkpoint")
     encoder_weights: str | None = Field(None, description="encoder weights file (default: packaged or cached)")
-    progress: bool = Field(True, description="show a progress bar")
+    progress: bool = Field(True, description="show a console progress bar (a Prefect run also shows a progress artifact)")
     trusted_keys: tuple[str, ...] = Field((), description="Ed25519 public keys (PEM); when given, the release must "
                                           "be signed by one of them")
 
@@ -349,7 +368,9 @@ class SampleParams(BaseModel):
 
     run: str = Field(..., description="run directory of a trained generator")
     n: int = Field(..., description="number of images to generate (class-balanced when labelled)")
-    out: str | None = Field(None, description="synthetic dataset (.h5 or .parquet; default RUN/synthetic.h5)")
+    out: str | None = Field(None, description="synthetic dataset: .h5, .parquet (Hugging Face Image layout), .npz "
+                            "(x N x H x W x C, y), or DIR/ (image folder, one PNG subfolder per class); "
+                            "default RUN/synthetic.h5; a DATASET_CARD.md is written beside it")
     seed: int = Field(0, ge=0)
     device: Literal[DEVICES] = "cpu"
 
@@ -358,8 +379,21 @@ class SampleParams(BaseModel):
     def _positive_n(cls, v: int, info) -> int:
         return _positive(v, info.field_name)
 
+    @field_validator("out")
+    @classmethod
+    def _export_format(cls, v: str | None) -> str | None:
+        from storage.synthetic import export_format
+
+        if v is not None:
+            export_format(v)  # ValueError: "synthetic dataset must end in one of ('.h5', ...) or '/' ..."
+        return v
+
 
 # --- evaluate --------------------------------------------------------------------------------------
+
+# Synthetic images an evaluation trains its classifiers on when none were drawn yet, and the
+# pipeline's `n_samples`: 10,000, Fashion-MNIST's test-split size (README, Results).
+DEFAULT_EVALUATION_SAMPLES = 10_000
 
 class EvaluateParams(BaseModel):
     """FID and downstream accuracy of a run's synthetic dataset against a real, public split.
@@ -371,8 +405,9 @@ class EvaluateParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     run: str = Field(..., description="run directory of a trained generator (holds synthetic.h5 after sampling)")
-    synthetic: str | None = Field(None, description="synthetic dataset file (default RUN/synthetic.h5)")
-    reference: str = Field("fashion-mnist:test", description="real public split: DATASET[:test|train]")
+    synthetic: str | None = Field(None, description="synthetic dataset: .h5, .parquet, .npz or image folder DIR/ "
+                                  "(default RUN/synthetic.h5)")
+    reference: str = Field("fashion-mnist:test", description="real public split: DATASET[:test|train|test-select|test-report]; test-select / test-report are the fixed halves of the test split (storage/references.py)")
     data_root: str | None = None
     out: str = Field(..., description="folder for metrics.parquet, metrics.json, report.md, metrics.png")
     fid_samples: int = Field(5000, ge=0, description="synthetic images for FID (0: skip FID)")
@@ -384,7 +419,21 @@ class EvaluateParams(BaseModel):
                                           "training split (possibly private); its statistics are not cached")
     allow_small_fid: bool = Field(False, description="accept an FID from fewer than 2,048 synthetic or reference "
                                   "images (quick runs only: biased upwards, not comparable across sizes)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seed of the classifiers and, when the run has no synthetic set yet, "
+                      "of the codes it is drawn from")
+    draw_samples: int | None = Field(None, ge=1, description="images to draw when the run has no synthetic set yet "
+                                     "(RUN/synthetic.h5; default: as many as the evaluation uses, max(fid_samples, "
+                                     "train_samples or 10,000)); an existing set is reused, never replaced")
+
+    @property
+    def samples_to_draw(self) -> int:
+        """How many images `flows.evaluate` draws for a run that has no synthetic set: `draw_samples`, else
+        the most any metric uses: max(fid_samples, train_samples or DEFAULT_EVALUATION_SAMPLES), where the
+        classifiers' "all" (train_samples None) means DEFAULT_EVALUATION_SAMPLES."""
+        if self.draw_samples is not None:
+            return self.draw_samples
+        train = (self.train_samples or DEFAULT_EVALUATION_SAMPLES) if self.classifiers else 0
+        return max(self.fid_samples, train) or DEFAULT_EVALUATION_SAMPLES
 
     @field_validator("classifiers", mode="before")
     @classmethod
@@ -445,10 +494,11 @@ class EvaluateParams(BaseModel):
 # The stage fields a pipeline configuration may set, by stage. Each keeps its stage model's type,
 # default, description and constraints (the stage models validate them again in `stage_params`).
 RELEASE_FIELDS = ("dataset", "data_root", "target_epsilon", "target_delta", "labelled", "neighbouring", "moments",
-                  "encoder", "ledger", "budget", "limit")
+                  "encoder", "ledger", "budget", "limit", "image_size", "channels")
 TRAIN_FIELDS = ("steps", "batch_size", "lr_gen", "lr_mavg", "lr_schedule", "checkpoint_every", "eval_samples",
                 "device")
-EVALUATE_FIELDS = ("reference", "fid_samples", "fid_reference", "classifiers", "allow_small_fid")
+EVALUATE_FIELDS = ("reference", "fid_samples", "fid_reference", "classifiers", "allow_small_fid", "ceiling",
+                   "allow_private_reference")
 
 # Where the pipeline's defaults differ from a stage model's, on purpose. The pipeline is the quick
 # end-to-end job (about 20 minutes on 2 CPU cores, README): Inception runs about 10 images/s there,
@@ -484,7 +534,7 @@ class _Pipeline(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     out_dir: str = Field(None, description="folder for release.h5, run/ and report/ (default runs/TIMESTAMP)")
-    n_samples: int = Field(10_000, description="synthetic images drawn for evaluation")
+    n_samples: int = Field(DEFAULT_EVALUATION_SAMPLES, description="synthetic images drawn for evaluation")
 
     @model_validator(mode="before")
     @classmethod
@@ -518,4 +568,77 @@ PipelineParams = create_model(
        for model, names in ((ReleaseParams, RELEASE_FIELDS), (TrainParams, TRAIN_FIELDS),
                             (EvaluateParams, EVALUATE_FIELDS))
        for name in names},
+)
+
+
+# --- dp-mepf-sweep (the pipeline at several epsilons, one ledger) -------------------------------------
+
+SWEEP_PIPELINE_FIELDS = tuple(name for name in PipelineParams.model_fields if name not in ("out_dir", "target_epsilon"))
+SWEEP_LEDGER = "ledger.jsonl"  # the sweep's ledger, in its folder, unless `ledger` names another
+
+
+def sweep_folder_name(epsilon: float) -> str:
+    """`eps-<epsilon>` with %g formatting: eps-0.2, eps-1, eps-10."""
+    return f"eps-{epsilon:g}"
+
+
+class _Sweep(BaseModel):
+    """The pipeline once per epsilon against one budget ledger (`flows.sweep.dp_mepf_sweep`).
+
+    `epsilons` in the order they are released; each gets the pipeline folder OUT/eps-<e>/ (release.h5,
+    run/, report/); the ledger is OUT/ledger.jsonl unless `ledger` is given. Every other field is the
+    pipeline's (PipelineParams: same type, default and check), the same for every epsilon.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epsilons: tuple[float, ...] = Field(..., description="target epsilon of each release, in the order released")
+    out: str = Field(..., description="sweep folder: eps-<e>/ per epsilon, ledger.jsonl, report/ (combined)")
+
+    @field_validator("epsilons")
+    @classmethod
+    def _epsilons(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("epsilons must name at least one epsilon, got none")
+        bad = [e for e in v if not (math.isfinite(e) and e > 0)]
+        if bad:
+            raise ValueError(f"every epsilon must be a finite number > 0, got {bad}")
+        names = [sweep_folder_name(e) for e in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"epsilons must differ (each has its folder), got {', '.join(twice)} more than once")
+        return v
+
+    @property
+    def resolved_ledger(self) -> str:
+        """`ledger`, else OUT/ledger.jsonl."""
+        return self.ledger or str(Path(self.out) / SWEEP_LEDGER)
+
+    def folder(self, epsilon: float) -> Path:
+        """OUT/eps-<epsilon>: that epsilon's pipeline folder."""
+        return Path(self.out) / sweep_folder_name(epsilon)
+
+    def pipeline_params(self, epsilon: float, **changes) -> "PipelineParams":
+        """The pipeline of one epsilon: out_dir OUT/eps-<e>, the sweep's ledger, every other field as set
+        here (`changes` override, e.g. ceiling=False once a run holds the ceiling). Raises pydantic's
+        ValidationError where a stage refuses a value."""
+        values = {name: getattr(self, name) for name in SWEEP_PIPELINE_FIELDS}
+        values.update(out_dir=str(self.folder(epsilon)), target_epsilon=epsilon, ledger=self.resolved_ledger, **changes)
+        return PipelineParams(**values)
+
+
+def _sweep_field(name: str) -> tuple:
+    info = PipelineParams.model_fields[name]
+    if name == "ledger":
+        return info.annotation, FieldInfo.merge_field_infos(
+            info, description="budget ledger file (JSON lines) charged by every release (default OUT/ledger.jsonl)")
+    return info.annotation, FieldInfo.merge_field_infos(info)
+
+
+SweepParams = create_model(
+    "SweepParams",
+    __base__=_Sweep,
+    __module__=__name__,
+    __doc__=_Sweep.__doc__,
+    **{name: _sweep_field(name) for name in SWEEP_PIPELINE_FIELDS},
 )

@@ -12,15 +12,16 @@ Two frozen records, each read and written under the on-disk keys the project has
 
 Reading (`from_dict`) never invents a value: a missing required field raises ProvenanceError naming
 the file and the field. The only defaults are documented `None`s for fields older files never had:
-  ReleaseInfo.neighbouring, ReleaseInfo.signed_by: None = not recorded (checkpoints written before
-    they were), or unsigned (signed_by);
-  SyntheticInfo.dataset_id, checkpoint, seed, neighbouring: None = not recorded (files written by
-    other tools, or before neighbouring was recorded). `to_dict` omits a None optional field, so a
-    file round-trips with exactly the keys it was written with.
+  ReleaseInfo.neighbouring, ReleaseInfo.signed_by, ReleaseInfo.release_sha256: None = not recorded
+    (checkpoints written before they were), or unsigned (signed_by);
+  SyntheticInfo.dataset_id, checkpoint, seed, neighbouring, release_sha256, encoder_weights_sha256:
+    None = not recorded (files written by other tools, or before the field was recorded).
+  `to_dict` omits a None optional field, so a file round-trips with exactly the keys it was written with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -78,6 +79,16 @@ def _names(value, key: str, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def file_sha256(path: str | Path) -> str | None:
+    """SHA-256 (64 hex digits) of a file's bytes, as `sha256sum` prints it; None when it cannot be read
+    (a Release built in memory, or a file removed since it was read: the hash is then not recorded)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class ReleaseInfo:
     """The public provenance of one release (no private number: everything here is in the release file).
@@ -87,7 +98,9 @@ class ReleaseInfo:
     class_names: K names (one "all" entry when unlabelled); image_shape: (C, H, W) of the data;
     moments: 1 or 2; norm_bound, second_moment_bound: the feature bounds; encoder: the feature map's
     spec; path: the release file, resolved; neighbouring: "add-remove" / "replace-one" (None: not
-    recorded); signed_by: the signer's key fingerprint "sha256:..." (None: unsigned or not recorded).
+    recorded); signed_by: the signer's key fingerprint "sha256:..." (None: unsigned or not recorded);
+    release_sha256: SHA-256 (64 hex) of the release file's bytes, as `sha256sum release.h5` prints it
+    (None: not recorded).
     """
 
     release_id: str
@@ -104,6 +117,8 @@ class ReleaseInfo:
     path: str
     neighbouring: str | None = None
     signed_by: str | None = None
+    release_sha256: str | None = None
+    image_mode_source: str | None = None  # how image_shape was chosen (storage.datasets.IMAGE_MODE_SOURCES)
 
     REQUIRED = ("path", "release_id", "dataset_id", "epsilon", "delta", "labelled", "class_names", "image_shape",
                 "moments", "norm_bound", "second_moment_bound", "encoder")
@@ -120,7 +135,8 @@ class ReleaseInfo:
                    labelled=m.labelled, class_names=tuple(m.class_names), image_shape=tuple(m.image_shape),
                    moments=m.moments, norm_bound=m.norm_bound, second_moment_bound=m.second_moment_bound,
                    encoder=m.encoder, path=str(Path(release.path).resolve()), neighbouring=m.neighbouring,
-                   signed_by=sig.fingerprint if sig is not None and sig.signed else None)
+                   signed_by=sig.fingerprint if sig is not None and sig.signed else None,
+                   release_sha256=file_sha256(release.path), image_mode_source=m.image_mode_source)
 
     def to_dict(self) -> dict:
         """JSON-ready dict: a checkpoint's "release" entry (num_classes kept for older readers)."""
@@ -129,7 +145,7 @@ class ReleaseInfo:
              "class_names": list(self.class_names), "num_classes": self.num_classes,
              "image_shape": list(self.image_shape), "moments": self.moments, "norm_bound": self.norm_bound,
              "second_moment_bound": self.second_moment_bound, "encoder": self.encoder.to_dict()}
-        for key in ("neighbouring", "signed_by"):
+        for key in ("neighbouring", "signed_by", "release_sha256", "image_mode_source"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -154,7 +170,9 @@ class ReleaseInfo:
                    moments=_integer(d, "moments", where), norm_bound=_number(d, "norm_bound", where),
                    second_moment_bound=_number(d, "second_moment_bound", where, optional=True), encoder=encoder,
                    path=_text(d, "path", where), neighbouring=_text(d, "neighbouring", where, optional=True),
-                   signed_by=_text(d, "signed_by", where, optional=True))
+                   signed_by=_text(d, "signed_by", where, optional=True),
+                   release_sha256=_text(d, "release_sha256", where, optional=True),
+                   image_mode_source=_text(d, "image_mode_source", where, optional=True))
 
     def summary_dict(self) -> dict:
         """The "release" entry of run.json: path, release_id, dataset_id, epsilon, delta, class_names."""
@@ -168,7 +186,8 @@ class SyntheticInfo:
 
     epsilon, delta: the release's claim (None: non-private); release_id; encoder: the encoder's name;
     class_names: the label names, None when unlabelled; steps: generator training steps (>= 0);
-    dataset_id, checkpoint (file name), seed, neighbouring: None when not recorded (module docstring).
+    dataset_id, checkpoint (file name), seed, neighbouring, release_sha256 (the release file's SHA-256),
+    encoder_weights_sha256 (the encoder weights' SHA-256): None when not recorded (module docstring).
     """
 
     release_id: str
@@ -181,16 +200,24 @@ class SyntheticInfo:
     checkpoint: str | None = None
     seed: int | None = None
     neighbouring: str | None = None
+    release_sha256: str | None = None
+    encoder_weights_sha256: str | None = None
+    # "inferred-from-data": the channel count is one bit of the private images outside epsilon (the card says so)
+    image_mode_source: str | None = None
 
     REQUIRED = ("epsilon", "delta", "release_id", "encoder", "class_names", "steps")
-    OPTIONAL = ("dataset_id", "checkpoint", "seed", "neighbouring")
+    OPTIONAL = ("dataset_id", "checkpoint", "seed", "neighbouring", "release_sha256", "encoder_weights_sha256",
+                "image_mode_source")
 
     @classmethod
     def from_release(cls, info: ReleaseInfo, *, steps: int, checkpoint: str, seed: int) -> "SyntheticInfo":
         """Samples of `steps`-step generator `checkpoint` trained on the release `info`, drawn with `seed`."""
         return cls(release_id=info.release_id, epsilon=info.epsilon, delta=info.delta, encoder=info.encoder.name,
                    class_names=info.class_names if info.labelled else None, steps=int(steps),
-                   dataset_id=info.dataset_id, checkpoint=checkpoint, seed=seed, neighbouring=info.neighbouring)
+                   dataset_id=info.dataset_id, checkpoint=checkpoint, seed=seed, neighbouring=info.neighbouring,
+                   release_sha256=info.release_sha256,
+                   encoder_weights_sha256=info.encoder.weights_sha256 or None,
+                   image_mode_source=info.image_mode_source)
 
     def to_dict(self) -> dict:
         """The synthetic file's metadata JSON object (None optional fields omitted)."""
@@ -214,4 +241,7 @@ class SyntheticInfo:
                    steps=_integer(d, "steps", where), dataset_id=_text(d, "dataset_id", where, optional=True),
                    checkpoint=_text(d, "checkpoint", where, optional=True),
                    seed=None if seed is None else int(seed),
-                   neighbouring=_text(d, "neighbouring", where, optional=True))
+                   neighbouring=_text(d, "neighbouring", where, optional=True),
+                   release_sha256=_text(d, "release_sha256", where, optional=True),
+                   encoder_weights_sha256=_text(d, "encoder_weights_sha256", where, optional=True),
+                   image_mode_source=_text(d, "image_mode_source", where, optional=True))

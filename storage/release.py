@@ -48,7 +48,7 @@ import numpy as np
 from mepf_core import __version__
 from mepf_core.embedding import mean_embeddings
 from mepf_core.encoders import EncoderSpec
-from mepf_core.errors import InvalidArgumentError, MepfError, PathNotFoundError
+from mepf_core.errors import DiskFullError, InvalidArgumentError, MepfError, PathNotFoundError, file_access_error
 from mepf_core.privacy.calibration import MAX_TARGET_DELTA, epsilon_spent, validate_delta
 from mepf_core.privacy.sensitivity import count_sensitivity, parse_neighbouring, sum_sensitivity
 from storage import signing
@@ -132,7 +132,8 @@ class ReleaseMetadata:
     image_shape C, H, W), the encoder (`EncoderSpec`, with its weights' SHA-256), one `PartRecord` per
     array, and identity (release_id: uuid4 hex; created_at: ISO 8601 UTC; code_version). dataset_id is
     the ledger key charged; n_public the dataset size, present only when the relation makes n public
-    (replace-one, unlabelled: the counts are then exact). `read_release` re-derives the claim from these fields (ReleaseClaimError).
+    (replace-one, unlabelled: the counts are then exact); image_mode_source how the image shape was chosen
+    (None: not recorded). `read_release` re-derives the claim from these fields (ReleaseClaimError).
     """
 
     dataset_id: str
@@ -149,6 +150,10 @@ class ReleaseMetadata:
     encoder: EncoderSpec
     parts: tuple[PartRecord, ...]
     n_public: int | None = None  # only when the relation makes n public (replace-one)
+    # how image_shape was chosen: "flag" | "dataset-default" | "inferred-from-data" (an image folder
+    # without --channels: 1 channel iff every image is grayscale, a data-dependent bit the custodian
+    # declares public); None in releases written before it was recorded. storage.datasets.IMAGE_MODE_SOURCES
+    image_mode_source: str | None = None
     release_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     code_version: str = __version__
@@ -266,6 +271,14 @@ def _check_shapes(meta: ReleaseMetadata) -> None:
         raise ReleaseSchemaError(f"class_names must be a non-empty list of names, got {k} entries")
     if not meta.labelled and k != 1:
         raise ReleaseSchemaError(f"an unlabelled release has 1 class, metadata names {k}")
+    from storage.datasets import IMAGE_MODE_SOURCES
+
+    shape = meta.image_shape
+    if len(shape) != 3 or not all(_is_int(v) and v > 0 for v in shape):
+        raise ReleaseSchemaError(f"image_shape must be three integers > 0 (C, H, W), got {list(shape)}")
+    if meta.image_mode_source is not None and meta.image_mode_source not in IMAGE_MODE_SOURCES:
+        raise ReleaseSchemaError(f"image_mode_source must be one of {', '.join(IMAGE_MODE_SOURCES)} or absent, "
+                                 f"got {meta.image_mode_source!r}")
     dims = set()
     for p in meta.parts:
         if not all(_is_int(s) for s in p.shape):
@@ -375,6 +388,30 @@ def check_metadata(meta: ReleaseMetadata) -> float:
 
 # --- writing -------------------------------------------------------------------------------------
 
+# What an HDF5 release adds to its arrays' bytes (superblock, object headers, metadata attributes):
+# a few KiB measured; 1 MiB of headroom covers any metadata and the folder's own growth.
+RELEASE_OVERHEAD_BYTES = 1 << 20
+
+
+def check_room_for_release(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise DiskFullError when the folder of `path` lacks room for a release of these part shapes.
+
+    shapes: {part name: shape} (K x D moments, K counts; float64, 8 bytes a value: public sizes).
+    Called before the ledger charge, so a disk that is already full costs no budget. Space taken by
+    others between this check and the write still fails the write itself (DiskFullError, nothing
+    written, the charge kept).
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    need = sum(8 * math.prod(shape) for shape in shapes.values()) + RELEASE_OVERHEAD_BYTES
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise DiskFullError(
+            f"release {path} needs about {need / 2**20:.1f} MiB but its folder {folder} has {free / 2**20:.1f} MiB "
+            f"free: no space left on the device [ENOSPC]; free space there (`df -h {folder}`) or choose another "
+            "--out, then run again (nothing was written or charged)")
+
 def embedding_to_release(path: str | os.PathLike, metadata: ReleaseMetadata, noisy: dict[str, np.ndarray], *,
                          signing_key=None, signer_name: str | None = None) -> Path:
     """Write the release atomically and exclusively; checksums of every array go into the metadata.
@@ -385,7 +422,10 @@ def embedding_to_release(path: str | os.PathLike, metadata: ReleaseMetadata, noi
     Raises ValueError for arrays that do not match the metadata or are not finite, ReleaseError
     subclasses for metadata whose claim or shapes do not verify (the reader would refuse it), and
     ReleaseExistsError (a FileExistsError) when `path` exists or is created by anyone else before the
-    final step: an existing file is never overwritten.
+    final step: an existing file is never overwritten. A write the environment refuses (a full disk,
+    a read-only or unwritable folder) raises the matching `mepf_core.errors.FileAccessError`
+    (DiskFullError, ReadOnlyFileSystemError, NotWritableError, ...) naming `path`; no file, partial
+    or temporary, is left.
     """
     names = {p.name for p in metadata.parts}
     if set(noisy) != names:
@@ -577,6 +617,10 @@ def read_release(path: str | os.PathLike, *, trusted_keys=None) -> Release:
     SignatureInfo and the recomputed epsilon. Raises FileNotFoundError (no file), ReleaseCorruptError,
     ReleaseSchemaError / ReleaseStorageError, ReleaseClaimError, ReleaseSignatureError,
     ReleaseUntrustedError (all ReleaseError), and signing.SigningKeyError for an unusable trusted key.
+    A healthy file the environment will not let us read is never called corrupt: an OSError with an
+    errno (permission denied, locked by a writer, an I/O error) raises the matching
+    `mepf_core.errors.FileAccessError` (PermissionDeniedError, FileLockedError, ...); h5py reports
+    damage without an errno.
     """
     path = Path(path)
     trusted = _resolve_trusted(trusted_keys)
@@ -603,6 +647,11 @@ def read_release(path: str | os.PathLike, *, trusted_keys=None) -> Release:
                 arrays[p.name] = datasets[p.name][()]
     except ReleaseError:
         raise
+    except OSError as exc:  # with an errno it is the environment (permission, a lock, EIO), not damage
+        mapped = file_access_error(exc, f"cannot read release file {path}", path)
+        if mapped is not None:
+            raise mapped from exc
+        raise ReleaseCorruptError(f"{path} is not a readable release file ({type(exc).__name__}: {exc})") from None
     except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files
         raise ReleaseCorruptError(f"{path} is not a readable release file ({type(exc).__name__}: {exc})") from None
     for p in meta.parts:

@@ -148,8 +148,13 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException as exc:  # a full disk...: no partial key is left (it would block the next keygen)
         os.close(fd)
+        path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = os.fspath(path)  # os.write names no file: the message should
+        raise
+    os.close(fd)
 
 
 def default_public_path(private_path: str | os.PathLike) -> Path:

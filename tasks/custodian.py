@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
+from mepf_core.errors import FileAccessError
 from mepf_core.encoders import FeatureMap, build_feature_map
 from mepf_core.features import images_to_features
 from mepf_core.privacy.mechanism import ReleaseMechanism, design_mechanism
@@ -22,14 +23,17 @@ from storage.datasets import (CorruptImageError, DatasetCheckError, ExtractionEr
                               labelled_release_problems, open_dataset)
 from storage.ledger import BudgetLedger
 from storage.params import ReleaseParams
-from storage.release import PartRecord, ReleaseMetadata, check_metadata, embedding_to_release
+from storage.release import (PartRecord, ReleaseMetadata, check_metadata, check_room_for_release,
+                             embedding_to_release)
 from storage.signing import fingerprint, load_private_key
+from tasks.artifacts import EXTRACTION_PROGRESS_KEY, FixedStepProgress
 
 _PRIVATE = dict(persist_result=False, cache_policy=NO_CACHE)
 
 
 def _source(params: ReleaseParams) -> ImageSource:
-    return open_dataset(params.dataset, params.split, params.data_root)
+    return open_dataset(params.dataset, params.split, params.data_root, image_size=params.image_size,
+                        channels=params.channels, limit=params.limit)  # the mode is inferred from released records only
 
 
 def check_data_hint(params: ReleaseParams) -> str:
@@ -155,13 +159,19 @@ def describe_dataset(params: ReleaseParams) -> dict:
     src = _source(params)
     check_labelled(params, src)
     fm = _feature_map(params)
+    # image_shape and image_mode_source are public: declared by the flags, a named dataset's format, or
+    # (an image folder without --channels) the one data-dependent bit the custodian declares public.
     return {"class_names": src.class_names if params.labelled else ("all",), "image_shape": src.image_shape,
-            "feature_dim": fm.feature_dim, "encoder": fm.spec}
+            "image_mode_source": src.image_mode_source, "feature_dim": fm.feature_dim, "encoder": fm.spec}
 
 
 @sanitize_errors("extraction")
-def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
+def shard_sums(params: ReleaseParams, shard: int, progress: bool = False) -> FeatureSums:
     """The release's extraction of one shard: records chosen by `open_dataset`, bounded features, float64 sums.
+
+    `progress`: inside a Prefect run, show the shard's progress as a progress artifact that reports only
+    the fixed steps 0, 10, ..., 100 % (tasks.artifacts.FixedStepProgress: the same sequence for every
+    dataset, so it reveals no count); its description names only the shard and the declared shard count.
 
     The only extraction loop: the `extract-shard` task and the privacy audit (`tasks.audit`) both call
     it, so a record-selection fault would show in the audit too. Returns UN-NOISED sums (private).
@@ -191,16 +201,30 @@ def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
     sums = FeatureSums.zeros(k, fm.feature_dim, params.moments)
     bound2 = params.second_moment_bound if params.moments == 2 else None
     corrupt = False
+    ui = FixedStepProgress(EXTRACTION_PROGRESS_KEY, f"extraction, shard {shard + 1} of {params.shards} "
+                           "(fixed 10% steps: no count is shown)") if progress else None
+    done = 0
     # The bar shows a percentage and times only: image counts would print n, which is private.
-    with tqdm(total=stop - start, desc=f"extract shard {shard + 1}/{params.shards}", leave=False,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
-        try:
-            for images, labels in src.iter_batches(params.batch_size, start, stop):
-                phi1, phi2 = images_to_features(fm, images, norm_bound=params.norm_bound, second_moment_bound=bound2)
-                sums.add(phi1, phi2, labels if params.labelled else None)
-                bar.update(len(images))
-        except CorruptImageError:  # its message names the file: replaced below, outside the except block
-            corrupt = True
+    try:
+        with tqdm(total=stop - start, desc=f"extract shard {shard + 1}/{params.shards}", leave=False,
+                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
+            try:
+                for images, labels in src.iter_batches(params.batch_size, start, stop):
+                    phi1, phi2 = images_to_features(fm, images, norm_bound=params.norm_bound,
+                                                    second_moment_bound=bound2)
+                    sums.add(phi1, phi2, labels if params.labelled else None)
+                    bar.update(len(images))
+                    if ui is not None:
+                        done += len(images)
+                        ui.update(done, stop - start)  # sends grid points only, never `done` or the total
+            except CorruptImageError:  # its message names the file: replaced below, outside the except block
+                corrupt = True
+    finally:
+        # Success or failure, the artifact ends at 100%: a failed shard left at 30% would say where, among
+        # the shard's sorted records, the first corrupt or unreadable one lies (a rank statistic of the
+        # private data, and a release that fails is charged nothing, so it could be probed for free).
+        if ui is not None:
+            ui.finish()
     if corrupt:
         raise _safe(CorruptImageError(f"an image could not be decoded; {check_data_hint(params)}"))
     return sums  # any other error is replaced by `sanitize_errors`
@@ -209,7 +233,7 @@ def shard_sums(params: ReleaseParams, shard: int) -> FeatureSums:
 @task(name="extract-shard", **_PRIVATE)
 def extract_shard(params: ReleaseParams, shard: int) -> FeatureSums:
     """One streaming pass over a shard: bounded features added into float64 per-class sums."""
-    return shard_sums(params, shard)
+    return shard_sums(params, shard, progress=True)
 
 
 @task(name="reduce-sums", **_PRIVATE)
@@ -227,11 +251,22 @@ def _noisy_parts(params: ReleaseParams, sums: FeatureSums, mechanism: ReleaseMec
     return sums_to_noisy_parts(sums, mechanism)
 
 
-@task(name="charge-noise-release", persist_result=False, cache_policy=NO_CACHE)
+# retries=0, stated on purpose: see the docstring. Never give this task retries (nor with_options).
+@task(name="charge-noise-release", persist_result=False, cache_policy=NO_CACHE, retries=0)
 def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism, sums: FeatureSums,
                              info: dict) -> dict:
     """Charge the ledger (fsynced), then draw noise once, then write the release atomically and exclusively
-    (signed when params.signing_key is set); a name taken meanwhile raises ReleaseExistsError, charge kept."""
+    (signed when params.signing_key is set); a name taken meanwhile raises ReleaseExistsError, charge kept.
+
+    Never retried (`retries=0`), unlike the public tasks (tasks.retries): once the charge is written, a
+    second attempt would either charge the ledger again for the same data (a release id is drawn per
+    attempt, so the ledger cannot tell the two apart) or, were it made to skip the charge, draw the
+    noise a second time. Two noise draws of the same sums leak more than the one that was paid for: an
+    observer who saw both (a partial file, a log, a second release) averages them, halving the noise's
+    variance, which is a release at a larger epsilon than the ledger records. A failure after the charge
+    therefore fails the flow, keeps the charge (spent budget is never under-counted) and leaves no
+    release; the custodian decides whether to pay for a new one.
+    """
     n_public = None
     if not mechanism.part("counts").noised:  # replace-one, unlabelled: n is public by the relation
         n_public = int(round(float(sums.counts.sum())))
@@ -245,12 +280,13 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
         delta=mechanism.target_delta, target_epsilon=mechanism.target_epsilon, norm_bound=params.norm_bound,
         second_moment_bound=params.second_moment_bound if params.moments == 2 else None, moments=params.moments,
         labelled=params.labelled, class_names=tuple(info["class_names"]), image_shape=tuple(info["image_shape"]),
-        encoder=info["encoder"], parts=parts, n_public=n_public,
+        encoder=info["encoder"], parts=parts, n_public=n_public, image_mode_source=info.get("image_mode_source"),
     )
     # Before the charge: a key that cannot sign, or metadata whose claim the reader would refuse,
     # must not cost budget (the key is loaded here, never passed through Prefect).
     signing_key = load_private_key(params.signing_key) if params.signing_key is not None else None
     check_metadata(meta)
+    check_room_for_release(params.out, {p.name: p.shape for p in parts})  # a full disk costs no budget
     if params.ledger is not None:
         BudgetLedger(params.ledger).charge(
             params.resolved_dataset_id, release_id=meta.release_id, epsilon=mechanism.epsilon,
@@ -258,7 +294,13 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
             neighbouring=mechanism.relation, source=params.source, legacy_id=params.legacy_dataset_id,
         )
     noisy = _noisy_parts(params, sums, mechanism)
-    path = embedding_to_release(params.out, meta, noisy, signing_key=signing_key, signer_name=params.signer_name)
+    try:
+        path = embedding_to_release(params.out, meta, noisy, signing_key=signing_key, signer_name=params.signer_name)
+    except FileAccessError as exc:  # a full disk, a folder made read-only meanwhile: nothing was written
+        if params.ledger is not None:
+            exc.args = (f"{exc}; release {meta.release_id} stays charged in the ledger {params.ledger} (spent "
+                        "budget is never under-counted, a new release is charged again)",)
+        raise
     get_run_logger().info("release %s written to %s", meta.release_id, path)
     return {
         "path": str(Path(path).resolve()),
@@ -269,4 +311,7 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
         "sigmas": {p.name: p.sigma for p in mechanism.parts},
         "shapes": {name: list(v.shape) for name, v in noisy.items()},
         "signed_by": fingerprint(signing_key.public_key()) if signing_key is not None else None,
+        "encoder": meta.encoder.name,  # public: recorded in the release
+        "encoder_weights_sha256": meta.encoder.weights_sha256 or None,
+        "image_mode_source": meta.image_mode_source,  # public: recorded in the release
     }

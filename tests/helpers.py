@@ -81,3 +81,27 @@ def cheap_evaluation_run(tmp_path, monkeypatch) -> dict:
                     np.arange(20) % 2, {"epsilon": 1.0, "delta": 1e-5, "release_id": "x", "encoder": "efficientnet-lite0",
                                         "class_names": ["a", "b"], "steps": 1})
     return {"home": home, "run": run, "cache": home / ".cache" / "dp-mepf" / "fid", "tmp": tmp_path}
+
+
+def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float = 1000.0, seed: int = 0):
+    """A labelled release (efficientnet-lite0, 1 x 28 x 28, one moment) of random images, made through the
+    production sums and noise: cheap input for tests of the public stage. Returns the file's path."""
+    from mepf_core.embedding import sums_to_noisy_parts
+    from mepf_core.privacy.mechanism import design_mechanism
+    from mepf_core.privacy.sensitivity import Neighbouring
+    from storage.release import PartRecord, ReleaseMetadata, embedding_to_release
+
+    k = len(classes)
+    images = random_images(k * per_class, seed=seed)
+    labels = torch.arange(k * per_class) % k
+    mech = design_mechanism(target_epsilon=epsilon, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
+                            labelled=True, moments=1, norm_bound=1.0, second_moment_bound=1.0)
+    noisy = sums_to_noisy_parts(sums_of(images, labels, num_classes=k, moments=1), mech)
+    meta = ReleaseMetadata(
+        dataset_id="test:tiny", neighbouring=mech.relation.value, epsilon=mech.epsilon, delta=mech.target_delta,
+        target_epsilon=epsilon, norm_bound=1.0, second_moment_bound=None, moments=1, labelled=True,
+        class_names=tuple(classes), image_shape=(1, 28, 28), encoder=lite0().spec,
+        parts=tuple(PartRecord(p.name, noisy[p.name].shape, p.sensitivity, p.sigma,
+                               p.noise_multiplier if p.noised else None) for p in mech.parts),
+    )
+    return embedding_to_release(path, meta, noisy)

@@ -56,6 +56,8 @@ def test_training_step_bench_runs_tiny(tmp_path, monkeypatch, capsys):
     rows = {r["variant"]: r for r in result["rows"]}
     assert set(rows) == {"default", "unfused", "malloc_heap"}
     assert "keep_freed_memory() first" in rows["malloc_heap"]["note"]  # ran in a child, production's call
+    assert rows["default"]["note"].startswith("build_trainer (production)")
+    assert rows["default"]["rss_peak_mib"] >= rows["default"]["rss_imports_mib"] > 0  # its own child's memory
     assert rows["default"]["ratio"] == 1.0 and rows["default"]["timed_steps"] == 2
     assert rows["default"]["gflop_per_step"] > 0 and rows["default"]["conv_peak_fraction"] > 0
     assert rows["default"]["command"].endswith("--peak-size 256")
@@ -66,6 +68,24 @@ def test_training_step_bench_runs_tiny(tmp_path, monkeypatch, capsys):
     result = json.loads((tmp_path / "training_step.json").read_text())
     assert sorted(r["variant"] for r in result["rows"]) == ["default", "malloc_heap", "unfused"]
     assert len(result["commands"]) == 2
+
+
+def test_the_bench_builds_its_trainer_through_the_production_function(monkeypatch):
+    """One place decides how `mepf train` sets up a run: the bench's trainer comes from
+    `build_trainer`, which applies `prepare_training_process` (tasks/public.py calls the same)."""
+    import inspect
+
+    from mepf_core import allocator
+    from tasks import public
+
+    calls = []
+    monkeypatch.setattr(allocator, "prepare_training_process", lambda device: calls.append(str(device)) or {})
+    trainer = bench_training_step.make_trainer(bench_training_step.CONFIGS["fmnist"], "cpu")
+    assert calls == ["cpu"] and trainer.amp_dtype is None  # "auto": fp32 for Lite0 on any CPU
+    assert "build_trainer(" in inspect.getsource(public._release_trainer)
+    assert bench_training_step.same_process_baseline("default") == "baseline+malloc_heap"
+    assert bench_training_step.same_process_baseline("system_malloc") == "baseline"
+    assert bench_training_step.same_process_baseline("omp_passive+bf16") == "baseline+omp_passive+malloc_heap"
 
 
 def test_baseline_combines_with_process_options_only():

@@ -71,8 +71,8 @@ def test_resnet9_learns_a_separable_rgb_task():
     assert accuracy > 0.9
 
 
-def test_registry_names_the_four_classifiers():
-    assert set(CLASSIFIERS) == {"logreg", "mlp", "cnn", "resnet9"}
+def test_registry_names_the_five_classifiers():
+    assert set(CLASSIFIERS) == {"logreg", "mlp", "cnn", "resnet9", "resnet"}
 
 
 def _ok():
@@ -82,7 +82,7 @@ def _ok():
 
 
 def test_unknown_classifier_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown classifier\(s\) \['svm'\]; known: \['cnn', 'logreg', 'mlp', 'resnet9'\]"):
+    with pytest.raises(ValueError, match=r"unknown classifier\(s\) \['svm'\]; known: \['cnn', 'logreg', 'mlp', 'resnet', 'resnet9'\]"):
         downstream_accuracy(*_ok(), classifiers=("logreg", "svm"))
     with pytest.raises(ValueError, match="at least one"):
         downstream_accuracy(*_ok(), classifiers=())

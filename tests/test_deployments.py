@@ -205,7 +205,8 @@ def test_local_stack_runs_the_deployments_and_cleans_up(tmp_path):
     assert release == workdir / "release.h5" and release.is_file()
     assert (workdir / "run" / "run.json").is_file() and (workdir / "run" / "synthetic.h5").is_file()
     metrics = json.loads((workdir / "report" / "metrics.json").read_text())
-    assert [row["metric"] for row in metrics] == ["acc_logreg"]
+    assert [row["metric"] for row in metrics if row["class_name"] is None] == ["acc_logreg"]
+    assert {row["metric"] for row in metrics if row["class_name"] is not None} == {"class_acc_logreg"}
     rerun = json.loads((workdir / "rerun" / "run" / "run.json").read_text())
     assert rerun["steps_done"] == 10 and Path(rerun["release"]["path"]) == release
 

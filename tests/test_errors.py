@@ -104,7 +104,7 @@ def test_a_user_error_exits_2_with_one_line(ledger, monkeypatch, capsys, exc, te
         assert main([*verbose, "budget", "--ledger", str(ledger)]) == 2
         out, err = capsys.readouterr()
         assert out == "" and err.splitlines()[-1] == f"mepf budget: error: {text}"
-        assert "Traceback" not in err
+        assert ("Traceback (most recent call last)" in err) == bool(verbose)  # issue 13: -v adds the traceback
 
 
 def test_a_validation_error_exits_2_with_one_line_naming_the_field(ledger, monkeypatch, capsys):

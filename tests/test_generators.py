@@ -16,7 +16,9 @@ def one_thread():
 
 
 @pytest.mark.parametrize(
-    ("shape", "cls"), [((1, 28, 28), Conv28Generator), ((3, 32, 32), ResNetGenerator), ((3, 64, 64), ResNetGenerator)]
+    ("shape", "cls"), [((1, 28, 28), Conv28Generator), ((3, 32, 32), ResNetGenerator), ((3, 64, 64), ResNetGenerator),
+                       # the other channel count at each size (issue 13: --channels with --image-size)
+                       ((3, 28, 28), Conv28Generator), ((1, 32, 32), ResNetGenerator), ((1, 64, 64), ResNetGenerator)]
 )
 @pytest.mark.parametrize("labelled", [True, False])
 def test_shapes_and_range(shape, cls, labelled):
@@ -68,7 +70,7 @@ def test_gradients_reach_every_parameter():
     assert missing == []
 
 
-@pytest.mark.parametrize("shape", [(3, 28, 28), (1, 32, 32), (3, 48, 48), (2, 64, 64)])
+@pytest.mark.parametrize("shape", [(3, 48, 48), (2, 64, 64), (1, 32, 64), (4, 32, 32)])
 def test_unsupported_shape_names_it(shape):
     with pytest.raises(ValueError, match=f"no generator for image shape {tuple(shape)}".replace("(", r"\(").replace(")", r"\)")):
         build_generator(shape, 10, True)

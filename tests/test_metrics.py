@@ -44,7 +44,7 @@ def test_report_over_several_runs(tmp_path):
     assert len(as_json) == 9 and as_json[0] == {"run": "eps1", "metric": "fid", "value": 60.0, "epsilon": 1.0,
                                                 "delta": 1e-5, "encoder": "lite0", "steps": 4000,
                                                 "release_id": "r-eps1", "fid_synthetic_count": 5000,
-                                                "fid_reference_count": 10000}
+                                                "fid_reference_count": 10000, "class_name": None}
     assert as_json[1]["fid_synthetic_count"] is None and as_json[1]["metric"] == "acc_logreg"
     assert [(r.fid_synthetic_count, r.fid_reference_count) for r in table if r.metric == "fid"] == [(5000, 10000)] * 3
     text = report.read_text()

@@ -62,6 +62,13 @@ RUNNER = textwrap.dedent("""
     from storage.params import ReleaseParams
     params = ReleaseParams(**json.loads(sys.argv[1]))
     result = custodian_release(params)
+    # The run's artifacts as the Prefect API serves them to the UI (release summary, extraction progress).
+    from prefect.client.orchestration import get_client
+    from tasks.artifacts import artifacts_of_flow_run
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    with open(sys.argv[2], "w") as f:
+        json.dump([a for r in runs for a in artifacts_of_flow_run(r.id)], f)
     sys.stdout.write(json.dumps(result, default=str) + "\\n")
 """)
 
@@ -79,12 +86,13 @@ def run(private_folder, tmp_path_factory) -> dict:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOGGING_LEVEL": "DEBUG",
            "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(params)], capture_output=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    proc = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(params), str(out_dir / "artifacts.json")],
+                          capture_output=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     files = {p: p.read_bytes() for d in (home, out_dir) for p in sorted(d.rglob("*")) if p.is_file()}
     return {"stdout": proc.stdout, "stderr": proc.stderr, "files": files, "release": out_dir / "release.h5",
-            "home": home, "result": json.loads(proc.stdout.decode().strip().splitlines()[-1])}
+            "home": home, "result": json.loads(proc.stdout.decode().strip().splitlines()[-1]),
+            "artifacts": json.loads((out_dir / "artifacts.json").read_text())}
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +186,34 @@ def test_release_file_holds_only_the_documented_fields(run, clean):
     assert meta["class_names"] == sorted(CLASS_SIZES)
     assert not np.array_equal(noisy_counts, np.asarray(clean["counts"], dtype=float))
     assert all(abs(c - round(c)) > 1e-9 for c in noisy_counts)  # noised, not rounded clean counts
+
+
+def test_the_artifacts_show_public_fields_and_no_count(run, clean):
+    """Issue 14: the custodian flow's artifacts, read back from the Prefect API (what the UI shows): the
+    release summary holds the public claim and no count; the extraction progress sent only the fixed
+    grid (final 100). No artifact text holds n or a class count as a whole number, or a clean statistic."""
+    from tasks.artifacts import EXTRACTION_PROGRESS_KEY, RELEASE_KEY
+
+    by_key = {}
+    for a in run["artifacts"]:
+        if a["key"] is not None:  # keyless: Prefect's own records of state results (scanned below too)
+            by_key.setdefault(a["key"], []).append(a)
+    assert set(by_key) == {RELEASE_KEY, EXTRACTION_PROGRESS_KEY}, [(a["key"], a["type"], str(a["data"])[:200])
+                                                                  for a in run["artifacts"]]
+    (summary,) = by_key[RELEASE_KEY]
+    result = run["result"]
+    for public in (result["release_id"], f"{result['epsilon']:.6g}", "add-remove", "efficientnet-lite0",
+                   result["encoder_weights_sha256"], f"| moment1 | 3 x {clean['sums'][0].shape[1]} |"):
+        assert public and public in summary["data"], public
+    (progress,) = by_key[EXTRACTION_PROGRESS_KEY]  # one shard
+    assert progress["type"] == "progress" and float(progress["data"]) == 100.0
+    private = {clean["n"], *clean["counts"]}
+    forms = {f for x in clean["floats"] for f in _float_forms(float(x))}
+    for a in run["artifacts"]:
+        text = f"{a['data']} {a['description']}"
+        numbers = {int(m) for m in re.findall(r"(?<![\w.])\d+(?!\w|\.\d)", text)}  # whole numbers, not hex digits
+        assert not numbers & private, (a["key"], numbers & private)
+        assert not [f for f in forms if f in text], a["key"]
 
 
 def test_the_run_wrote_logs_at_debug(run):

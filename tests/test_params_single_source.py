@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from storage.params import EvaluateParams, PipelineParams, ReleaseParams, SampleParams, TrainParams
+from storage.params import EvaluateParams, PipelineParams, ReleaseParams, SampleParams, SweepParams, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {  # prefect.yaml entrypoint -> the model of its `params`
@@ -113,7 +113,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 
 @pytest.mark.parametrize("command,model", [("release", ReleaseParams), ("train", TrainParams),
                                            ("sample", SampleParams), ("evaluate", EvaluateParams),
-                                           ("run", PipelineParams)])
+                                           ("run", PipelineParams), ("sweep", SweepParams)])
 def test_cli_defaults_are_the_model_defaults(command, model):
     parser = _subparsers()[command]
     exposed = [a for a in parser._actions if a.dest in model.model_fields]

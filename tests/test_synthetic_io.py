@@ -26,7 +26,7 @@ def _data(channels: int, size: int, n: int = 7):
     return images, rng.integers(0, 3, size=n).astype(np.int64)
 
 
-@pytest.mark.parametrize("suffix", [".h5", ".parquet"])
+@pytest.mark.parametrize("suffix", [".h5", ".parquet", ".npz"])
 @pytest.mark.parametrize(("channels", "size", "labelled"), [(1, 28, True), (3, 8, False)])
 def test_round_trip(tmp_path, suffix, channels, size, labelled):
     images, labels = _data(channels, size)
@@ -52,12 +52,12 @@ def test_parquet_is_one_png_row_per_image(tmp_path):
     path = write_synthetic(tmp_path / "s.parquet", images, labels, META)
     table = pq.read_table(path)
     assert table.num_rows == len(images) and table.column_names == ["image", "label"]
-    first = np.asarray(Image.open(io.BytesIO(table.column("image")[0].as_py())))
+    first = np.asarray(Image.open(io.BytesIO(table.column("image")[0].as_py()["bytes"])))
     np.testing.assert_array_equal(first, images[0].transpose(1, 2, 0))
     assert table.column("label").to_pylist() == labels.tolist()
 
 
-@pytest.mark.parametrize("suffix", [".h5", ".parquet"])
+@pytest.mark.parametrize("suffix", [".h5", ".parquet", ".npz"])
 def test_failed_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch, suffix):
     images, labels = _data(1, 8)
     path = write_synthetic(tmp_path / f"s{suffix}", images, labels, META)
@@ -67,7 +67,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch
         tmp.write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(synthetic, "_write_h5" if suffix == ".h5" else "_write_parquet", half_write)
+    monkeypatch.setattr(synthetic, f"_write_{suffix[1:]}", half_write)
     with pytest.raises(OSError, match="disk full"):
         write_synthetic(path, images[:3], labels[:3], META)
     assert path.read_bytes() == before
@@ -76,8 +76,9 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch
 
 def test_unknown_extension_is_rejected(tmp_path):
     images, labels = _data(1, 8)
-    with pytest.raises(ValueError, match=r"must end in one of \('.h5', '.parquet'\), got 'x.npz'"):
-        write_synthetic(tmp_path / "x.npz", images, labels, META)
+    with pytest.raises(ValueError, match=r"must end in one of \('.h5', '.parquet', '.npz'\) or '/' \(an image "
+                                         r"folder\), got 'x.npy'"):
+        write_synthetic(tmp_path / "x.npy", images, labels, META)
     with pytest.raises(ValueError, match="must end in one of"):
         read_synthetic(tmp_path / "x.csv")
     assert list(tmp_path.iterdir()) == []
