@@ -9,3 +9,19 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads on shared cores
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+import pytest  # noqa: E402 - after the environment above, which must be set before Prefect loads
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    those tests check numbers, not speed, and on a shared 2-core machine two threads per process
+    oversubscribe the cores and OpenMP's waiting makes each step many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,12 +13,7 @@ from mepf_core.training import TrainConfig, WeightAverage, balanced_labels, gene
 from storage.checkpoints import BEST, LATEST, load_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,7 @@ import torch
 from mepf_core.generators import CODE_DIM, Conv28Generator, ResNetGenerator, build_generator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Numbers, not speed: one thread avoids oversubscribing a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize(

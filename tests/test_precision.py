@@ -29,12 +29,7 @@ def tiny_map() -> FeatureMap:
     return FeatureMap(spec, stages.requires_grad_(False).eval(), feature_dim=2 * 4 * 8 * 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_auto_is_fp32_on_a_cpu_without_native_bf16(monkeypatch):

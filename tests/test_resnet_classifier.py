@@ -20,12 +20,7 @@ def _separable(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x.clip(0, 255).astype(np.uint8), y.astype(np.int64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_small_resnet_shapes():

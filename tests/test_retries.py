@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from prefect import flow
 
 from mepf_core.errors import InvalidArgumentError, PathExistsError
@@ -32,13 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = dict(batch_size=10, eval_samples=10, device="cpu", progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Numbers, not speed, are tested: one intra-op thread per process on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -41,14 +41,7 @@ def _make_release(path, *, encoder=None, moments=2, epsilon=1000.0):
     return embedding_to_release(path, meta, noisy)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests check numbers, not speed. On a shared 2-core machine two intra-op threads per
-    process oversubscribe the cores and OpenMP's spin-waiting makes each step many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
