@@ -96,9 +96,10 @@ class _UserErrorTracebacks(logging.Filter):
 def quiet_user_error_tracebacks() -> None:
     """Install `_UserErrorTracebacks` on Prefect's console handlers (call once Prefect is imported:
     importing it configures logging). Idempotent."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, PrefectConsoleHandler) and \
+    # Prefect's records reach the console through its own console handler or, where they propagate,
+    # the CLI's root handler (logging.basicConfig); both are StreamHandlers. The API handler (the UI's
+    # copy) is not one, so the UI keeps every record.
+    for handler in (*logging.getLogger().handlers, *logging.getLogger("prefect").handlers):
+        if isinstance(handler, logging.StreamHandler) and \
                 not any(isinstance(f, _UserErrorTracebacks) for f in handler.filters):
             handler.addFilter(_UserErrorTracebacks())

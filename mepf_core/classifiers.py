@@ -132,33 +132,46 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32)).div_(127.5).sub_(1.0)
 
 
-def _train_and_predict(model: nn.Module, train_x, train_y, test_x, *, seed: int, epochs: int,
-                       batch_size: int, lr: float, device: str) -> np.ndarray:
-    """Adam on cross-entropy for a fixed number of epochs, then the predicted test labels (int64, N)."""
+def _trained_epochs(model: nn.Module, train_x, train_y, *, seed: int, epochs: int, batch_size: int, lr: float,
+                    device: str):
+    """Adam on cross-entropy, one shuffled pass per epoch (seeded); yields the model, in eval mode,
+    after each epoch. ValueError for epochs <= 0."""
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
     model = model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     x, y = _to_tensor(train_x), torch.from_numpy(train_y.astype(np.int64))
     shuffler = torch.Generator().manual_seed(seed)
-    model.train()
+    has_batch_norm = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     for _ in range(epochs):
+        model.train()
         order = torch.randperm(len(x), generator=shuffler)
         for start in range(0, len(x), batch_size):
             idx = order[start : start + batch_size]
-            if len(idx) < 2 and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+            if len(idx) < 2 and has_batch_norm:
                 continue  # batch norm cannot train on a single example
             loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-    model.eval()
-    predicted = []
+        model.eval()
+        yield model
+
+
+def _predict(model: nn.Module, images, device: str) -> np.ndarray:
+    """Predicted labels (int64, N) of uint8 images, in batches of 512."""
     with torch.inference_mode():
-        for start in range(0, len(test_x), 512):
-            batch = _to_tensor(test_x[start : start + 512]).to(device)
-            predicted.append(model(batch).argmax(1).cpu().numpy().astype(np.int64))
-    return np.concatenate(predicted)
+        return np.concatenate([model(_to_tensor(images[i : i + 512]).to(device)).argmax(1).cpu().numpy()
+                               for i in range(0, len(images), 512)]).astype(np.int64)
+
+
+def _train_and_predict(model: nn.Module, train_x, train_y, test_x, *, seed: int, epochs: int,
+                       batch_size: int, lr: float, device: str) -> np.ndarray:
+    """Adam on cross-entropy for a fixed number of epochs, then the predicted test labels (int64, N)."""
+    for trained in _trained_epochs(model, train_x, train_y, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                                   device=device):
+        pass
+    return _predict(trained, test_x, device)
 
 
 def cnn_predictions(train_x, train_y, test_x, *, num_classes: int, seed: int, epochs: int = 5,
@@ -238,27 +251,9 @@ RESNET_LR = RESNET_LRS[0]
 def _epoch_predictions(model: nn.Module, train_x, train_y, eval_x, *, seed: int, epochs: int, batch_size: int,
                        lr: float, device: str):
     """Adam on cross-entropy; after each epoch, yields the predicted labels of eval_x (int64, N)."""
-    if epochs <= 0:
-        raise ValueError(f"epochs must be positive, got {epochs}")
-    model = model.to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    x, y = _to_tensor(train_x), torch.from_numpy(train_y.astype(np.int64))
-    shuffler = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=shuffler)
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
-            if len(idx) < 2:
-                continue  # batch norm cannot train on a single example
-            loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-        model.eval()
-        with torch.inference_mode():
-            yield np.concatenate([model(_to_tensor(eval_x[i : i + 512]).to(device)).argmax(1).cpu().numpy()
-                                  for i in range(0, len(eval_x), 512)]).astype(np.int64)
+    for trained in _trained_epochs(model, train_x, train_y, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                                   device=device):
+        yield _predict(trained, eval_x, device)
 
 
 def _check_resnet_input(train_x) -> None:

@@ -82,3 +82,22 @@ def test_ephemeral_server_start_up_timeout_is_one_line_naming_the_setting(custod
                            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=0 s")
     assert "export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=300" in line
     assert not custodian["out"].exists() and custodian["ledger"].read_bytes() == before
+
+
+def test_a_user_error_inside_a_subflow_is_one_line_without_prefects_tracebacks(tmp_path):
+    """`mepf run` into a folder that already holds a release: the custodian subflow refuses it. Prefect
+    logs the failure of the subflow and of the pipeline flow with tracebacks; on the console (records
+    that reach the CLI's own handler, as under `mepf run`) the command's one line says it, and -v shows
+    the tracebacks. Before: two 20-line tracebacks above the line."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "release.h5").write_bytes(b"not overwritten")
+    quiet = _mepf(["run", "--out-dir", str(out), "--steps", "10"], tmp_path, PREFECT_LOGGING_LEVEL="INFO")
+    assert quiet.returncode == 2, quiet.stderr
+    assert "Traceback" not in quiet.stderr and "Finished in state Failed" not in quiet.stderr, quiet.stderr
+    errors = [line for line in quiet.stderr.splitlines() if line.startswith("mepf run: error:")]
+    assert errors == [f"mepf run: error: OutputExistsError: {out / 'release.h5'} already exists; releases are never "
+                      "overwritten, choose another --out"]
+    verbose = _mepf(["-v", "run", "--out-dir", str(out), "--steps", "10"], tmp_path, PREFECT_LOGGING_LEVEL="INFO")
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+    assert (out / "release.h5").read_bytes() == b"not overwritten"
