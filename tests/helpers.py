@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -105,3 +108,12 @@ def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float
                                p.noise_multiplier if p.noised else None) for p in mech.parts),
     )
     return embedding_to_release(path, meta, noisy)
+
+
+def load_script(name: str):
+    """The module scripts/NAME.py (the scripts folder is not a package), registered as sys.modules[NAME]."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

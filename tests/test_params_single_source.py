@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from storage.params import EvaluateParams, PipelineParams, ReleaseParams, SampleParams, SweepParams, TrainParams
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {  # prefect.yaml entrypoint -> the model of its `params`
@@ -81,16 +80,8 @@ def test_every_deployment_validates_and_repeats_only_defaults_or_says_why(tmp_pa
         model(**params)
 
 
-def _local_stack():
-    spec = importlib.util.spec_from_file_location("local_stack", REPO / "scripts" / "local_stack.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["local_stack"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_local_stack_non_tiny_params_are_the_model_defaults(tmp_path):
-    stack = _local_stack()
+    stack = load_script("local_stack")
     args = argparse.Namespace(tiny=False, epsilon=10.0, budget=20.0, workdir=tmp_path)
     # what the stack sets on purpose: its paths, --epsilon and --budget, no progress bar in a log
     chosen = {"out", "release", "run", "target_epsilon", "ledger", "budget", "progress", "n"}

@@ -12,22 +12,14 @@ Needs Debian's chromium and chromium-driver (scripts/setup.sh installs them) and
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _ui_check():
-    spec = importlib.util.spec_from_file_location("ui_check", REPO / "scripts" / "ui_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ui_check"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -35,7 +27,7 @@ def test_the_prefect_ui_renders_the_tables_images_summary_and_progress(tmp_path)
     from tasks.artifacts import (EXTRACTION_PROGRESS_KEY, METRICS_KEY, RELEASE_KEY, REPORT_KEY,
                                  TRAINING_PROGRESS_KEY)
 
-    ui_check = _ui_check()
+    ui_check = load_script("ui_check")
     report = ui_check.run(tmp_path / "ui", cheap_fid=True, screenshot=tmp_path / "montage.png", timeout=600)
     assert report["ok"], report
     assert set(report["flow_runs"]) == {"custodian-release", "train-generator", "sample", "evaluate"}
