@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from mepf_core.errors import MepfError, MissingExtraError, PathNotFoundError
 from storage.datasets import check_image_mode
@@ -100,9 +100,5 @@ def custodian_release(params: ReleaseParams) -> dict:
 def publish_release_summary(released: dict) -> None:
     """The release summary as a markdown artifact: public fields of the release file only, no count, no n
     (tasks.artifacts.release_summary_markdown), with the release file's SHA-256."""
-    try:  # the release is written and charged: a failed summary must not fail the flow (a rerun is refused)
-        summary = release_summary_markdown({**released, "release_sha256": file_sha256(released["path"])})
-    except OSError as exc:
-        get_run_logger().warning("release summary artifact not created: %s", exc)
-        return
+    summary = release_summary_markdown({**released, "release_sha256": file_sha256(released["path"])})
     publish_markdown(summary, key=RELEASE_KEY, description=f"release {released['release_id']}")
