@@ -1,0 +1,196 @@
+"""Richer released statistics as A/Bs (issue 15): which EfficientNet-Lite0 stages, and how each is normalised.
+
+Two steps, so that the variants' trainings can run in parallel processes:
+
+    python bench/bench_statistics.py extract --epsilon 10 --variants base6-joint base6-layer all16-joint all16-layer
+    python bench/bench_statistics.py train --variant all16-layer [--steps 3000] [--classifiers logreg cnn]
+
+`extract` streams the Fashion-MNIST training split once through Lite0 with all 16 MBConv blocks
+(production preprocessing, sanitised pixels, float64 sums), computes every variant's per-class sums
+of its bounded feature vector, and noises each one with the project's own mechanism
+(`design_mechanism`: add-remove, labelled, first moment, norm bound 1, count share 0.1) at the given
+epsilon, delta 1e-5. Only the noisy embeddings are written (`runs/statistics/eps<E>/<variant>.npz`).
+`train` trains the production `Trainer` (paper's 28x28 generator, cosine schedule) on a variant's
+noisy embedding with the same feature map built for generated images, draws `--n` class-balanced
+images and scores the downstream classifiers on both fixed halves of the test split (bench_levers.score);
+decisions use `select`, `report` is recorded. One JSON line per run goes to results/statistics.jsonl.
+
+A variant is STAGES-NORM. STAGES: `base6` = stem + blocks 0-5 (production today, D = 16,960 at 32x32),
+`all16` = stem + all 16 blocks, `deep` = blocks 6-15 only added to base6 (same as all16). NORM:
+`joint` = the whole vector scaled to norm C (production today); `layer` = each stage's block scaled to
+norm C / sqrt(L) (L stages), so the vector's norm is at most C. Sensitivity: a record's feature vector
+has norm <= C under both, so the per-class sum's L2 sensitivity is C (add-remove), the same as today's,
+and the same mechanism applies unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bench.bench_levers import score, test_halves  # noqa: E402
+from bench.common import RESULTS  # noqa: E402
+from mepf_core import encoders  # noqa: E402
+from mepf_core.embedding import FeatureSums, mean_embeddings, sums_to_noisy_parts  # noqa: E402
+from mepf_core.encoders import run_stages  # noqa: E402
+from mepf_core.features import sanitize_images  # noqa: E402
+from mepf_core.fused_encoder import fuse_feature_map  # noqa: E402
+from mepf_core.privacy.mechanism import design_mechanism  # noqa: E402
+from mepf_core.privacy.sensitivity import Neighbouring  # noqa: E402
+from mepf_core.public_map import _bound_scale, _joint_norm, _stage_means  # noqa: E402
+from mepf_core.training import Trainer, TrainConfig, balanced_labels, generate  # noqa: E402
+from storage.datasets import open_dataset  # noqa: E402
+from storage.synthetic import quantise  # noqa: E402
+
+OUT = Path("runs/statistics")
+ROWS = RESULTS / "statistics.jsonl"
+STAGE_SETS = {"base6": list(range(7)), "all16": list(range(17))}
+NORMS = ("joint", "layer")
+NORM_BOUND = 1.0
+
+
+def parse_variant(name: str) -> tuple[list[int], str]:
+    stages, _, norm = name.partition("-")
+    if stages not in STAGE_SETS or norm not in NORMS:
+        raise SystemExit(f"variant must be STAGES-NORM with STAGES in {sorted(STAGE_SETS)} and NORM in {NORMS}, got {name!r}")
+    return STAGE_SETS[stages], norm
+
+
+def lite0_all_blocks(image_size: int) -> encoders.FeatureMap:
+    """The registry's EfficientNet-Lite0 map with all 16 blocks (weights and preprocessing unchanged)."""
+    saved = encoders._LITE0_BLOCKS
+    encoders._LITE0_BLOCKS = 16
+    try:
+        return encoders.build_feature_map("efficientnet-lite0", image_size=image_size)
+    finally:
+        encoders._LITE0_BLOCKS = saved
+
+
+class VariantMap(nn.Module):
+    """A variant's bounded feature map with the production trainer's interface (stage_outputs,
+    class_means, forward -> {"moment1": B x D}); `raw` is the (fused) all-blocks Lite0."""
+
+    def __init__(self, raw: nn.Module, spec, stages: list[int], norm: str, bound: float = NORM_BOUND):
+        super().__init__()
+        self.raw, self.spec, self.stages, self.norm, self.bound = raw, spec, stages, norm, bound
+
+    def stage_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        preprocess = getattr(self.raw, "original", self.raw).preprocess
+        outs = run_stages(self.raw.stages[: max(self.stages) + 1], preprocess(images))
+        return [outs[i] for i in self.stages]
+
+    def _scales(self, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per stage, the 1 x B scale each example's block is multiplied by."""
+        if self.norm == "joint":
+            scale = _bound_scale(_joint_norm(outs), self.bound)
+            return [scale] * len(outs)
+        share = self.bound / math.sqrt(len(outs))  # L blocks of norm <= C / sqrt(L): total norm <= C
+        return [_bound_scale(_joint_norm([o]), share) for o in outs]
+
+    def class_means(self, outputs: list[torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = [o.float() for o in outputs]
+        return {"moment1": torch.cat([_stage_means(o, weights * s) for o, s in zip(outs, self._scales(outs))], dim=1)}
+
+    def features(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """B x D bounded feature vectors (the custodian's per-record phi)."""
+        return torch.cat([o.reshape(o.shape[0], -1) * s.T for o, s in zip(outputs, self._scales(outputs))], dim=1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"moment1": self.features([o.float() for o in self.stage_outputs(images)])}
+
+
+def extract(args) -> None:
+    torch.set_num_threads(args.threads)
+    fm = lite0_all_blocks(args.image_size)
+    variants = {name: VariantMap(fm, fm.spec, *parse_variant(name)) for name in args.variants}
+    src = open_dataset("fashion-mnist", "train")
+    n = len(src) if args.limit is None else args.limit
+    sums = None
+    start = time.perf_counter()
+    with torch.no_grad():
+        for images, labels in src.iter_batches(500, 0, n):
+            outs = [o.double() for o in run_stages(fm.stages, fm.preprocess(sanitize_images(images)))]
+            outs = [torch.nan_to_num(o, nan=0.0, posinf=0.0, neginf=0.0) for o in outs]
+            if sums is None:
+                sums = {v: FeatureSums.zeros(10, sum(outs[i][0].numel() for i in m.stages), 1) for v, m in variants.items()}
+            for v, m in variants.items():
+                sums[v].add(m.features([outs[i] for i in m.stages]), None, labels)
+    mech = design_mechanism(target_epsilon=args.epsilon, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
+                            labelled=True, moments=1, norm_bound=NORM_BOUND, second_moment_bound=1.0)
+    out = OUT / f"eps{args.epsilon:g}"
+    out.mkdir(parents=True, exist_ok=True)
+    for v, s in sums.items():
+        means = mean_embeddings(sums_to_noisy_parts(s, mech))
+        np.savez(out / f"{v}.npz", moment1=means["moment1"], epsilon=mech.epsilon, image_size=args.image_size)
+        print(v, "D =", s.moment1.shape[1], "sigma =", {p.name: round(p.sigma, 4) for p in mech.parts}, flush=True)
+    print(f"extraction {time.perf_counter() - start:.0f} s for {n} images", flush=True)
+
+
+def train(args) -> None:
+    torch.set_num_threads(args.threads)
+    saved = np.load(OUT / f"eps{args.epsilon:g}" / f"{args.variant}.npz")
+    fm = lite0_all_blocks(int(saved["image_size"]))
+    fused = fuse_feature_map(fm) or fm
+    public = VariantMap(fused, fm.spec, *parse_variant(args.variant))
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr_gen=args.lr, seed=args.seed,
+                         checkpoint_every=args.steps)
+    trainer = Trainer(config, public, {"moment1": saved["moment1"]}, image_shape=(1, 28, 28), labelled=True)
+    start = time.perf_counter()
+    trainer.train(progress=args.progress)
+    train_s = time.perf_counter() - start
+    labels = balanced_labels(args.n, 10)
+    images = quantise(generate(trainer.generator, labels, seed=0))
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.save / f"{args.variant}.npz", images=images, labels=labels.numpy())
+    scores = score(images, labels.numpy(), test_halves(), args.classifiers)
+    row = {"variant": args.variant, "epsilon": float(saved["epsilon"]), "image_size": int(saved["image_size"]),
+           "dim": int(saved["moment1"].shape[1]), "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
+           "seed": args.seed, "n_synthetic": args.n, "train_s": round(train_s), "select": scores["select"],
+           "report": scores["report"], "classifier_s": scores["seconds"], "note": args.note,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "python " + shlex.join(sys.argv)}
+    print(json.dumps(row), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(ROWS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract")
+    e.add_argument("--epsilon", type=float, default=10.0)
+    e.add_argument("--variants", nargs="+", default=["base6-joint", "base6-layer", "all16-joint", "all16-layer"])
+    e.add_argument("--image-size", type=int, default=32)
+    e.add_argument("--limit", type=int)
+    e.add_argument("--threads", type=int, default=2)
+    t = sub.add_parser("train")
+    t.add_argument("--variant", required=True)
+    t.add_argument("--epsilon", type=float, default=10.0)
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--n", type=int, default=10_000)
+    t.add_argument("--classifiers", nargs="+", default=["logreg", "cnn"])
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--save", type=Path)
+    t.add_argument("--progress", action="store_true")
+    t.add_argument("--note", default="")
+    args = ap.parse_args()
+    extract(args) if args.cmd == "extract" else train(args)
+
+
+if __name__ == "__main__":
+    main()
