@@ -18,7 +18,9 @@ two that need a fresh process, run in a child driven step by step over a pipe: `
 (OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning) and `malloc_heap` (glibc
 keeps freed memory instead of unmapping it, so large per-step tensors do not page-fault fresh
 zeroed pages every step; the training task's own `keep_freed_memory()`). For Lite0 also the
-unfused (batch norms kept) public map. Options combine with '+', e.g. channels_last+threads1,
+unfused (batch norms kept) public map; for VGG19 `plain_autograd`, the encoder's stages as plain
+nn.Sequential and its class means by plain autograd (before issue 16's lean backward); mmap4/8/16/32: glibc
+serves blocks >= N MiB with their own mmap again after build_trainer (less heap fragmentation, page faults). Options combine with '+', e.g. channels_last+threads1,
 omp_passive+malloc_heap, or baseline+malloc_heap (the baseline under the same allocator). Variants run interleaved in rounds
 (A B C, then B C A, ...) because the machine is shared: every s/step is a median over all timed steps,
 every ratio a median over rounds. The fp32 matmul peak is measured in each round too (with a large
@@ -27,7 +29,7 @@ oneDNN's convolutions do), and FLOPs per step are counted with `FlopCounterMode`
 forward+backward step of each model.
 
     python bench/bench_training_step.py [--configs fmnist cifar10] [--steps 20] [--repeats 3]
-        [--warmup 3] [--options default baseline unfused channels_last compile bf16 mkldnn_off
+        [--warmup 3] [--options default baseline unfused plain_autograd channels_last compile bf16 mkldnn_off
         mkldnn_bf16 flush_denormal threads1 omp_passive malloc_heap channels_last+threads1 ...]
         [--device cpu|cuda] [--profile]
 
@@ -72,8 +74,9 @@ logger = logging.getLogger("bench_training_step")
 
 NUM_CLASSES = 10
 RELEASE_NOISE = 1e-3  # per-coordinate std of the fake release's noise (eps ~1, n ~ 6,000 per class)
-ALL_OPTIONS = ("default", "baseline", "baseline+malloc_heap", "m1_and_m2", "unfused", "channels_last", "compile",
-               "bf16", "fp32", "mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive", "system_malloc")
+ALL_OPTIONS = ("default", "baseline", "baseline+malloc_heap", "m1_and_m2", "unfused", "plain_autograd", "channels_last",
+               "compile", "bf16", "fp32", "mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive",
+               "system_malloc")
 CPU_ONLY = {"mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive", "malloc_heap", "system_malloc"}
 # Options that need a fresh process: the environment of the child that runs the variant's steps.
 ENV_OPTIONS = {
@@ -428,6 +431,43 @@ def _channels_last(t: Trainer):
     return None, "generator and feature map weights channels_last"
 
 
+def _plain_autograd(t: Trainer):
+    """The step before issue 16's lean backward (mepf_core/lean_autograd.py): the encoder's VGG stages
+    as plain nn.Sequential of the same layers (autograd saves every ReLU output, pool input and pool
+    index again) and the class means differentiated by autograd (matrix product, norm backward and
+    their sum as separate buffers). Same values; only what backward keeps and allocates differs."""
+    from mepf_core import public_map
+    from mepf_core.lean_autograd import FrozenVGGStage
+
+    stages = t.feature_map.raw.stages
+    swapped = 0
+    for i, stage in enumerate(stages):
+        if isinstance(stage, FrozenVGGStage):
+            stages[i] = nn.Sequential(*stage)
+            swapped += 1
+
+    def autograd_class_means(outputs, weights, bound, norms):  # noqa: ARG001 - recomputed with autograd
+        return public_map._scaled_means(outputs, weights * public_map._bound_scale(public_map._joint_norm(outputs), bound))
+
+    public_map.scaled_class_means = autograd_class_means  # this child process only
+    return None, (f"{swapped} encoder stages as plain nn.Sequential, class means by plain autograd "
+                  "(before issue 16's lean backward)")
+
+
+def _mmap_threshold(mib: int) -> Callable[[Trainer], tuple]:
+    """Modifier: after build_trainer's allocator setting, let glibc serve blocks of >= `mib` MiB with
+    their own mmap again (returned to the system on free: no heap fragmentation from them, but fresh
+    zeroed pages at each allocation); smaller blocks stay in the kept heap."""
+    def apply(_t: Trainer):
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        ok = mallopt(-3, mib * 2**20) == 1 and mallopt(-4, 65536) == 1  # M_MMAP_THRESHOLD, M_MMAP_MAX
+        return None, f"glibc mmap threshold {mib} MiB after build_trainer (applied: {ok})"
+    return apply
+
+
 def _compile(t: Trainer):
     t.generator.compile()
     t.feature_map.compile()
@@ -438,6 +478,8 @@ def _compile(t: Trainer):
 # They combine with "+" (e.g. channels_last+threads1), applied left to right.
 MODIFIERS: dict[str, Callable[[Trainer], tuple]] = {
     "channels_last": _channels_last,
+    "plain_autograd": _plain_autograd,
+    **{f"mmap{mib}": _mmap_threshold(mib) for mib in (4, 8, 16, 32)},
     "compile": _compile,
     "mkldnn_off": lambda t: (lambda: torch.backends.mkldnn.flags(enabled=False), "torch.backends.mkldnn.enabled = False"),
     "mkldnn_bf16": lambda t: (lambda: mkldnn_fp32_precision("bf16"), "mkldnn conv/matmul fp32_precision = 'bf16'"),
@@ -506,6 +548,8 @@ def build_variants(cfg: BenchConfig, device: str, options: list[str]) -> list[Va
             continue
         if "unfused" in parts and cfg.encoder != "efficientnet-lite0":
             continue  # only Lite0 has a fused map
+        if "plain_autograd" in parts and cfg.encoder != "vgg19":
+            continue  # only VGG19 has lean stages
         if "baseline" in parts and cfg.name != "cifar10":
             continue  # the published VGG19 approach
         env = {k: v for p in parts if p in ENV_OPTIONS for k, v in ENV_OPTIONS[p].items()}

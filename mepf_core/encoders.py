@@ -341,7 +341,11 @@ def _vgg19(*, weights_path=None, random_init=False, image_size=None) -> FeatureM
         net.load_state_dict({k: v for k, v in state.items() if k.startswith("features.")}, strict=True)
         del state
     # Split `features` so that each stage ends with a conv; the ReLU/pool that follows a conv
-    # starts the next stage, so every stage output is a pre-ReLU conv activation.
+    # starts the next stage, so every stage output is a pre-ReLU conv activation. FrozenVGGStage is an
+    # nn.Sequential of the same layers (same keys, same hash) whose backward saves only its input
+    # (mepf_core/lean_autograd.py: 194 MiB less saved per CIFAR-10 training step at batch 128).
+    from mepf_core.lean_autograd import FrozenVGGStage
+
     stages, current, names = [], [], []
     for idx, layer in enumerate(net.features):
         if isinstance(layer, nn.ReLU):
@@ -350,7 +354,7 @@ def _vgg19(*, weights_path=None, random_init=False, image_size=None) -> FeatureM
             break  # the final pool follows the last conv's ReLU and adds nothing
         current.append(layer)
         if isinstance(layer, nn.Conv2d):
-            stages.append(nn.Sequential(*current))
+            stages.append(FrozenVGGStage(*current))
             names.append(f"features.{idx}")
             current = []
     spec = EncoderSpec(

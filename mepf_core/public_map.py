@@ -18,6 +18,7 @@ from mepf_core.encoders import EncoderSpec, FeatureMap, build_feature_map, conca
 from mepf_core.errors import InvalidArgumentError, MepfError
 from mepf_core.features import bound_norm, second_moment
 from mepf_core.fused_encoder import fuse_feature_map
+from mepf_core.lean_autograd import scaled_class_means
 
 
 class EncoderMismatchError(MepfError, ValueError):
@@ -105,10 +106,13 @@ class PublicFeatureMap(nn.Module):
         parts = [(outs, self.norm_bound)]
         if self.moments == 2:
             parts.append(([o.square() for o in outs], self.second_moment_bound))
-        norms = [_joint_norm(tensors) for tensors, _ in parts]
+        with torch.no_grad():  # values only: scaled_class_means differentiates through the norms itself
+            norms = [_joint_norm(tensors) for tensors, _ in parts]
         if not all(bool(torch.isfinite(n).all()) for n in norms):
             return {name: weights @ f for name, f in self._bounded(concat_features(outs)).items()}
-        return {f"moment{i + 1}": _scaled_means(tensors, weights * _bound_scale(norm, bound))
+        # = _scaled_means(tensors, weights * _bound_scale(norm, bound)) with autograd's gradient, but one
+        # buffer per stage in backward (mepf_core/lean_autograd.py; issue 16, memory)
+        return {f"moment{i + 1}": scaled_class_means(tensors, weights, bound, norm)
                 for i, ((tensors, bound), norm) in enumerate(zip(parts, norms))}
 
 
