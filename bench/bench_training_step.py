@@ -19,8 +19,12 @@ two that need a fresh process, run in a child driven step by step over a pipe: `
 keeps freed memory instead of unmapping it, so large per-step tensors do not page-fault fresh
 zeroed pages every step; the training task's own `keep_freed_memory()`). For Lite0 also the
 unfused (batch norms kept) public map; for VGG19 `plain_autograd`, the encoder's stages as plain
-nn.Sequential and its class means by plain autograd (before issue 16's lean backward); mmap4/8/16/32: glibc
-serves blocks >= N MiB with their own mmap again after build_trainer (less heap fragmentation, page faults). Options combine with '+', e.g. channels_last+threads1,
+nn.Sequential and its class means by plain autograd (before issue 16's lean backward); `plain_generator`, the
+ResNet generator's BN-ReLU-convs by plain autograd (ReLU outputs kept for backward, before
+`lean_autograd.bn_relu_conv`); `all_feature_grads`, the class means returning every stage's feature
+gradient at once (before they were handed to the lean stages one at a time); mmap4/8/16/32: glibc
+serves blocks >= N MiB with their own mmap again after build_trainer (less heap fragmentation, page faults);
+`arena1`: glibc's M_ARENA_MAX = 1 set first thing in the child (every thread allocates from the main heap). Options combine with '+', e.g. channels_last+threads1,
 omp_passive+malloc_heap, or baseline+malloc_heap (the baseline under the same allocator). Variants run interleaved in rounds
 (A B C, then B C A, ...) because the machine is shared: every s/step is a median over all timed steps,
 every ratio a median over rounds. The fp32 matmul peak is measured in each round too (with a large
@@ -74,13 +78,17 @@ logger = logging.getLogger("bench_training_step")
 
 NUM_CLASSES = 10
 RELEASE_NOISE = 1e-3  # per-coordinate std of the fake release's noise (eps ~1, n ~ 6,000 per class)
-ALL_OPTIONS = ("default", "baseline", "baseline+malloc_heap", "m1_and_m2", "unfused", "plain_autograd", "channels_last",
+ALL_OPTIONS = ("default", "baseline", "baseline+malloc_heap", "m1_and_m2", "unfused", "plain_autograd", "plain_generator", "all_feature_grads",
+               "channels_last",
                "compile", "bf16", "fp32", "mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive",
                "system_malloc")
-CPU_ONLY = {"mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive", "malloc_heap", "system_malloc"}
+CPU_ONLY = {"arena1", "thp", "mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive", "malloc_heap", "system_malloc"}
 # Options that need a fresh process: the environment of the child that runs the variant's steps.
 ENV_OPTIONS = {
     "omp_passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # idle OpenMP threads sleep instead of spinning
+    # PyTorch's CPU allocator aligns blocks >= 2 MiB to 2 MiB and madvises them MADV_HUGEPAGE: page
+    # faults of fresh (mmap'd) blocks fill 2 MiB pages instead of 4 KiB ones (issue 16 trial)
+    "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
     # glibc serves every allocation from its heap and keeps freed memory: no fresh zeroed pages
     # (page faults) for each step's large activation tensors
 }
@@ -90,12 +98,14 @@ CHILD_SETUP: dict[str, Callable[[], object]] = {
     # do not page-fault fresh zeroed pages every step. Production (build_trainer) already does this;
     # the option exists to put the published-code baseline under the same allocator (baseline+malloc_heap)
     "malloc_heap": keep_freed_memory,
+    # one malloc arena for all threads (M_ARENA_MAX = 1): a heap-fragmentation trial of issue 16
+    "arena1": lambda: _mallopt(-8, 1),
 }
 # the production trainer built without build_trainer's process settings (glibc's default allocator)
 PLAIN_PROCESS = {"system_malloc"}
 FRESH_PROCESS = ENV_OPTIONS.keys() | CHILD_SETUP.keys() | PLAIN_PROCESS
 ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "MALLOC_MMAP_MAX_",
-            "MALLOC_TRIM_THRESHOLD_")
+            "MALLOC_TRIM_THRESHOLD_", "THP_MEM_ALLOC_ENABLE")
 
 
 @dataclass(frozen=True)
@@ -454,6 +464,37 @@ def _plain_autograd(t: Trainer):
                   "(before issue 16's lean backward)")
 
 
+def _mallopt(param: int, value: int) -> bool:
+    """glibc mallopt(param, value) in this process; True when glibc accepted it."""
+    import ctypes
+
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(param, value) == 1
+
+
+def _plain_generator(t: Trainer):
+    """The generator before issue 16's lean BN-ReLU-conv (mepf_core.lean_autograd.bn_relu_conv): each
+    batch norm, ReLU and conv by plain autograd, which keeps the ReLU outputs for backward. Same values."""
+    from mepf_core import generators
+
+    def plain_bn_relu_conv(x, bn, weight, bias=None, *, stride=1, padding=0, transposed=False):
+        conv = F.conv_transpose2d if transposed else F.conv2d
+        return conv(F.relu(bn(x)), weight, bias, stride=stride, padding=padding)
+
+    generators.bn_relu_conv = plain_bn_relu_conv  # this child process only
+    return None, "generator's BN-ReLU-convs by plain autograd (before issue 16's lean generator backward)"
+
+
+def _all_feature_grads(t: Trainer):
+    """The class means' backward before the hand-over to the lean stages: every stage's B x D_l feature
+    gradient returned at once and summed by autograd. Same values."""
+    from mepf_core import lean_autograd
+
+    lean_autograd._consumers = lambda outputs: [None] * len(outputs)  # this child process only
+    return None, "class means return every feature gradient at once (before the hand-over to the stages)"
+
+
 def _mmap_threshold(mib: int) -> Callable[[Trainer], tuple]:
     """Modifier: after build_trainer's allocator setting, let glibc serve blocks of >= `mib` MiB with
     their own mmap again (returned to the system on free: no heap fragmentation from them, but fresh
@@ -479,6 +520,8 @@ def _compile(t: Trainer):
 MODIFIERS: dict[str, Callable[[Trainer], tuple]] = {
     "channels_last": _channels_last,
     "plain_autograd": _plain_autograd,
+    "plain_generator": _plain_generator,
+    "all_feature_grads": _all_feature_grads,
     **{f"mmap{mib}": _mmap_threshold(mib) for mib in (4, 8, 16, 32)},
     "compile": _compile,
     "mkldnn_off": lambda t: (lambda: torch.backends.mkldnn.flags(enabled=False), "torch.backends.mkldnn.enabled = False"),
@@ -548,8 +591,10 @@ def build_variants(cfg: BenchConfig, device: str, options: list[str]) -> list[Va
             continue
         if "unfused" in parts and cfg.encoder != "efficientnet-lite0":
             continue  # only Lite0 has a fused map
-        if "plain_autograd" in parts and cfg.encoder != "vgg19":
+        if ("plain_autograd" in parts or "all_feature_grads" in parts) and cfg.encoder != "vgg19":
             continue  # only VGG19 has lean stages
+        if "plain_generator" in parts and cfg.image_shape[1] == 28:
+            continue  # only the ResNet generator (32x32, 64x64) has lean BN-ReLU-convs
         if "baseline" in parts and cfg.name != "cifar10":
             continue  # the published VGG19 approach
         env = {k: v for p in parts if p in ENV_OPTIONS for k, v in ENV_OPTIONS[p].items()}

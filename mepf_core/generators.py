@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mepf_core.lean_autograd import bn_relu_conv
+from mepf_core.train_config import PAPER_CONV28_CHANNELS
+
 CODE_DIM = 100  # the paper's code size: K one-hot entries + (100 - K) noise entries when labelled
 MIN_NOISE_DIM = 16  # with many classes the noise part never shrinks below this
 
@@ -101,18 +104,25 @@ class Conv28Generator(Generator):
 _FOLD = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
 
 
+def folded_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The C_in x C_out x 4 x 4 transposed-convolution kernel (stride 2, padding 1) equal to 2x nearest
+    upsampling followed by `weight` (C_out x C_in x 3 x 3, padding 1)."""
+    fold = _FOLD.to(weight.device, weight.dtype)
+    return torch.einsum("ka,oiab,lb->iokl", fold, weight, fold)
+
+
 def upsample_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """conv2d(interpolate(x, 2x nearest), weight, padding=1) for a 3x3 weight, without the copy."""
-    fold = _FOLD.to(weight.device, weight.dtype)
-    kernel = torch.einsum("ka,oiab,lb->iokl", fold, weight, fold)  # C_in x C_out x 4 x 4
-    return F.conv_transpose2d(x, kernel, stride=2, padding=1)
+    return F.conv_transpose2d(x, folded_kernel(weight), stride=2, padding=1)
 
 
 class _UpBlock(nn.Module):
     """Residual up-block: BN-ReLU-upsample-conv3-BN-ReLU-conv3, plus upsample-conv1x1 skip.
 
     Computed as written but cheaper: upsample+conv3 by `upsample_conv3x3`, and the 1x1 skip
-    before the (nearest) upsampling, with which it commutes.
+    before the (nearest) upsampling, with which it commutes. Each BN-ReLU-conv goes through
+    `mepf_core.lean_autograd.bn_relu_conv`: in training, backward recomputes the ReLU output from
+    the batch norm's input instead of keeping it (same values and gradients, half the saved bytes).
     """
 
     def __init__(self, c_in: int, c_out: int):
@@ -124,8 +134,8 @@ class _UpBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = upsample_conv3x3(F.relu(self.bn1(x)), self.conv1.weight)
-        h = self.conv2(F.relu(self.bn2(h)))
+        h = bn_relu_conv(x, self.bn1, folded_kernel(self.conv1.weight), stride=2, padding=1, transposed=True)
+        h = bn_relu_conv(h, self.bn2, self.conv2.weight, self.conv2.bias, padding=1)
         return h + F.interpolate(self.skip(x), scale_factor=2, mode="nearest")
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,13 +168,16 @@ class ResNetGenerator(Generator):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         x = self.project(codes[:, :, None, None]).contiguous(memory_format=torch.channels_last)  # ~1.3x on CPU
-        x = self.out(self.blocks(x))
+        bn, conv = self.out[0], self.out[2]  # BN-ReLU-conv3, its ReLU output recomputed in backward
+        x = bn_relu_conv(self.blocks(x), bn, conv.weight, conv.bias, padding=conv.padding[0])
         return (torch.tanh(x) + 1.0) * 0.5
 
 
-def build_generator(image_shape: tuple[int, int, int], num_classes: int, labelled: bool) -> Generator:
+def build_generator(image_shape: tuple[int, int, int], num_classes: int, labelled: bool, *,
+                    conv28_channels: int = PAPER_CONV28_CHANNELS) -> Generator:
     """The paper's generator for this image shape (C, H, W), C in {1, 3}: 28x28 -> the conv net
-    (`Conv28Generator`, the paper's for 1x28x28); 32x32 / 64x64 -> the ResNet (the paper's for RGB).
+    (`Conv28Generator`, the paper's for 1x28x28, with channels (conv28_channels, conv28_channels // 2):
+    training passes `TrainConfig.conv28_channels`); 32x32 / 64x64 -> the ResNet (the paper's for RGB).
 
     Raises ValueError naming the shape for any other shape.
     """
@@ -172,7 +185,7 @@ def build_generator(image_shape: tuple[int, int, int], num_classes: int, labelle
     if len(shape) == 3 and shape[0] in (1, 3) and shape[1] == shape[2]:
         c, size = shape[0], shape[1]
         if size == 28:
-            return Conv28Generator(num_classes, labelled, out_channels=c)
+            return Conv28Generator(num_classes, labelled, channels=(conv28_channels, conv28_channels // 2), out_channels=c)
         if size in (32, 64):
             return ResNetGenerator(size, num_classes, labelled, out_channels=c)
     raise ValueError(

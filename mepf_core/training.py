@@ -116,7 +116,7 @@ class Trainer:
         self.num_classes = k
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left untouched
             torch.manual_seed(config.seed)
-            self.generator = build_generator(image_shape, k, labelled).to(self.device)
+            self.generator = build_generator(image_shape, k, labelled, conv28_channels=config.conv28_channels).to(self.device)
         self.feature_map = feature_map.to(self.device)
         # channels-last weights: ~1.2x faster steps on CPU (measured side by side), fine on cuda
         self.generator.to(memory_format=torch.channels_last)

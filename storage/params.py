@@ -288,6 +288,9 @@ class TrainParams(BaseModel):
     out: str = Field(..., description="run directory for checkpoints, run.json and images")
     steps: int = Field(DEFAULT_STEPS, description="total generator updates (a resumed run continues up to this)")
     batch_size: int = Field(_config_default("batch_size"), description="generated images per step")
+    conv28_channels: int = Field(_config_default("conv28_channels"), strict=True,
+                                 description="width of the 28x28 generator: channels of its two convolutions "
+                                 "are this and half of it (the paper's: 16)")
     lr_gen: float = Field(_config_default("lr_gen"),
                           description="generator Adam learning rate (start of the cosine schedule)")
     lr_mavg: float = Field(_config_default("lr_mavg"), description="moving-average Adam learning rate (mavg loss)")
@@ -495,8 +498,8 @@ class EvaluateParams(BaseModel):
 # default, description and constraints (the stage models validate them again in `stage_params`).
 RELEASE_FIELDS = ("dataset", "data_root", "target_epsilon", "target_delta", "labelled", "neighbouring", "moments",
                   "encoder", "ledger", "budget", "limit", "image_size", "channels")
-TRAIN_FIELDS = ("steps", "batch_size", "lr_gen", "lr_mavg", "lr_schedule", "checkpoint_every", "eval_samples",
-                "device")
+TRAIN_FIELDS = ("steps", "batch_size", "conv28_channels", "lr_gen", "lr_mavg", "lr_schedule", "seed",
+                "checkpoint_every", "eval_samples", "device")
 EVALUATE_FIELDS = ("reference", "fid_samples", "fid_reference", "classifiers", "allow_small_fid", "ceiling",
                    "allow_private_reference")
 

@@ -156,7 +156,8 @@ def sample_synthetic(
         raise PathNotFoundError(f"{run_dir} holds no checkpoint ({BEST} or {LATEST}); train first")
     checkpoint = load_training_checkpoint(path)
     info = checkpoint.release
-    generator = build_generator(info.image_shape, info.num_classes, info.labelled)
+    config = TrainConfig.from_dict(checkpoint.config)
+    generator = build_generator(info.image_shape, info.num_classes, info.labelled, conv28_channels=config.conv28_channels)
     state = checkpoint.state  # a run trained with ema_decay > 0 samples its weight average
     generator.load_state_dict(state["generator_ema"]["weights"] if "generator_ema" in state else state["generator"])
     generator.to(resolve_device(device))

@@ -186,3 +186,38 @@ def test_scaled_class_means_equal_the_autograd_path(channels_last):
         assert float((a - b).norm() / b.norm()) < 1e-6  # float32 rounding (another summation order)
         assert bool((a[0] == 0).all())
     torch.testing.assert_close(w_lean, w_ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_feature_gradients_handed_to_the_stages_equal_returning_them(channels_last, monkeypatch):
+    """scaled_class_means hands each stage output's gradient to the lean stage that consumed it
+    (one stage's B x D_l gradient at a time): the input gradient is the one returned all at once."""
+    from mepf_core import lean_autograd
+    from mepf_core.public_map import _joint_norm
+
+    lean, _ = _lean_and_plain(channels_last)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    weights = class_weight_matrix(torch.tensor([0, 1, 1, 0]), 2)
+    probe = None
+    grads, consumers = [], []
+    for hand_over in (True, False):
+        if not hand_over:  # every gradient returned by the class means, summed by autograd
+            monkeypatch.setattr(lean_autograd, "_consumers", lambda outs: [None] * len(outs))
+        x = images.clone().requires_grad_(True)
+        outputs, h = [], x
+        for stage in lean:
+            h = stage(h)
+            outputs.append(h)
+        consumers.append(lean_autograd._consumers(tuple(outputs)))
+        with torch.no_grad():
+            norms = _joint_norm(outputs)
+        means = lean_autograd.scaled_class_means(outputs, weights, 3.0, norms)
+        if probe is None:
+            probe = torch.randn(means.shape, generator=torch.Generator().manual_seed(10))
+        grads.append(torch.autograd.grad((means * probe).sum(), x)[0])
+    # stage 2, 3, 4 (ReLU first) consume outputs 1, 2, 3; the last output has no consumer
+    assert [c is not None for c in consumers[0]] == [True, True, True, False]
+    assert float(grads[1].norm()) > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)  # g + gy in either order: the same bits
