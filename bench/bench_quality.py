@@ -106,7 +106,8 @@ def pipeline_row(out_dir: Path) -> dict:
     metrics = {r["metric"]: r["value"] for r in json.loads((out_dir / "report" / "metrics.json").read_text())
                if r.get("class_name") is None}  # class-wise accuracies (class_acc_*) are not columns here
     eps = run["release"]["epsilon"]
-    return {"epsilon": round(eps, 6), "epsilon_spent": round(eps, 6), "steps": run["steps_done"],
+    return {"epsilon": round(eps, 6), "epsilon_spent": round(eps, 6), "seed": run["config"]["seed"],
+            "steps": run["steps_done"],
             "train_minutes": round(run["train_seconds"] / 60, 1),
             **{k: round(v, 4) for k, v in metrics.items()}, "commands": [f"mepf run --out-dir {out_dir}"]}
 
@@ -185,7 +186,7 @@ def main() -> None:
     if args.fid_floor and not args.fid_reference:
         ap.error("--fid-floor needs --fid-reference (the reference the synthetic FIDs use)")
     work = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
-    rows = [{**pipeline_row(args.from_run), "seed": 0, "tag": args.tag}] if args.from_run else []
+    rows = [{**pipeline_row(args.from_run), "tag": args.tag}] if args.from_run else []
     for eps in args.epsilons:
         for seed in args.seeds:
             rows.append(release_run(eps, seed, work / f"eps{eps:g}-seed{seed}", args))

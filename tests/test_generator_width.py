@@ -19,7 +19,7 @@ def test_width_sets_both_convolutions_and_the_ten_class_code():
     assert g.fc[3].out_features == 32 * 7 * 7
     assert g.generate(torch.arange(4) % 10).shape == (4, 1, 28, 28)
     paper = build_generator((1, 28, 28), 10, True)
-    assert (paper.conv1[0].in_channels, PAPER_CONV28_CHANNELS) == (16, 16)
+    assert (paper.conv1[0].in_channels, PAPER_CONV28_CHANNELS, TrainConfig(steps=1).conv28_channels) == (16, 16, 16)
 
 
 @pytest.mark.parametrize("bad", [1, 0, -4, 513, 2.5, True])
