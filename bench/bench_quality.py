@@ -91,6 +91,7 @@ def release_run(eps: float, seed: int, d: Path, args) -> dict:
     ev, _, c4 = mepf(*ev_args)
     row = {"epsilon": eps, "seed": seed, "tag": args.tag, "reference": REPORT, "epsilon_spent": round(rel["epsilon"], 6),
            "steps": run["steps_done"], "ema_decay": args.ema_decay or 0.0,
+           "fid_counts": [ev["fid_synthetic_count"], ev["fid_reference_count"]],
            "train_minutes": round(t_train / 60, 1), "release_minutes": round(t_rel / 60, 1),
            **{k: round(v, 4) for k, v in ev["metrics"].items()}, "commands": [c1, c2, c3, c4]}
     if args.resnet:
@@ -105,9 +106,11 @@ def pipeline_row(out_dir: Path) -> dict:
     run = json.loads((out_dir / "run" / "run.json").read_text())
     metrics = {r["metric"]: r["value"] for r in json.loads((out_dir / "report" / "metrics.json").read_text())
                if r.get("class_name") is None}  # class-wise accuracies (class_acc_*) are not columns here
+    fid = [r for r in json.loads((out_dir / "report" / "metrics.json").read_text()) if r["metric"] == "fid"]
     eps = run["release"]["epsilon"]
     return {"epsilon": round(eps, 6), "epsilon_spent": round(eps, 6), "seed": run["config"]["seed"],
-            "steps": run["steps_done"],
+            "steps": run["steps_done"], "reference": REPORT,
+            **({"fid_counts": [fid[0]["fid_synthetic_count"], fid[0]["fid_reference_count"]]} if fid else {}),
             "train_minutes": round(run["train_seconds"] / 60, 1),
             **{k: round(v, 4) for k, v in metrics.items()}, "commands": [f"mepf run --out-dir {out_dir}"]}
 
@@ -155,8 +158,12 @@ def spread(rows: list[dict]) -> list[dict]:
         if len(members) < 2:
             continue
         summary = {"epsilon": eps, "tag": tag, "seeds": sorted(m["seed"] for m in members)}
-        for metric in ("fid", "acc_logreg", "acc_mlp", "acc_cnn", "acc_resnet"):
-            values = [m[metric] for m in members if metric in m]
+        by_counts: dict[str, list[float]] = {}  # FIDs at different sample sizes are not comparable
+        for m in members:
+            if "fid" in m and m.get("fid_counts"):
+                by_counts.setdefault("fid@{}v{}".format(*m["fid_counts"]), []).append(m["fid"])
+        for metric in (*sorted(by_counts), "acc_logreg", "acc_mlp", "acc_cnn", "acc_resnet"):
+            values = by_counts.get(metric) or [m[metric] for m in members if metric in m]
             if len(values) >= 2:
                 summary[metric] = {"mean": round(statistics.mean(values), 4), "sd": round(statistics.stdev(values), 4),
                                    "min": min(values), "max": max(values), "n": len(values)}

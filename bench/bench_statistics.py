@@ -16,7 +16,7 @@ images and scores the downstream classifiers on both fixed halves of the test sp
 decisions use `select`, `report` is recorded. One JSON line per run goes to results/statistics.jsonl.
 
 A variant is STAGES-NORM. STAGES: `base6` = stem + blocks 0-5 (production today, D = 16,960 at 32x32),
-`all16` = stem + all 16 blocks, `deep` = blocks 6-15 only added to base6 (same as all16). NORM:
+`all16` = stem + all 16 blocks (D = 20,032). NORM:
 `joint` = the whole vector scaled to norm C (production today); `layer` = each stage's block scaled to
 norm C / sqrt(L) (L stages), so the vector's norm is at most C. Sensitivity: a record's feature vector
 has norm <= C under both, so the per-class sum's L2 sensitivity is C (add-remove), the same as today's,

@@ -115,12 +115,21 @@ def test_quality_rows_merge_by_epsilon_and_a_pipeline_run_becomes_a_row(tmp_path
     (tmp_path / "run").mkdir()
     (tmp_path / "report").mkdir()
     (tmp_path / "run" / "run.json").write_text(json.dumps(
-        {"release": {"epsilon": 9.9999999997}, "steps_done": 10_000, "train_seconds": 480.0}))
+        {"release": {"epsilon": 9.9999999997}, "steps_done": 10_000, "train_seconds": 480.0, "config": {"seed": 1}}))
     (tmp_path / "report" / "metrics.json").write_text(json.dumps(
-        [{"metric": "fid", "value": 53.91}, {"metric": "acc_cnn", "value": 0.762}]))
+        [{"metric": "fid", "value": 53.91, "fid_synthetic_count": 2000, "fid_reference_count": 2000},
+         {"metric": "acc_cnn", "value": 0.762}]))
     row = bench_quality.pipeline_row(tmp_path)
     assert row["epsilon"] == 10.0 and row["steps"] == 10_000 and row["train_minutes"] == 8.0
+    assert row["seed"] == 1 and row["fid_counts"] == [2000, 2000]
     assert row["fid"] == 53.91 and row["commands"] == [f"mepf run --out-dir {tmp_path}"]
-    old = [{"epsilon": 10.0, "fid": 77.9}, {"epsilon": 1.0, "fid": 81.4}, {"epsilon": "real data (ceiling)"}]
+    old = [{"epsilon": 10.0, "seed": 1, "fid": 77.9}, {"epsilon": 1.0, "seed": 1, "fid": 81.4}, {"epsilon": "real data (ceiling)"}]
     merged = bench_quality.merge(old, [row])
     assert [r["epsilon"] for r in merged] == [1.0, "real data (ceiling)", 10.0] and merged[-1]["fid"] == 53.91
+    # the spread over seeds never mixes FIDs of different sample sizes
+    seeds = [{**row, "tag": "t"}, {**row, "tag": "t", "seed": 2, "fid": 55.91, "acc_cnn": 0.772},
+             {**row, "tag": "t", "seed": 0, "fid": 60.0, "fid_counts": [1000, 1000], "acc_cnn": 0.752}]
+    (summary,) = bench_quality.spread(seeds)
+    assert summary["seeds"] == [0, 1, 2] and summary["acc_cnn"]["n"] == 3
+    assert summary["fid@2000v2000"] == {"mean": 54.91, "sd": 1.4142, "min": 53.91, "max": 55.91, "n": 2}
+    assert "fid@1000v1000" not in summary and "fid" not in summary
