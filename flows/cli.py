@@ -177,9 +177,9 @@ def _add_train(sub) -> None:
     from storage.params import TrainParams
 
     p = sub.add_parser("train", help="public: train a generator from a release file alone")
-    add_model_flags(p, TrainParams, ("release", "out", "steps", "batch_size", "conv28_channels", "lr_gen", "lr_mavg", "lr_schedule", "loss",
-                                     "checkpoint_every", "seed", "ema_decay", "device", "precision", "encoder_weights",
-                                     "resume"))
+    add_model_flags(p, TrainParams, ("release", "out", "steps", "batch_size", "conv28_channels", "lr_gen", "lr_mavg",
+                                     "lr_schedule", "loss", "checkpoint_every", "seed", "ema_decay", "device",
+                                     "precision", "encoder_weights", "resume"))
     add_model_flag(p, TrainParams, "trusted_keys", "--trusted-key", kind="append", metavar="PUB",
                    help="Ed25519 public key (PEM) of a trusted custodian: refuse a release that is unsigned or "
                         "signed by any other key (repeatable)")
