@@ -48,7 +48,8 @@ from mepf_core.features import sanitize_images  # noqa: E402
 from mepf_core.fused_encoder import fuse_feature_map  # noqa: E402
 from mepf_core.privacy.mechanism import design_mechanism  # noqa: E402
 from mepf_core.privacy.sensitivity import Neighbouring  # noqa: E402
-from mepf_core.public_map import _bound_scale, _joint_norm, _stage_means  # noqa: E402
+from mepf_core.lean_autograd import stage_means  # noqa: E402
+from mepf_core.public_map import _bound_scale, _joint_norm  # noqa: E402
 from mepf_core.training import Trainer, TrainConfig, balanced_labels, generate  # noqa: E402
 from storage.datasets import open_dataset  # noqa: E402
 from storage.synthetic import quantise  # noqa: E402
@@ -100,7 +101,7 @@ class VariantMap(nn.Module):
 
     def class_means(self, outputs: list[torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         outs = [o.float() for o in outputs]
-        return {"moment1": torch.cat([_stage_means(o, weights * s) for o, s in zip(outs, self._scales(outs))], dim=1)}
+        return {"moment1": torch.cat([stage_means(o, weights * s) for o, s in zip(outs, self._scales(outs))], dim=1)}
 
     def features(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """B x D bounded feature vectors (the custodian's per-record phi)."""

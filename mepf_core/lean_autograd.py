@@ -154,11 +154,23 @@ class FrozenVGGStage(nn.Sequential):
 
 def _flat(output: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """A B x D_l view of a stage output in memory order, and whether that order is channels-last
-    (N H W C) rather than C, H, W (see `mepf_core.public_map._stage_means`)."""
+    (N H W C) rather than C, H, W."""
     if output.ndim == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
         b, c, h, w = output.shape
         return output.permute(0, 2, 3, 1).reshape(b, h * w * c), True
     return output.reshape(output.shape[0], -1), False
+
+
+def stage_means(output: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """weights (K x B) @ the output flattened in C, H, W order (K x D_l), one matrix product over the
+    output where it lies: a channels-last output is reduced through its N H W C view and only the K
+    rows are reordered back to C, H, W."""
+    flat, nhwc = _flat(output)
+    means = weights @ flat
+    if nhwc:
+        b, c, h, w = output.shape
+        means = means.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(means.shape[0], c * h * w)
+    return means
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -205,17 +217,9 @@ class _ScaledClassMeans(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights, scale, norms, consumers, *outputs):
         a = weights * scale
-        means = []
-        for o in outputs:
-            flat, nhwc = _flat(o)
-            m = a @ flat
-            if nhwc:
-                b, c, h, w = o.shape
-                m = m.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(m.shape[0], c * h * w)
-            means.append(m)
         ctx.save_for_backward(weights, scale, norms, *outputs)
         ctx.consumers = consumers
-        return torch.cat(means, dim=1)
+        return torch.cat([stage_means(o, a) for o in outputs], dim=1)
 
     @staticmethod
     @once_differentiable

@@ -18,7 +18,7 @@ from mepf_core.encoders import EncoderSpec, FeatureMap, build_feature_map, conca
 from mepf_core.errors import InvalidArgumentError, MepfError
 from mepf_core.features import bound_norm, second_moment
 from mepf_core.fused_encoder import fuse_feature_map
-from mepf_core.lean_autograd import scaled_class_means
+from mepf_core.lean_autograd import scaled_class_means, stage_means
 
 
 class EncoderMismatchError(MepfError, ValueError):
@@ -130,15 +130,7 @@ def _bound_scale(norms: torch.Tensor, bound: float) -> torch.Tensor:
 
 def _scaled_means(outputs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """weights (K x B) @ the concatenated flattened outputs, one matrix product per stage."""
-    return torch.cat([_stage_means(o, weights) for o in outputs], dim=1)
-
-
-def _stage_means(output: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    if output.ndim == 4 and not output.is_contiguous() and output.is_contiguous(memory_format=torch.channels_last):
-        b, c, h, w = output.shape  # N H W C in memory: reduce over that view, then reorder the K rows
-        means = weights @ output.permute(0, 2, 3, 1).reshape(b, h * w * c)
-        return means.view(-1, h, w, c).permute(0, 3, 1, 2).reshape(means.shape[0], c * h * w)
-    return weights @ output.reshape(output.shape[0], -1)
+    return torch.cat([stage_means(o, weights) for o in outputs], dim=1)
 
 
 def build_public_map(
