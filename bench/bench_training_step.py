@@ -17,7 +17,10 @@ mkldnn off, mkldnn implicit bf16 for fp32 convs/matmuls, flush-denormal, one int
 two that need a fresh process, run in a child driven step by step over a pipe: `omp_passive`
 (OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning) and `malloc_heap` (glibc
 keeps freed memory instead of unmapping it, so large per-step tensors do not page-fault fresh
-zeroed pages every step; the training task's own `keep_freed_memory()`). For Lite0 also the
+zeroed pages every step; the training task's own `keep_freed_memory()`), and the allocators:
+`default` runs under tcmalloc where `mepf` preloads it (mepf_core.allocator: every production variant
+does unless it names another), `glibc` is the production step under glibc's malloc keeping freed
+memory (what `mepf` runs where tcmalloc is not installed), `jemalloc` a trial. For Lite0 also the
 unfused (batch norms kept) public map; for VGG19 `plain_autograd`, the encoder's stages as plain
 nn.Sequential and its class means by plain autograd (before issue 16's lean backward); `plain_generator`, the
 ResNet generator's BN-ReLU-convs by plain autograd (ReLU outputs kept for backward, before
@@ -67,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
 from bench.common import command_line, env_label, environment, median, table, write_result  # noqa: E402
-from mepf_core.allocator import keep_freed_memory  # noqa: E402
+from mepf_core.allocator import ALLOCATOR_ENV, LARGE_ALLOC_REPORT, keep_freed_memory, tcmalloc_env  # noqa: E402
 from mepf_core.precision import cpu_has_native_bf16  # noqa: E402
 from mepf_core.encoders import build_feature_map  # noqa: E402
 from mepf_core.losses import class_weight_matrix  # noqa: E402
@@ -78,17 +81,24 @@ logger = logging.getLogger("bench_training_step")
 
 NUM_CLASSES = 10
 RELEASE_NOISE = 1e-3  # per-coordinate std of the fake release's noise (eps ~1, n ~ 6,000 per class)
-ALL_OPTIONS = ("default", "baseline", "baseline+malloc_heap", "m1_and_m2", "unfused", "plain_autograd", "plain_generator", "all_feature_grads",
+ALL_OPTIONS = ("default", "baseline", "baseline+malloc_heap", "baseline+tcmalloc", "m1_and_m2", "unfused", "plain_autograd", "plain_generator", "all_feature_grads",
                "channels_last",
                "compile", "bf16", "fp32", "mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive",
-               "system_malloc")
-CPU_ONLY = {"arena1", "thp", "mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive", "malloc_heap", "system_malloc"}
+               "glibc", "system_malloc")
+CPU_ONLY = {"arena1", "thp", "jemalloc", "tcmalloc", "glibc", "mkldnn_off", "mkldnn_bf16", "flush_denormal", "threads1", "omp_passive", "malloc_heap", "system_malloc"}
 # Options that need a fresh process: the environment of the child that runs the variant's steps.
 ENV_OPTIONS = {
     "omp_passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # idle OpenMP threads sleep instead of spinning
     # PyTorch's CPU allocator aligns blocks >= 2 MiB to 2 MiB and madvises them MADV_HUGEPAGE: page
     # faults of fresh (mmap'd) blocks fill 2 MiB pages instead of 4 KiB ones (issue 16 trial)
     "thp": {"THP_MEM_ALLOC_ENABLE": "1"},
+    # Another malloc for the whole child, preloaded ahead of glibc's. tcmalloc is what `mepf` runs under
+    # where installed (mepf_core.allocator.tcmalloc_env): production variants get it implicitly, and
+    # baseline+tcmalloc is the published code under it. jemalloc (Debian libjemalloc2): an issue 16 trial.
+    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4", **LARGE_ALLOC_REPORT},
+    "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2", ALLOCATOR_ENV: "system"},
+    # the production step under glibc's malloc (keep_freed_memory): what `mepf` ran before tcmalloc
+    "glibc": {ALLOCATOR_ENV: "system"},
     # glibc serves every allocation from its heap and keeps freed memory: no fresh zeroed pages
     # (page faults) for each step's large activation tensors
 }
@@ -105,7 +115,7 @@ CHILD_SETUP: dict[str, Callable[[], object]] = {
 PLAIN_PROCESS = {"system_malloc"}
 FRESH_PROCESS = ENV_OPTIONS.keys() | CHILD_SETUP.keys() | PLAIN_PROCESS
 ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "MALLOC_MMAP_MAX_",
-            "MALLOC_TRIM_THRESHOLD_", "THP_MEM_ALLOC_ENABLE")
+            "MALLOC_TRIM_THRESHOLD_", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
 
 
 @dataclass(frozen=True)
@@ -597,6 +607,7 @@ def build_variants(cfg: BenchConfig, device: str, options: list[str]) -> list[Va
             continue  # only the ResNet generator (32x32, 64x64) has lean BN-ReLU-convs
         if "baseline" in parts and cfg.name != "cifar10":
             continue  # the published VGG19 approach
+        parts = process_parts(name)
         env = {k: v for p in parts if p in ENV_OPTIONS for k, v in ENV_OPTIONS[p].items()}
         try:
             remote = RemoteStep(cfg, device, env, [p for p in parts if p not in ENV_OPTIONS])
@@ -683,10 +694,28 @@ def profile_step(step: Callable[[], object], device: str, top: int = 20) -> list
              "share": round(getattr(e, key) / total, 3), "calls_per_step": e.count // 2} for e in events]
 
 
+ALLOCATOR_PARTS = {"tcmalloc", "jemalloc", "glibc", "system_malloc", "malloc_heap"}
+
+
+def process_parts(name: str) -> list[str]:
+    """The variant's parts with the allocator `mepf` itself would run under made explicit: a production
+    variant that names no allocator gets "tcmalloc" where `mepf` preloads it (tcmalloc_env of this
+    environment), so `default` times exactly what `mepf train` runs. The baseline keeps glibc's
+    default unless it names one (the published code)."""
+    parts = [p for p in name.split("+") if p != "default"]
+    if "baseline" in parts or ALLOCATOR_PARTS & set(parts) or tcmalloc_env(os.environ) is None:
+        return parts
+    return [*parts, "tcmalloc"]
+
+
 def allocator_of(name: str) -> str:
-    """'heap' when the variant's process keeps freed memory (production's build_trainer, or the
-    baseline with malloc_heap), else 'system' (glibc's default: the published code, system_malloc)."""
-    parts = name.split("+")
+    """The variant's allocator: 'tcmalloc' or 'jemalloc' (preloaded), 'heap' (glibc keeping freed
+    memory: production without tcmalloc, glibc, or the baseline with malloc_heap), or 'system' (glibc's
+    default: the published code, system_malloc)."""
+    parts = process_parts(name)
+    for preloaded in ("tcmalloc", "jemalloc"):
+        if preloaded in parts:
+            return preloaded
     if "baseline" in parts:
         return "heap" if "malloc_heap" in parts else "system"
     return "system" if "system_malloc" in parts else "heap"
@@ -694,8 +723,9 @@ def allocator_of(name: str) -> str:
 
 def same_process_baseline(name: str) -> str:
     """The baseline variant under the same allocator and environment as variant `name`."""
-    parts = [p for p in name.split("+") if p in ENV_OPTIONS]
-    return "+".join(["baseline", *parts, *(["malloc_heap"] if allocator_of(name) == "heap" else [])])
+    parts = [p for p in name.split("+") if p in ENV_OPTIONS and p not in ALLOCATOR_PARTS]
+    allocator = {"heap": ["malloc_heap"], "system": []}.get(allocator_of(name), [allocator_of(name)])
+    return "+".join(["baseline", *parts, *allocator])
 
 
 def summarise(cfg: BenchConfig, variants: list[Variant], peak: float, conv_peak: float) -> list[dict]:

@@ -111,6 +111,16 @@ def publish_evaluation(report: Path, rows: list[MetricRow], meta, run_name: str,
                      description=f"evaluation of {run_name}")
 
 
+def scores_by_classifier(train_images, train_labels, test_images, test_labels, classifiers, seed: int,
+                         run_name: str = "downstream-accuracy") -> dict:
+    """Classifier name -> ClassifierScore, one `downstream-accuracy` task run per classifier, named
+    RUN_NAME-CLASSIFIER (e.g. downstream-accuracy-cnn), so Prefect records each one's run time. The
+    same scores as one call over all: each classifier is seeded with `seed` on its own
+    (mepf_core.classifiers.downstream_scores)."""
+    return {name: accuracy_task.with_options(task_run_name=f"{run_name}-{name}")(
+        train_images, train_labels, test_images, test_labels, [name], seed)[name] for name in classifiers}
+
+
 @flow(name="evaluate")
 def evaluate(params: EvaluateParams) -> dict:
     """FID and downstream accuracy of the run's synthetic set (drawn first when missing: `synthetic_for`)."""
@@ -133,15 +143,16 @@ def evaluate(params: EvaluateParams) -> dict:
                                   params.fid_samples, cache=not params.private_reference)
     n = params.train_samples or len(images)
     if params.classifiers:
-        scores = accuracy_task(images[:n], None if labels is None else labels[:n], test_images, test_labels,
-                               list(params.classifiers), params.seed)
+        scores = scores_by_classifier(images[:n], None if labels is None else labels[:n], test_images, test_labels,
+                                      params.classifiers, params.seed)
         metrics.update({f"acc_{k}": s.accuracy for k, s in scores.items()})
         class_accuracy = {f"acc_{k}": dict(named_classes(s.per_class, meta.class_names)) for k, s in scores.items()}
     ceiling, ceiling_classes = {}, {}
     if params.ceiling and params.classifiers:
         name, _ = parse_reference(params.reference)
         real_images, real_labels = load_reference(f"{name}:train", params.data_root, n, **like)
-        real = accuracy_task(real_images, real_labels, test_images, test_labels, list(params.classifiers), params.seed)
+        real = scores_by_classifier(real_images, real_labels, test_images, test_labels, params.classifiers,
+                                    params.seed, run_name="ceiling-accuracy")
         ceiling = {f"acc_{k}": s.accuracy for k, s in real.items()}
         ceiling_classes = {f"acc_{k}": dict(named_classes(s.per_class, meta.class_names)) for k, s in real.items()}
     run_name = Path(params.run).name

@@ -40,6 +40,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mepf_core.allocator import tcmalloc_env
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "prefect.yaml"
 POOLS = ("custodian", "gpu")
@@ -458,6 +460,7 @@ def bring_up_and_run(args: argparse.Namespace, stack: Stack, summary: dict) -> b
         if pool == "custodian" and args.release is not None:
             continue  # rerun without raw data: nothing runs on the custodian's side
         env = {**client_env, **dict(args.public_env)} if pool == "gpu" else client_env
+        env = tcmalloc_env(env) or env  # the worker and its flow runs under tcmalloc, as `mepf` runs
         workers[pool] = stack.start(f"worker-{pool}", prefect_argv(
             "worker", "start", "--pool", pool, "--type", "process", "--name", f"local-{pool}"), env)
         summary["processes"].append({"name": f"worker-{pool}", "pid": workers[pool].proc.pid})

@@ -6,6 +6,8 @@ export DEBIAN_FRONTEND=noninteractive
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 APT=()
 [ -d /usr/share/datasets/fashion-mnist ] || APT+=(dataset-fashion-mnist)
+# tcmalloc: the `mepf` command runs under it where installed (mepf_core/allocator.py: less memory).
+dpkg -s libtcmalloc-minimal4 >/dev/null 2>&1 || APT+=(libtcmalloc-minimal4)
 # Headless Chromium and its driver: tests/test_ui_browser.py checks what the Prefect UI renders.
 command -v chromium >/dev/null || APT+=(chromium)
 command -v chromedriver >/dev/null || APT+=(chromium-driver)

@@ -158,6 +158,9 @@ def test_evaluate_flow_publishes_the_table_and_a_report_with_embedded_images(tmp
     """The evaluate flow, run for real (Prefect's ephemeral server; Inception replaced by the cheap stand-in
     of tests.helpers.cheap_evaluation_run), read back from the API: one table artifact with the FID's
     counts, epsilon, delta, relation and release id, and the report whose images are data URIs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
     from flows.evaluate import evaluate
     from storage.params import EvaluateParams
     from tests.helpers import cheap_evaluation_run, write_image_folder
@@ -165,14 +168,18 @@ def test_evaluate_flow_publishes_the_table_and_a_report_with_embedded_images(tmp
     s = cheap_evaluation_run(tmp_path, monkeypatch)
     write_image_folder(tmp_path / "ref" / "test", per_class=6, seed=1)
     _png(s["run"] / "samples.png", 128)  # a sample grid, as training writes one
-    params = EvaluateParams(run=str(s["run"]), reference=f"imagefolder:{tmp_path / 'ref'}", classifiers=("logreg",),
+    params = EvaluateParams(run=str(s["run"]), reference=f"imagefolder:{tmp_path / 'ref'}", classifiers=("logreg", "mlp"),
                             fid_samples=10, allow_small_fid=True, out=str(tmp_path / "report"))
     state = evaluate(params, return_state=True)
     assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:  # one task run per classifier: Prefect times each
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert {"downstream-accuracy-logreg", "downstream-accuracy-mlp"} <= {r.name for r in runs}
     found = {a["key"]: a for a in artifacts.artifacts_of_flow_run(state.state_details.flow_run_id)}
     assert {artifacts.METRICS_KEY, artifacts.REPORT_KEY} <= set(found)
     table = {r["metric"]: r for r in found[artifacts.METRICS_KEY]["data"]}
-    assert set(table) == {"fid", "acc_logreg"}  # headline metrics; per-class rows stay in the files
+    assert set(table) == {"fid", "acc_logreg", "acc_mlp"}  # headline metrics; per-class rows stay in the files
     assert (table["fid"]["fid_synthetic_count"], table["fid"]["fid_reference_count"]) == (10, 12)
     assert table["acc_logreg"]["epsilon"] == 1.0 and table["acc_logreg"]["release_id"] == "x"
     report = found[artifacts.REPORT_KEY]["data"]

@@ -22,7 +22,8 @@ def test_breakdown_groups_subflows_and_tasks_into_stages():
                 rec("sample", 1.0, 521.0), rec("evaluate", 80.0, 522.0)]
     tasks = [rec("calibrate", 0.5, 1.1, "custodian-release"), rec("extract-shard", 30.0, 2.0, "custodian-release"),
              rec("extract-shard", 30.0, 2.0, "custodian-release"), rec("train-generator", 479.0, 41.5, "train-generator"),
-             rec("fid", 50.0, 523.0, "evaluate"), rec("downstream-accuracy", 25.0, 573.0, "evaluate"),
+             rec("fid", 50.0, 523.0, "evaluate"), rec("downstream-accuracy-logreg", 5.0, 573.0, "evaluate"),
+             rec("downstream-accuracy-cnn", 20.0, 578.0, "evaluate"),
              rec("load-reference", 2.0, 522.5, "evaluate")]
     stderr = ("2026-11-30 10:00:00,000 INFO prefect: Starting temporary server on http://127.0.0.1:8776\n"
               "2026-11-30 10:00:12,500 INFO prefect.flow_runs: Beginning flow run 'x' for flow 'dp-mepf-pipeline'\n"
@@ -34,5 +35,6 @@ def test_breakdown_groups_subflows_and_tasks_into_stages():
     assert out["overhead_s"] == 19.0 and out["overhead_outside_flow_s"] == 18.0
     assert out["stages"]["release"]["tasks"]["extract-shard"] == {"seconds": 60.0, "runs": 2}
     assert out["stages"]["release"]["untracked_s"] == -20.5  # the two shards overlapped
+    assert out["classifiers"] == {"logreg": 5.0, "cnn": 20.0}  # Prefect's record of each classifier's task run
     assert out["classifiers_from_log"] == {"logreg": 4.2, "cnn": 20.1}
     assert out["server_start_from_log_s"] == 12.5

@@ -57,6 +57,7 @@ def test_training_step_bench_runs_tiny(tmp_path, monkeypatch, capsys):
     assert set(rows) == {"default", "unfused", "malloc_heap"}
     assert "keep_freed_memory() first" in rows["malloc_heap"]["note"]  # ran in a child, production's call
     assert rows["default"]["note"].startswith("build_trainer (production)")
+    assert "LD_PRELOAD=libtcmalloc_minimal.so.4" in rows["default"]["note"]  # as `mepf train` runs
     assert rows["default"]["rss_peak_mib"] >= rows["default"]["rss_imports_mib"] > 0  # its own child's memory
     assert rows["default"]["ratio"] == 1.0 and rows["default"]["timed_steps"] == 2
     assert rows["default"]["gflop_per_step"] > 0 and rows["default"]["conv_peak_fraction"] > 0
@@ -83,9 +84,13 @@ def test_the_bench_builds_its_trainer_through_the_production_function(monkeypatc
     trainer = bench_training_step.make_trainer(bench_training_step.CONFIGS["fmnist"], "cpu")
     assert calls == ["cpu"] and trainer.amp_dtype is None  # "auto": fp32 for Lite0 on any CPU
     assert "build_trainer(" in inspect.getsource(public._release_trainer)
-    assert bench_training_step.same_process_baseline("default") == "baseline+malloc_heap"
+    # `mepf` runs under tcmalloc (installed by scripts/setup.sh), so the production variants do too
+    assert bench_training_step.process_parts("default") == ["tcmalloc"]
+    assert bench_training_step.process_parts("baseline") == ["baseline"]  # the published code: glibc
+    assert bench_training_step.same_process_baseline("default") == "baseline+tcmalloc"
+    assert bench_training_step.same_process_baseline("glibc") == "baseline+malloc_heap"
     assert bench_training_step.same_process_baseline("system_malloc") == "baseline"
-    assert bench_training_step.same_process_baseline("omp_passive+bf16") == "baseline+omp_passive+malloc_heap"
+    assert bench_training_step.same_process_baseline("omp_passive+bf16") == "baseline+omp_passive+tcmalloc"
 
 
 def test_baseline_combines_with_process_options_only():

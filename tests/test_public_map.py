@@ -68,8 +68,3 @@ def test_zero_examples_stay_zero_and_nonfinite_activations_take_the_reference_pa
     assert fast["moment1"][0].abs().sum() == 0  # class 0 holds only the all-zero example
 
 
-def test_glibc_agrees_to_keep_freed_memory():
-    """The training task's allocator setting is accepted on this (Linux, glibc) machine."""
-    from mepf_core.allocator import keep_freed_memory
-
-    assert keep_freed_memory() is True
