@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
 from bench.common import command_line, env_label, environment, median, table, write_result  # noqa: E402
-from mepf_core.allocator import ALLOCATOR_ENV, LARGE_ALLOC_REPORT, keep_freed_memory, tcmalloc_env  # noqa: E402
+from mepf_core.allocator import ALLOCATOR_ENV, keep_freed_memory, tcmalloc_env  # noqa: E402
 from mepf_core.precision import cpu_has_native_bf16  # noqa: E402
 from mepf_core.encoders import build_feature_map  # noqa: E402
 from mepf_core.losses import class_weight_matrix  # noqa: E402
@@ -95,7 +95,7 @@ ENV_OPTIONS = {
     # Another malloc for the whole child, preloaded ahead of glibc's. tcmalloc is what `mepf` runs under
     # where installed (mepf_core.allocator.tcmalloc_env): production variants get it implicitly, and
     # baseline+tcmalloc is the published code under it. jemalloc (Debian libjemalloc2): an issue 16 trial.
-    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4", **LARGE_ALLOC_REPORT},
+    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
     "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2", ALLOCATOR_ENV: "system"},
     # the production step under glibc's malloc (keep_freed_memory): what `mepf` ran before tcmalloc
     "glibc": {ALLOCATOR_ENV: "system"},

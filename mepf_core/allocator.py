@@ -38,16 +38,37 @@ TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int: the largest value it a
 ALLOCATOR_ENV = "MEPF_MALLOC"  # "tcmalloc" (the default: preloaded where installed) or "system"
 ALLOCATORS = ("tcmalloc", "system")
 TCMALLOC = "tcmalloc_minimal"  # the library's name for ctypes.util.find_library (libtcmalloc_minimal.so.4)
-# tcmalloc writes "tcmalloc: large alloc N bytes" to stderr for each allocation above 1 GiB by default
-LARGE_ALLOC_REPORT = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**40)}
+
+
+def _address(library, symbol: str) -> int | None:
+    """Address `symbol` resolves to through a ctypes library handle; None where it is not defined."""
+    try:
+        return ctypes.cast(getattr(library, symbol), ctypes.c_void_p).value
+    except AttributeError:
+        return None
 
 
 def tcmalloc_loaded() -> bool:
-    """Whether tcmalloc serves this process's malloc (its own symbol is in the global namespace)."""
+    """Whether tcmalloc serves this process's malloc: `malloc` in the global namespace is tcmalloc's
+    `tc_malloc` (loaded behind another preloaded allocator, it serves nothing)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return hasattr(ctypes.CDLL(None), "tc_malloc")
+        process = ctypes.CDLL(None)
+    except OSError:
+        return False
+    tc_malloc = _address(process, "tc_malloc")
+    return tc_malloc is not None and tc_malloc == _address(process, "malloc")
+
+
+def malloc_replaced() -> bool:
+    """Whether something ahead of the C library serves this process's malloc: an allocator or a
+    sanitizer the user preloaded (jemalloc, ASan, which must come first in LD_PRELOAD, or tcmalloc).
+    False elsewhere than Linux with glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return _address(ctypes.CDLL(None), "malloc") != _address(ctypes.CDLL("libc.so.6"), "malloc")
     except OSError:
         return False
 
@@ -56,15 +77,18 @@ def tcmalloc_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     """The environment that runs a process under tcmalloc (LD_PRELOAD), or None where nothing changes.
 
     environ: the environment to start from (e.g. `os.environ`); its LD_PRELOAD entries are kept after
-    tcmalloc's. None when: not Linux; `MEPF_MALLOC=system`; this process already runs tcmalloc;
-    libtcmalloc_minimal is not installed; or it is already in LD_PRELOAD without being loaded (a
-    preload the loader refused: re-running would loop). Raises ValueError for a MEPF_MALLOC other
-    than "tcmalloc" or "system".
+    tcmalloc's. None when: not Linux; `MEPF_MALLOC=system`; this process already runs tcmalloc or
+    another malloc preloaded on purpose (`malloc_replaced`); libtcmalloc_minimal is not installed;
+    or it is already in LD_PRELOAD without being loaded (a preload the loader refused: re-running
+    would loop). Raises ValueError for a MEPF_MALLOC other than "tcmalloc" or "system".
     """
     choice = environ.get(ALLOCATOR_ENV, "tcmalloc")
     if choice not in ALLOCATORS:
         raise ValueError(f"{ALLOCATOR_ENV} must be one of {', '.join(ALLOCATORS)}, got {choice!r}")
     if choice == "system" or not sys.platform.startswith("linux") or tcmalloc_loaded():
+        return None
+    if malloc_replaced():  # ahead of it would override the user's allocator, and abort under ASan
+        logger.debug("malloc already replaced by a preloaded library: kept")
         return None
     library = ctypes.util.find_library(TCMALLOC)
     preload = environ.get("LD_PRELOAD", "")
@@ -74,15 +98,16 @@ def tcmalloc_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     if library in preload.replace(":", " ").split():
         logger.warning("%s is in LD_PRELOAD but was not loaded: the C library's malloc stays", library)
         return None
-    return {**LARGE_ALLOC_REPORT, **environ, "LD_PRELOAD": " ".join(filter(None, [library, preload]))}
+    return {**environ, "LD_PRELOAD": " ".join(filter(None, [library, preload]))}
 
 
 def reexec_with_tcmalloc() -> None:
     """Replace this process by the same command under tcmalloc (`tcmalloc_env`); returns only where
     nothing changes. For a program's entry point (the `mepf` console script), before it starts work:
-    the process image is replaced, so nothing done before the call survives."""
+    the process image is replaced, so nothing done before the call survives. Never re-runs a program
+    read from stdin or typed at the prompt (sys.argv[0] "-" or ""): it would come back empty."""
     env = tcmalloc_env(os.environ)
-    if env is not None:
+    if env is not None and sys.argv[0] not in ("", "-"):
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 

@@ -49,7 +49,6 @@ def test_the_console_script_is_the_entry_point():
 def test_tcmalloc_env_prepends_the_library_and_keeps_other_preloads():
     env = allocator.tcmalloc_env({"LD_PRELOAD": "libfoo.so", "PATH": "/bin"})
     assert env["LD_PRELOAD"] == "libtcmalloc_minimal.so.4 libfoo.so" and env["PATH"] == "/bin"
-    assert env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == str(2**40)  # no stderr line per allocation > 1 GiB
 
 
 def test_a_preload_the_loader_refused_is_not_retried(caplog):
@@ -73,3 +72,24 @@ def test_training_settings_under_each_allocator():
     assert allocator.prepare_training_process("cuda") == {"tcmalloc": False, "keep_freed_memory": False}
     code = "from mepf_core.allocator import prepare_training_process as p; print(p('cpu'))"
     assert _run(code, LD_PRELOAD="libtcmalloc_minimal.so.4") == "{'tcmalloc': True, 'keep_freed_memory': False}"
+
+
+def test_tcmalloc_is_detected_as_a_malloc_already_replaced():
+    """What keeps a user's own preloaded allocator or sanitizer: malloc served by a library ahead of libc."""
+    assert not allocator.malloc_replaced()  # this test process: the C library's malloc
+    code = "from mepf_core import allocator as a; print(a.malloc_replaced(), a.tcmalloc_loaded())"
+    assert _run(code, LD_PRELOAD="libtcmalloc_minimal.so.4", MEPF_MALLOC="system") == "True True"
+
+
+def test_a_malloc_the_user_preloaded_is_kept(monkeypatch):
+    """LD_PRELOAD=libasan.so.8 mepf ... aborted ("ASan runtime does not come first in initial library list")
+    and LD_PRELOAD=libjemalloc.so.2 silently ran tcmalloc: tcmalloc went ahead of the user's preload."""
+    monkeypatch.setattr(allocator, "malloc_replaced", lambda: True)
+    assert allocator.tcmalloc_env({"LD_PRELOAD": "libasan.so.8"}) is None
+
+
+def test_a_program_read_from_stdin_is_not_rerun():
+    """`python -` re-executed would read an empty stdin and exit 0 without running main."""
+    out = subprocess.run([sys.executable, "-"], input=ENTRY, capture_output=True, text=True, cwd=REPO,
+                         env={**CLEAN_ENV, "PYTHONPATH": REPO}, timeout=120)
+    assert (out.returncode, out.stdout.strip()) == (0, "system"), out.stderr
