@@ -15,12 +15,23 @@ noisy embedding with the same feature map built for generated images, draws `--n
 images and scores the downstream classifiers on both fixed halves of the test split (bench_levers.score);
 decisions use `select`, `report` is recorded. One JSON line per run goes to results/statistics.jsonl.
 
-A variant is STAGES-NORM. STAGES: `base6` = stem + blocks 0-5 (production today, D = 16,960 at 32x32),
+A variant is STAGES-NORM[-covK]. STAGES: `base6` = stem + blocks 0-5 (production today, D = 16,960 at 32x32),
 `all16` = stem + all 16 blocks (D = 20,032). NORM:
 `joint` = the whole vector scaled to norm C (production today); `layer` = each stage's block scaled to
 norm C / sqrt(L) (L stages), so the vector's norm is at most C. Sensitivity: a record's feature vector
 has norm <= C under both, so the per-class sum's L2 sensitivity is C (add-remove), the same as today's,
 and the same mechanism applies unchanged.
+
+`-covK` adds a within-class diversity statistic (issue 15): a sketch of each class's second-moment
+matrix in a K-dimensional random projection. With P a fixed D x K Gaussian matrix scaled 1/sqrt(K)
+(drawn from COV_SEED: public, data-independent; E||phi P||^2 = ||phi||^2), a record contributes
+z = phi P scaled to norm 1 (K-vector; as the production bound scales phi; 0 stays 0) and vec(z z^T) (K^2 entries), whose Frobenius norm is
+||z||^2 <= 1. The released vector per record is [sqrt(COV_SHARE') * phi, sqrt(COV_SHARE) * vec(z z^T)]
+with COV_SHARE' = 1 - COV_SHARE, so its norm is <= sqrt(COV_SHARE' * C^2 + COV_SHARE * 1) = 1 = C
+(C = NORM_BOUND = 1): the per-class sum again has L2 sensitivity C under add-remove (adding or removing
+one record changes one class's sum by that record's vector), and the same mechanism applies unchanged.
+The generator then matches, per class, the mean of phi and the mean of z z^T: the spread of its
+samples along K random directions of feature space, which a mean alone does not constrain.
 """
 
 from __future__ import annotations
@@ -59,13 +70,19 @@ ROWS = RESULTS / "statistics.jsonl"
 STAGE_SETS = {"base6": list(range(7)), "all16": list(range(17))}
 NORMS = ("joint", "layer")
 NORM_BOUND = 1.0
+COV_SEED = 0  # the projection of -covK variants: public, from this seed, the same at extraction and training
+COV_SHARE = 0.5  # share of the squared norm bound given to the second-moment sketch (the rest to phi)
 
 
-def parse_variant(name: str) -> tuple[list[int], str]:
-    stages, _, norm = name.partition("-")
-    if stages not in STAGE_SETS or norm not in NORMS:
-        raise SystemExit(f"variant must be STAGES-NORM with STAGES in {sorted(STAGE_SETS)} and NORM in {NORMS}, got {name!r}")
-    return STAGE_SETS[stages], norm
+def parse_variant(name: str) -> tuple[list[int], str, int]:
+    """(stage indices, norm, K of the covariance sketch or 0) of a variant name STAGES-NORM[-covK]."""
+    stages, _, rest = name.partition("-")
+    norm, _, cov = rest.partition("-")
+    cov_dim = int(cov[3:]) if cov.startswith("cov") and cov[3:].isdigit() and int(cov[3:]) > 0 else None
+    if stages not in STAGE_SETS or norm not in NORMS or (cov and cov_dim is None):
+        raise SystemExit(f"variant must be STAGES-NORM[-covK] with STAGES in {sorted(STAGE_SETS)}, NORM in {NORMS} "
+                         f"and K a positive integer, got {name!r}")
+    return STAGE_SETS[stages], norm, cov_dim or 0
 
 
 def lite0_all_blocks(image_size: int) -> encoders.FeatureMap:
@@ -82,9 +99,10 @@ class VariantMap(nn.Module):
     """A variant's bounded feature map with the production trainer's interface (stage_outputs,
     class_means, forward -> {"moment1": B x D}); `raw` is the (fused) all-blocks Lite0."""
 
-    def __init__(self, raw: nn.Module, spec, stages: list[int], norm: str, bound: float = NORM_BOUND):
+    def __init__(self, raw: nn.Module, spec, stages: list[int], norm: str, cov_dim: int = 0, bound: float = NORM_BOUND):
         super().__init__()
-        self.raw, self.spec, self.stages, self.norm, self.bound = raw, spec, stages, norm, bound
+        self.raw, self.spec, self.stages, self.norm, self.bound, self.cov_dim = raw, spec, stages, norm, bound, cov_dim
+        self.projection: torch.Tensor | None = None  # D x K, made on first use (D is known then)
 
     def stage_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
         preprocess = getattr(self.raw, "original", self.raw).preprocess
@@ -101,11 +119,26 @@ class VariantMap(nn.Module):
 
     def class_means(self, outputs: list[torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         outs = [o.float() for o in outputs]
+        if self.cov_dim:  # B x (D + K^2) is small for Lite0: the plain product
+            return {"moment1": weights @ self.features(outs)}
         return {"moment1": torch.cat([stage_means(o, weights * s) for o, s in zip(outs, self._scales(outs))], dim=1)}
 
+    def _sketch(self, phi: torch.Tensor) -> torch.Tensor:
+        """B x K^2: vec(z z^T) of z = phi P scaled to norm 1 per row (Frobenius norm ||z||^2 <= 1)."""
+        if self.projection is None or self.projection.shape[0] != phi.shape[1]:
+            g = torch.Generator().manual_seed(COV_SEED)
+            self.projection = torch.randn(phi.shape[1], self.cov_dim, generator=g, dtype=torch.float64) / math.sqrt(self.cov_dim)
+        z = phi @ self.projection.to(phi.dtype)
+        z = z * _bound_scale(z.norm(dim=1), 1.0).T  # to norm 1 (0 stays 0), as the production bound does phi
+        return (z[:, :, None] * z[:, None, :]).reshape(len(z), -1)
+
     def features(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """B x D bounded feature vectors (the custodian's per-record phi)."""
-        return torch.cat([o.reshape(o.shape[0], -1) * s.T for o, s in zip(outputs, self._scales(outputs))], dim=1)
+        """B x D bounded feature vectors (the custodian's per-record phi); with -covK, B x (D + K^2):
+        [sqrt(1 - COV_SHARE) phi, sqrt(COV_SHARE) vec(z z^T)], each row of norm <= NORM_BOUND."""
+        phi = torch.cat([o.reshape(o.shape[0], -1) * s.T for o, s in zip(outputs, self._scales(outputs))], dim=1)
+        if not self.cov_dim:
+            return phi
+        return torch.cat([math.sqrt(1 - COV_SHARE) * phi, math.sqrt(COV_SHARE) * self._sketch(phi)], dim=1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"moment1": self.features([o.float() for o in self.stage_outputs(images)])}
@@ -123,10 +156,12 @@ def extract(args) -> None:
         for images, labels in src.iter_batches(500, 0, n):
             outs = [o.double() for o in run_stages(fm.stages, fm.preprocess(sanitize_images(images)))]
             outs = [torch.nan_to_num(o, nan=0.0, posinf=0.0, neginf=0.0) for o in outs]
-            if sums is None:
-                sums = {v: FeatureSums.zeros(10, sum(outs[i][0].numel() for i in m.stages), 1) for v, m in variants.items()}
+            sums = sums or {}
             for v, m in variants.items():
-                sums[v].add(m.features([outs[i] for i in m.stages]), None, labels)
+                feats = m.features([outs[i] for i in m.stages])
+                if v not in sums:
+                    sums[v] = FeatureSums.zeros(10, feats.shape[1], 1)
+                sums[v].add(feats, None, labels)
     mech = design_mechanism(target_epsilon=args.epsilon, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
                             labelled=True, moments=1, norm_bound=NORM_BOUND, second_moment_bound=1.0)
     out = OUT / f"eps{args.epsilon:g}"
