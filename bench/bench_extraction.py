@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from bench.common import command_line, env_label, environment, median, table, write_result  # noqa: E402
 
-ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")  # threading settings recorded per row
+ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "LD_PRELOAD")  # threading and allocator settings recorded per row
 FLAT_TOLERANCE = 0.10  # peak RSS may grow at most 10% from the smallest to the largest n
 
 CHILD = r"""

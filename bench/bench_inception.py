@@ -41,7 +41,7 @@ from mepf_core.fid import fid_from_activations  # noqa: E402
 from mepf_core.inception import images_to_inception_activations  # noqa: E402
 from storage.weights import load_fid_inception  # noqa: E402
 
-ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
+ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "LD_PRELOAD")
 
 
 def variants(bf16: bool, device: str) -> dict[str, tuple[dict, contextlib.AbstractContextManager | None]]:
