@@ -6,12 +6,14 @@ allocates much). Measured side by side against the same step under glibc with `k
 (bench/bench_training_step.py, variant `glibc`; bench/results/training_step.json): peak RSS of the
 CIFAR-10 step 1,701 -> 1,393 MiB (1,700-1,742 -> 1,390-1,397 in four runs); speed the same within
 this loaded host's noise (CIFAR-10 0.96-1.00x, Fashion-MNIST median 0.99x over five runs, peak RSS
-+0-20 MiB there). glibc fragments its heap under the step's mix of large activation tensors and
-small ones (~300 MiB above the live peak); tcmalloc's page-heap spans reuse them. `MEPF_MALLOC=system`
-keeps the C library's malloc.
++0-20 MiB there; idle, one run: 0.974x). The custodian's extraction runs ~2.0x faster under it
+(bench/bench_extraction.py --sizes 20000, idle, four alternating pairs; bench/results/extraction.json).
+glibc fragments its heap under the step's mix of large activation tensors and small ones (~300 MiB
+above the live peak); tcmalloc's page-heap spans reuse them. `MEPF_MALLOC=system` keeps the C
+library's malloc.
 
-glibc, when tcmalloc is not there. Why: glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh mmap'd pages
-and unmaps them on free. A VGG19 training step at batch 128 allocates and frees dozens of
+glibc, when tcmalloc is not there. Why: glibc serves allocations above its mmap threshold (at most
+32 MiB) with fresh mmap'd pages and unmaps them on free. A VGG19 training step at batch 128 allocates and frees dozens of
 activation tensors of that size, so every step page-faults and zero-fills them anew. Turning off
 mmap for large blocks and trimming only above 2 GiB lets the heap reuse them: 1.12x faster steps
 on the CIFAR-10 configuration (bench/results/training_step.json, variant malloc_heap; 1.46x before
