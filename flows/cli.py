@@ -371,19 +371,7 @@ def _user_error_line(args, exc: BaseException, text: str) -> int:
     return 2
 
 
-def entry() -> None:
-    """The `mepf` console script (and `python -m flows.cli`): first re-run under tcmalloc where it is
-    installed (`mepf_core.allocator.reexec_with_tcmalloc`: less memory, ~2x faster extraction; opt out with
-    MEPF_MALLOC=system), then `main()`. Tests call `main` in-process, which never re-executes."""
-    from mepf_core.allocator import reexec_with_tcmalloc
+if __name__ == "__main__":  # python -m flows.cli: the same as the `mepf` console script
+    from flows.mepf_command import entry
 
-    try:
-        reexec_with_tcmalloc()
-    except ValueError as exc:  # MEPF_MALLOC set to something else than tcmalloc or system
-        sys.stderr.write(f"mepf: error: {exc}\n")
-        raise SystemExit(2) from None
-    raise SystemExit(main())
-
-
-if __name__ == "__main__":
     entry()

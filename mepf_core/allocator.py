@@ -79,18 +79,18 @@ def tcmalloc_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     """The environment that runs a process under tcmalloc (LD_PRELOAD), or None where nothing changes.
 
     environ: the environment to start from (e.g. `os.environ`); its LD_PRELOAD entries are kept after
-    tcmalloc's. None when: not Linux; `MEPF_MALLOC=system`; this process already runs tcmalloc or
-    another malloc preloaded on purpose (`malloc_replaced`); libtcmalloc_minimal is not installed;
-    or it is already in LD_PRELOAD without being loaded (a preload the loader refused: re-running
+    tcmalloc's. None when: not Linux; `MEPF_MALLOC=system`; this process's malloc is already served
+    by a preloaded library, tcmalloc or one the user chose (`malloc_replaced`); libtcmalloc_minimal
+    is not installed; or it is already in LD_PRELOAD without being loaded (a preload the loader refused: re-running
     would loop). Raises ValueError for a MEPF_MALLOC other than "tcmalloc" or "system".
     """
     choice = environ.get(ALLOCATOR_ENV, "tcmalloc")
     if choice not in ALLOCATORS:
         raise ValueError(f"{ALLOCATOR_ENV} must be one of {', '.join(ALLOCATORS)}, got {choice!r}")
-    if choice == "system" or not sys.platform.startswith("linux") or tcmalloc_loaded():
+    if choice == "system" or not sys.platform.startswith("linux"):
         return None
-    if malloc_replaced():  # ahead of it would override the user's allocator, and abort under ASan
-        logger.debug("malloc already replaced by a preloaded library: kept")
+    if malloc_replaced():  # tcmalloc already, or the user's own allocator (ahead of it: overridden, ASan aborts)
+        logger.debug("malloc already served by a preloaded library: kept")
         return None
     library = ctypes.util.find_library(TCMALLOC)
     preload = environ.get("LD_PRELOAD", "")

@@ -24,11 +24,12 @@ def _run(code: str, **env: str) -> str:
     return out.stdout.strip()
 
 
-# flows.cli.entry (the console script) with main replaced: prints which allocator the process ended up with
+# flows.mepf_command.entry (the console script) with main replaced: prints the allocator the process ended up with
 ENTRY = ("import flows.cli as cli\n"
+         "from flows.mepf_command import entry\n"
          "from mepf_core.allocator import tcmalloc_loaded\n"
          "cli.main = lambda: print('tcmalloc' if tcmalloc_loaded() else 'system') or 0\n"
-         "cli.entry()\n")
+         "entry()\n")
 
 
 def test_the_mepf_entry_point_reruns_itself_under_tcmalloc_once():
@@ -43,7 +44,7 @@ def test_the_console_script_is_the_entry_point():
     import tomllib
 
     with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-        assert tomllib.load(f)["project"]["scripts"]["mepf"] == "flows.cli:entry"
+        assert tomllib.load(f)["project"]["scripts"]["mepf"] == "flows.mepf_command:entry"
 
 
 def test_tcmalloc_env_prepends_the_library_and_keeps_other_preloads():
