@@ -150,13 +150,12 @@ def extract(args) -> None:
     variants = {name: VariantMap(fm, fm.spec, *parse_variant(name)) for name in args.variants}
     src = open_dataset("fashion-mnist", "train")
     n = len(src) if args.limit is None else args.limit
-    sums = None
+    sums: dict[str, FeatureSums] = {}  # variant -> class sums, sized by its first batch
     start = time.perf_counter()
     with torch.no_grad():
         for images, labels in src.iter_batches(500, 0, n):
             outs = [o.double() for o in run_stages(fm.stages, fm.preprocess(sanitize_images(images)))]
             outs = [torch.nan_to_num(o, nan=0.0, posinf=0.0, neginf=0.0) for o in outs]
-            sums = sums or {}
             for v, m in variants.items():
                 feats = m.features([outs[i] for i in m.stages])
                 if v not in sums:
