@@ -62,6 +62,48 @@ def score(images: np.ndarray, labels: np.ndarray, halves: dict, classifiers: lis
     return out
 
 
+def nearest_mean_step(trainer: Trainer, weight: float, temperature: float):
+    """A train_step with a class-separation term built from the release alone (post-processing, no privacy cost).
+
+    The released class means m_c (K x D) define a nearest-mean classifier in feature space: logits_c(phi) =
+    -||phi - m_c||^2 / tau = (2 phi.m_c - ||m_c||^2 - ||phi||^2) / tau. Each generated image's bounded feature
+    vector phi (B x D, norm C) gets the cross-entropy of its own label under these logits, weighted by `weight`
+    beside the production matching loss; tau = `temperature` x the mean squared distance between two different
+    classes' released means, so the term's scale does not depend on D or C.
+    """
+    import torch
+
+    from mepf_core.encoders import concat_features
+    from mepf_core.features import bound_norm
+    from mepf_core.losses import class_weight_matrix
+
+    means = trainer.loss.targets["moment1"]
+    k = len(means)
+    pair = torch.cdist(means.double(), means.double()).square()
+    tau = float(temperature * pair.sum() / (k * (k - 1)))
+    sq_means = (means * means).sum(dim=1)
+    fm, gen = trainer.feature_map, trainer.generator
+
+    def step():
+        labels = trainer._step_labels()
+        codes = gen.sample_codes(labels, trainer.rng)
+        weights = class_weight_matrix(labels, k)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = trainer._learning_rate(trainer.step)
+        outputs = [o.float() for o in fm.stage_outputs(gen(codes))]
+        loss, distance = trainer.loss(fm.class_means(outputs, weights))
+        phi = bound_norm(concat_features(outputs), fm.norm_bound)
+        logits = (2 * phi @ means.T - sq_means) / tau
+        loss = loss + weight * torch.nn.functional.cross_entropy(logits, labels)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.step += 1
+        return distance
+
+    return step
+
+
 def widen_conv28(hidden: int, channels: tuple[int, int]) -> None:
     """Make build_generator's 28x28 generator use these widths (the paper's: 500, (16, 8))."""
     init = generators.Conv28Generator.__init__
@@ -132,6 +174,10 @@ def main() -> None:
     ap.add_argument("--progress", action="store_true", help="training progress bar on stderr")
     ap.add_argument("--resnet-cost", type=int, metavar="N",
                     help="no training: time one epoch of the resnet classifier on N real training images")
+    ap.add_argument("--ncm-weight", type=float, default=0.0,
+                    help="weight of the nearest-released-mean cross-entropy term (nearest_mean_step; 0: off)")
+    ap.add_argument("--ncm-temperature", type=float, default=0.1,
+                    help="its temperature, as a fraction of the mean squared distance between class means")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
     if args.from_images:
@@ -151,7 +197,7 @@ def main() -> None:
     trainer = Trainer(config, public, release.mean_embeddings(), image_shape=m.image_shape, labelled=m.labelled)
     averages = {f"ema{d:g}": WeightAverage(trainer.generator, d) for d in args.ema}
     ema_seconds = 0.0
-    plain_step = trainer.train_step
+    plain_step = nearest_mean_step(trainer, args.ncm_weight, args.ncm_temperature) if args.ncm_weight else trainer.train_step
 
     def step_and_average():
         nonlocal ema_seconds
@@ -181,6 +227,7 @@ def main() -> None:
         row = {"lever": args.lever, "variant": variant, "release": args.release, "epsilon": m.epsilon,
                "moments": m.moments, "steps": args.steps, "lr": args.lr, "schedule": args.schedule,
                "batch_size": args.batch_size, "seed": args.seed, "hidden": args.hidden, "channels": args.channels,
+               "ncm_weight": args.ncm_weight, "ncm_temperature": args.ncm_temperature,
                "n_synthetic": args.n, "train_s": round(train_s), "ema_update_s": round(ema_seconds, 1),
                "select": scores["select"], "report": scores["report"], "classifier_s": scores["seconds"],
                f"fid_select_{args.fid}": None if fid is None else round(fid, 2),

@@ -222,10 +222,11 @@ def main() -> None:
         shutil.rmtree(home, ignore_errors=True)
 
     from bench.common import RESULTS, command_line, env_label, environment, machine, table, write_result
+    from mepf_core.openmp import bounded_spin_env
 
     result = run["result"]
-    # what the child ran under: the mepf CLI sets OMP_WAIT_POLICY=PASSIVE when it is unset (flows/cli.py)
-    child_env = {"OMP_WAIT_POLICY": "PASSIVE", **{k: v for k, v in environment(ENV_KEYS).items() if v is not None}}
+    # what the child ran under: the mepf CLI sets its OpenMP wait when none is set (mepf_core/openmp.py)
+    child_env = dict(bounded_spin_env({k: v for k, v in environment(ENV_KEYS).items() if v is not None}))
     row = {"tag": args.tag or out_dir.name, **breakdown(run["wall_s"], pipeline, subflows, tasks, run["stderr"]),
            "metrics": result.get("metrics"), "fid_counts": [result.get("fid_synthetic_count"),
                                                             result.get("fid_reference_count")],

@@ -15,7 +15,7 @@ noisy embedding with the same feature map built for generated images, draws `--n
 images and scores the downstream classifiers on both fixed halves of the test split (bench_levers.score);
 decisions use `select`, `report` is recorded. One JSON line per run goes to results/statistics.jsonl.
 
-A variant is STAGES-NORM[-covK]. STAGES: `base6` = stem + blocks 0-5 (production today, D = 16,960 at 32x32),
+A variant is STAGES-NORM[-covK][-lshB[z]]. STAGES: `base6` = stem + blocks 0-5 (production today, D = 16,960 at 32x32),
 `all16` = stem + all 16 blocks (D = 20,032). NORM:
 `joint` = the whole vector scaled to norm C (production today); `layer` = each stage's block scaled to
 norm C / sqrt(L) (L stages), so the vector's norm is at most C. Sensitivity: a record's feature vector
@@ -71,18 +71,47 @@ STAGE_SETS = {"base6": list(range(7)), "all16": list(range(17))}
 NORMS = ("joint", "layer")
 NORM_BOUND = 1.0
 COV_SEED = 0  # the projection of -covK variants: public, from this seed, the same at extraction and training
+LSH_SEED = 1  # the hyperplanes of -lshB variants: public, from this seed
 COV_SHARE = 0.5  # share of the squared norm bound given to the second-moment sketch (the rest to phi)
 
 
 def parse_variant(name: str) -> tuple[list[int], str, int]:
-    """(stage indices, norm, K of the covariance sketch or 0) of a variant name STAGES-NORM[-covK]."""
+    """(stage indices, norm, K of the covariance sketch or 0) of a variant name STAGES-NORM[-covK][-lshB]."""
     stages, _, rest = name.partition("-")
     norm, _, cov = rest.partition("-")
+    cov = "" if cov.startswith("lsh") else cov.partition("-")[0]
     cov_dim = int(cov[3:]) if cov.startswith("cov") and cov[3:].isdigit() and int(cov[3:]) > 0 else None
-    if stages not in STAGE_SETS or norm not in NORMS or (cov and cov_dim is None):
-        raise SystemExit(f"variant must be STAGES-NORM[-covK] with STAGES in {sorted(STAGE_SETS)}, NORM in {NORMS} "
-                         f"and K a positive integer, got {name!r}")
+    if stages not in STAGE_SETS or norm not in NORMS or (cov and cov_dim is None) or lsh_bits(name) is None:
+        raise SystemExit(f"variant must be STAGES-NORM[-covK][-lshB] with STAGES in {sorted(STAGE_SETS)}, NORM in "
+                         f"{NORMS} and K, B positive integers, got {name!r}")
     return STAGE_SETS[stages], norm, cov_dim or 0
+
+
+def lsh_bits(name: str) -> int | None:
+    """B of a variant's -lshB[z] suffix (0 without one; None when malformed)."""
+    _, _, bits = name.rpartition("-lsh")
+    bits = bits.removesuffix("z")
+    if "-lsh" not in name:
+        return 0
+    return int(bits) if bits.isdigit() and 0 < int(bits) <= 4 else None
+
+
+def lsh_planes(dim: int, bits: int) -> torch.Tensor:
+    """D x B Gaussian hyperplane normals from LSH_SEED (public), splitting each class into 2^B cells
+    (-lshB variants; offsets: `public_lsh_planes`).
+
+    A record's cell is a function of that record alone, and it adds its bounded vector (norm <= C) to
+    exactly one (class, cell) sum and 1 to that cell's count: the sensitivities are those of the
+    per-class release (C and 1, add-remove), so the mechanism is unchanged.
+    """
+    g = torch.Generator().manual_seed(LSH_SEED)
+    return torch.randn(dim, bits, generator=g, dtype=torch.float64)
+
+
+def lsh_cells(phi: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 cell index in [0, 2^bits) of each row of phi (N x D)."""
+    above = (phi.double() @ normals > offsets).long()
+    return (above * (2 ** torch.arange(normals.shape[1]))).sum(dim=1)
 
 
 def lite0_all_blocks(image_size: int) -> encoders.FeatureMap:
@@ -144,6 +173,35 @@ class VariantMap(nn.Module):
         return {"moment1": self.features([o.float() for o in self.stage_outputs(images)])}
 
 
+def public_lsh_planes(m: "VariantMap", bits: int, zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normals, offsets): lsh_planes, each offset the median of phi . r_j over the selection half of
+    the public test split (a setting chosen on public data; the private training split is not read),
+    so each cut halves the public images; with `zero` (-lshBz), offsets 0: no data at all."""
+    if zero:
+        with torch.no_grad():
+            dim = m.features([o.double() for o in m.stage_outputs(torch.zeros(1, 1, 28, 28))]).shape[1]
+        return lsh_planes(dim, bits), torch.zeros(bits, dtype=torch.float64)
+    images, _ = test_halves()["select"]
+    x = sanitize_images(torch.as_tensor(images, dtype=torch.float32) / 255.0)  # uint8 N x 1 x 28 x 28
+    with torch.no_grad():
+        phi = torch.cat([m.features([o.double() for o in m.stage_outputs(x[i : i + 500])]) for i in range(0, len(x), 500)])
+    normals = lsh_planes(phi.shape[1], bits)
+    return normals, (phi @ normals).median(dim=0).values
+
+
+def cell_labels(n: int, counts: np.ndarray, cells: int, seed: int = 0) -> torch.Tensor:
+    """n (class, cell) labels, n // 10 per class (as balanced_labels), split among a class's cells in
+    proportion to their noisy released counts (negative counts as 0), drawn with a seeded generator."""
+    rng = np.random.default_rng(seed)
+    per_class = np.asarray(balanced_labels(n, 10).bincount(minlength=10))
+    labels = []
+    for c in range(10):
+        share = np.clip(counts[c * cells : (c + 1) * cells], 0, None)
+        share = share / share.sum() if share.sum() > 0 else np.full(cells, 1 / cells)
+        labels.append(c * cells + rng.choice(cells, size=per_class[c], p=share))
+    return torch.as_tensor(np.concatenate(labels))
+
+
 def extract(args) -> None:
     torch.set_num_threads(args.threads)
     fm = lite0_all_blocks(args.image_size)
@@ -151,6 +209,7 @@ def extract(args) -> None:
     src = open_dataset("fashion-mnist", "train")
     n = len(src) if args.limit is None else args.limit
     sums: dict[str, FeatureSums] = {}  # variant -> class sums, sized by its first batch
+    planes = {v: public_lsh_planes(m, lsh_bits(v), zero=v.endswith("z")) for v, m in variants.items() if lsh_bits(v)}
     start = time.perf_counter()
     with torch.no_grad():
         for images, labels in src.iter_batches(500, 0, n):
@@ -158,16 +217,20 @@ def extract(args) -> None:
             outs = [torch.nan_to_num(o, nan=0.0, posinf=0.0, neginf=0.0) for o in outs]
             for v, m in variants.items():
                 feats = m.features([outs[i] for i in m.stages])
+                cells = 2 ** lsh_bits(v)
                 if v not in sums:
-                    sums[v] = FeatureSums.zeros(10, feats.shape[1], 1)
-                sums[v].add(feats, None, labels)
+                    sums[v] = FeatureSums.zeros(10 * cells, feats.shape[1], 1)
+                rows = labels.long() * cells + lsh_cells(feats, *planes[v]) if v in planes else labels
+                sums[v].add(feats, None, rows)
     mech = design_mechanism(target_epsilon=args.epsilon, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
                             labelled=True, moments=1, norm_bound=NORM_BOUND, second_moment_bound=1.0)
     out = OUT / f"eps{args.epsilon:g}"
     out.mkdir(parents=True, exist_ok=True)
     for v, s in sums.items():
-        means = mean_embeddings(sums_to_noisy_parts(s, mech))
-        np.savez(out / f"{v}.npz", moment1=means["moment1"], epsilon=mech.epsilon, image_size=args.image_size)
+        noisy = sums_to_noisy_parts(s, mech)
+        means = mean_embeddings(noisy)
+        np.savez(out / f"{v}.npz", moment1=means["moment1"], counts=noisy["counts"], epsilon=mech.epsilon,
+                 image_size=args.image_size)
         print(v, "D =", s.moment1.shape[1], "sigma =", {p.name: round(p.sigma, 4) for p in mech.parts}, flush=True)
     print(f"extraction {time.perf_counter() - start:.0f} s for {n} images", flush=True)
 
@@ -184,8 +247,10 @@ def train(args) -> None:
     start = time.perf_counter()
     trainer.train(progress=args.progress)
     train_s = time.perf_counter() - start
-    labels = balanced_labels(args.n, 10)
-    images = quantise(generate(trainer.generator, labels, seed=0))
+    cells = 2 ** lsh_bits(args.variant)
+    drawn = cell_labels(args.n, saved["counts"], cells) if cells > 1 else balanced_labels(args.n, 10)
+    images = quantise(generate(trainer.generator, drawn, seed=0))
+    labels = drawn // cells  # a (class, cell) label's class
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.save / f"{args.variant}.npz", images=images, labels=labels.numpy())

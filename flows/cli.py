@@ -20,10 +20,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # The ephemeral Prefect server migrates a fresh database at start; on 2 busy cores that exceeds
 # Prefect's 20 s default ("Timed out while attempting to connect to ephemeral Prefect API server").
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-# OpenMP threads that spin while waiting starve everything else on a shared CPU: measured on 2 busy
-# cores, extraction ran at 165-205 images/s spinning and 1,180-1,310 passive (bench/results/extraction.json).
-# Must be set before torch loads its OpenMP runtime; an explicit setting in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP waits with a short bounded spin (mepf_core/openmp.py: faster steps than passive waiting, without
+# starving a shared CPU). Must be set before torch loads its OpenMP runtime; the user's own setting wins.
+from mepf_core.openmp import bounded_spin_env  # noqa: E402 - light, imports no torch
+
+bounded_spin_env()
 
 from flows.cli_common import CliError, _emit, _model  # noqa: E402 - shared with the subcommand modules
 from flows.cli_flags import add_model_flag, add_model_flags, given_values  # noqa: E402

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mepf_core.allocator import tcmalloc_env
+from mepf_core.openmp import bounded_spin_env
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "prefect.yaml"
@@ -461,6 +462,7 @@ def bring_up_and_run(args: argparse.Namespace, stack: Stack, summary: dict) -> b
             continue  # rerun without raw data: nothing runs on the custodian's side
         env = {**client_env, **dict(args.public_env)} if pool == "gpu" else client_env
         env = tcmalloc_env(env) or env  # the worker and its flow runs under tcmalloc, as `mepf` runs
+        env = bounded_spin_env(dict(env))  # and with the CLI's OpenMP wait (mepf_core/openmp.py)
         workers[pool] = stack.start(f"worker-{pool}", prefect_argv(
             "worker", "start", "--pool", pool, "--type", "process", "--name", f"local-{pool}"), env)
         summary["processes"].append({"name": f"worker-{pool}", "pid": workers[pool].proc.pid})

@@ -7,9 +7,12 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="mepf-prefect-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spinning threads on shared cores
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+
+from mepf_core.openmp import bounded_spin_env  # noqa: E402 - before torch loads: a short spin, as `mepf` waits
+
+bounded_spin_env()
 
 import pytest  # noqa: E402 - after the environment above, which must be set before Prefect loads
 

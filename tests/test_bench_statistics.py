@@ -57,9 +57,44 @@ def test_every_record_vector_and_every_neighbouring_sum_stays_within_the_bound(l
         assert float((full - neighbour).norm()) <= bs.NORM_BOUND * (1 + 1e-12)
 
 
+def test_cells_put_each_record_in_one_row_so_neighbours_move_the_sums_by_at_most_the_bound(lite0):
+    """-lshB: a record's (class, cell) row is a function of the record alone; every add-remove neighbour
+    moves the K*2^B x D sums by <= C (L2) and the counts by 1, the per-class release's sensitivities."""
+    variant = bs.VariantMap(lite0, lite0.spec, *bs.parse_variant("base6-joint-lsh2"))
+    feats = variant.features(_extreme_outputs(variant))
+    normals = bs.lsh_planes(feats.shape[1], 2)
+    torch.testing.assert_close(normals, bs.lsh_planes(feats.shape[1], 2))  # public: the same from its seed
+    offsets = torch.zeros(2, dtype=torch.float64)
+    cells = bs.lsh_cells(feats, normals, offsets)
+    assert cells.tolist() == bs.lsh_cells(feats.flip(0), normals, offsets).flip(0).tolist()  # per record
+    assert int(cells.min()) >= 0 and int(cells.max()) < 4
+    rows = torch.tensor([0, 1, 0, 1, 0, 1]) * 4 + cells
+
+    def sums(keep: list[int]) -> FeatureSums:
+        out = FeatureSums.zeros(8, feats.shape[1], 1)
+        out.add(feats[keep], None, rows[keep])
+        return out
+
+    full = sums(list(range(6)))
+    for removed in range(6):
+        neighbour = sums([i for i in range(6) if i != removed])
+        assert float(torch.as_tensor(full.moment1 - neighbour.moment1).norm()) <= bs.NORM_BOUND * (1 + 1e-12)
+        assert float(abs(full.counts - neighbour.counts).sum()) == 1.0
+
+
+def test_cell_labels_follow_the_released_counts_within_each_class():
+    counts = torch.tensor([30.0, -5.0, 10.0, 0.0] + [1.0, 1.0, 1.0, 1.0] * 9).numpy()  # class 0: cells 0 and 2 only
+    labels = bs.cell_labels(1000, counts, 4)
+    assert len(labels) == 1000 and (labels // 4).bincount().tolist() == [100] * 10
+    class0 = labels[labels // 4 == 0] % 4
+    assert set(class0.tolist()) <= {0, 2} and 60 <= int((class0 == 0).sum()) <= 90
+
+
 def test_variant_names_are_checked():
     assert bs.parse_variant("base6-joint-cov32") == (list(range(7)), "joint", 32)
     assert bs.parse_variant("all16-layer") == (list(range(17)), "layer", 0)
-    for bad in ("base6-joint-cov0", "base6-joint-covx", "base6-joint-foo", "base7-joint"):
+    assert bs.lsh_bits("base6-joint-cov8-lsh3") == 3 and bs.lsh_bits("base6-joint") == 0
+    for bad in ("base6-joint-cov0", "base6-joint-covx", "base6-joint-foo", "base7-joint", "base6-joint-lsh0",
+                "base6-joint-lsh9", "base6-joint-lshx"):
         with pytest.raises(SystemExit, match="STAGES-NORM"):
             bs.parse_variant(bad)
