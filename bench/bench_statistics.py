@@ -190,8 +190,8 @@ def public_lsh_planes(m: "VariantMap", bits: int, zero: bool = False) -> tuple[t
 
 
 def cell_labels(n: int, counts: np.ndarray, cells: int, seed: int = 0) -> torch.Tensor:
-    """n (class, cell) labels, n // 10 per class (as balanced_labels), split among a class's cells in
-    proportion to their noisy released counts (negative counts as 0), drawn with a seeded generator."""
+    """n (class, cell) labels in random order, n // 10 per class (as balanced_labels), split among a class's
+    cells in proportion to their noisy released counts (negative counts as 0), drawn with a seeded generator."""
     rng = np.random.default_rng(seed)
     per_class = np.asarray(balanced_labels(n, 10).bincount(minlength=10))
     labels = []
@@ -199,7 +199,7 @@ def cell_labels(n: int, counts: np.ndarray, cells: int, seed: int = 0) -> torch.
         share = np.clip(counts[c * cells : (c + 1) * cells], 0, None)
         share = share / share.sum() if share.sum() > 0 else np.full(cells, 1 / cells)
         labels.append(c * cells + rng.choice(cells, size=per_class[c], p=share))
-    return torch.as_tensor(np.concatenate(labels))
+    return torch.as_tensor(rng.permutation(np.concatenate(labels)))  # classes mixed: any prefix holds all
 
 
 def extract(args) -> None:
@@ -254,11 +254,18 @@ def train(args) -> None:
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.save / f"{args.variant}.npz", images=images, labels=labels.numpy())
-    scores = score(images, labels.numpy(), test_halves(), args.classifiers)
+    halves = test_halves()
+    scores = score(images, labels.numpy(), halves, args.classifiers)
+    fid = None
+    if args.fid:  # N synthetic (class-balanced draw, first N) vs the report half's first N images
+        from tasks.evaluation import fid_against_reference
+
+        fid = round(fid_against_reference(images, halves["report"][0][: args.fid], "fashion-mnist:test#test-report",
+                                          args.fid), 2)
     row = {"variant": args.variant, "epsilon": float(saved["epsilon"]), "image_size": int(saved["image_size"]),
            "dim": int(saved["moment1"].shape[1]), "steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
            "seed": args.seed, "n_synthetic": args.n, "train_s": round(train_s), "select": scores["select"],
-           "report": scores["report"], "classifier_s": scores["seconds"], "note": args.note,
+           "report": scores["report"], "classifier_s": scores["seconds"], f"fid_report_{args.fid}": fid, "note": args.note,
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "python " + shlex.join(sys.argv)}
     print(json.dumps(row), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -285,6 +292,7 @@ def main() -> None:
     t.add_argument("--n", type=int, default=10_000)
     t.add_argument("--classifiers", nargs="+", default=["logreg", "cnn"])
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--fid", type=int, default=0, help="FID of N synthetic vs N report-half images (0: off)")
     t.add_argument("--save", type=Path)
     t.add_argument("--progress", action="store_true")
     t.add_argument("--note", default="")
