@@ -89,10 +89,9 @@ def parse_variant(name: str) -> tuple[list[int], str, int]:
 
 def lsh_bits(name: str) -> int | None:
     """B of a variant's -lshB[z] suffix (0 without one; None when malformed)."""
-    _, _, bits = name.rpartition("-lsh")
-    bits = bits.removesuffix("z")
     if "-lsh" not in name:
         return 0
+    bits = name.rpartition("-lsh")[2].removesuffix("z")
     return int(bits) if bits.isdigit() and 0 < int(bits) <= 4 else None
 
 
@@ -209,7 +208,8 @@ def extract(args) -> None:
     src = open_dataset("fashion-mnist", "train")
     n = len(src) if args.limit is None else args.limit
     sums: dict[str, FeatureSums] = {}  # variant -> class sums, sized by its first batch
-    planes = {v: public_lsh_planes(m, lsh_bits(v), zero=v.endswith("z")) for v, m in variants.items() if lsh_bits(v)}
+    cells = {v: 2 ** lsh_bits(v) for v in variants}  # rows per class: 1 without -lshB
+    planes = {v: public_lsh_planes(m, lsh_bits(v), zero=v.endswith("z")) for v, m in variants.items() if cells[v] > 1}
     start = time.perf_counter()
     with torch.no_grad():
         for images, labels in src.iter_batches(500, 0, n):
@@ -217,10 +217,9 @@ def extract(args) -> None:
             outs = [torch.nan_to_num(o, nan=0.0, posinf=0.0, neginf=0.0) for o in outs]
             for v, m in variants.items():
                 feats = m.features([outs[i] for i in m.stages])
-                cells = 2 ** lsh_bits(v)
                 if v not in sums:
-                    sums[v] = FeatureSums.zeros(10 * cells, feats.shape[1], 1)
-                rows = labels.long() * cells + lsh_cells(feats, *planes[v]) if v in planes else labels
+                    sums[v] = FeatureSums.zeros(10 * cells[v], feats.shape[1], 1)
+                rows = labels.long() * cells[v] + lsh_cells(feats, *planes[v]) if v in planes else labels
                 sums[v].add(feats, None, rows)
     mech = design_mechanism(target_epsilon=args.epsilon, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
                             labelled=True, moments=1, norm_bound=NORM_BOUND, second_moment_bound=1.0)
