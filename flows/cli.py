@@ -43,7 +43,8 @@ def _add_release(sub) -> None:
     add_model_flags(p, ReleaseParams, ("image_size", "channels"))
     add_model_flags(p, ReleaseParams, (
         "moments", "encoder", "encoder_weights", "norm_bound", "second_moment_bound", "neighbouring", "dataset_id",
-        "ledger", "budget", "budget_delta", "batch_size", "shards", "limit", "signing_key", "signer_name"))
+        "ledger", "budget", "budget_delta", "batch_size", "shards", "limit", "signing_key", "signer_name",
+        "cells_per_class", "cell_seed", "cell_reference"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_release)
 

@@ -13,7 +13,7 @@ from storage.params import ReleaseParams
 from storage.provenance import file_sha256
 from tasks.artifacts import RELEASE_KEY, publish_markdown, release_summary_markdown
 from tasks.custodian import (_feature_map, calibrate, charge_noise_and_release, check_budget, describe_dataset,
-                             extract_shard, reduce_sums)
+                             extract_shard, place_cells, reduce_sums)
 
 
 class OutputExistsError(MepfError, FileExistsError):
@@ -70,9 +70,10 @@ def private_dask_runner(**cluster_kwargs):
     return DaskTaskRunner(cluster_kwargs=kwargs)
 
 
-def extract_sums(params: ReleaseParams):
-    """Fan out one extraction task per shard (on whatever task runner the flow has), then reduce."""
-    partials = [extract_shard.submit(params, shard) for shard in range(params.shards)]
+def extract_sums(params: ReleaseParams, cells=None):
+    """Fan out one extraction task per shard (on whatever task runner the flow has), then reduce.
+    `cells`: the release's `mepf_core.cells.CellSplit` (None: computed where needed, or one cell)."""
+    partials = [extract_shard.submit(params, shard, cells) for shard in range(params.shards)]
     return reduce_sums([p.result() for p in partials])
 
 
@@ -91,8 +92,10 @@ def custodian_release(params: ReleaseParams) -> dict:
     # Every shard decodes to the image mode resolved once by describe-dataset (an image folder's
     # inferred channels are not inferred again per shard); the release records how it was chosen.
     channels, size, _ = info["image_shape"]
-    sums = extract_sums(params.model_copy(update={"channels": channels, "image_size": size}))
-    released = charge_noise_and_release(params, mechanism, sums, info)
+    resolved = params.model_copy(update={"channels": channels, "image_size": size})
+    cells = place_cells(resolved)  # public: the hyperplanes every shard uses, recorded in the release
+    sums = extract_sums(resolved, cells)
+    released = charge_noise_and_release(params, mechanism, sums, info, cells)
     publish_release_summary(released)
     return released
 

@@ -112,7 +112,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         k = int(np.shape(targets["moment1"])[0])
         if config.batch_size < k:
-            raise InvalidArgumentError(f"batch_size must be >= the number of classes ({k}) to match every class, got {config.batch_size}")
+            raise InvalidArgumentError(f"batch_size must be >= the number of released rows ({k}: classes x cells per "
+                                       f"class) to match every row, got {config.batch_size}")
         self.num_classes = k
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left untouched
             torch.manual_seed(config.seed)

@@ -298,11 +298,13 @@ def read_run_owner(run_dir: str | os.PathLike) -> dict[str, str] | None:
     return {str(k): str(v) for k, v in owner.items()} if isinstance(owner, dict) else None
 
 
-def grid_labels(num_classes: int, labelled: bool) -> tuple[torch.Tensor, int]:
-    """Labels of the sample grid and images per row: one row per class (GRID_COLUMNS each); unlabelled 8 x 8."""
+def grid_labels(num_classes: int, labelled: bool, cells_per_class: int = 1) -> tuple[torch.Tensor, int]:
+    """Generator rows of the sample grid and images per grid row: one grid row per class (GRID_COLUMNS
+    each, cycling through the class's cells when the release has cells); unlabelled 8 x 8."""
     if not labelled:
         return torch.zeros(64, dtype=torch.long), 8
-    return torch.arange(num_classes).repeat_interleave(GRID_COLUMNS), GRID_COLUMNS
+    classes = torch.arange(num_classes).repeat_interleave(GRID_COLUMNS)
+    return classes * cells_per_class + torch.arange(GRID_COLUMNS).repeat(num_classes) % cells_per_class, GRID_COLUMNS
 
 
 def run_summary(run_dir: Path, trainer: "Trainer", config: TrainConfig, release: ReleaseInfo) -> dict:

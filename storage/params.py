@@ -56,6 +56,15 @@ class ReleaseParams(BaseModel):
     second_moment_bound: float = Field(1.0, strict=True, description="L2 norm of each example's second-moment features")
     neighbouring: Neighbouring = Neighbouring.ADD_REMOVE
     count_share: float = Field(0.1, strict=True, description="share of the privacy precision spent on the class counts")
+    cells_per_class: int | None = Field(None, strict=True, description="within-class cells: released rows per class, "
+                                        "1 | 2 | 4 | 8 | 16 (default: 8 for a labelled release at target_epsilon "
+                                        ">= 1, else 1; mepf_core.cells)")
+    cell_seed: int = Field(1, strict=True, ge=0, description="seed of the cells' public hyperplane normals (1: the "
+                           "seed of the measured setting, bench/README.md)")
+    cell_reference: str | None = Field(None, description="public split whose images place the cells' hyperplanes "
+                                       "(each at their median projection): DATASET:test, DATASET:test-select or "
+                                       "DATASET:test-report of a named dataset, or 'none' for offsets 0 (default: "
+                                       "DATASET:test-select when releasing a named dataset's train split, else none)")
     dataset_id: str | None = Field(None, description="ledger key for this dataset (default: canonical id, "
                                    "see storage.datasets.canonical_dataset_id)")
     ledger: str | None = Field(None, description="budget ledger file (JSON lines)")
@@ -176,6 +185,58 @@ class ReleaseParams(BaseModel):
         if p.suffix not in (".h5", ".hdf5"):
             raise ValueError(f"out must end in .h5 or .hdf5, got {v!r}")
         return v
+
+    @field_validator("cells_per_class")
+    @classmethod
+    def _cells(cls, v: int | None) -> int | None:
+        from mepf_core.cells import validate_cells
+
+        return None if v is None else validate_cells(v)
+
+    @model_validator(mode="after")
+    def _cells_need_labels(self) -> "ReleaseParams":
+        if self.cells > 1 and not self.labelled:
+            raise ValueError(f"cells_per_class={self.cells} needs a labelled release (cells split each class); "
+                             "use cells_per_class=1 for an unlabelled one")
+        return self
+
+    @model_validator(mode="after")
+    def _cell_reference_public(self) -> "ReleaseParams":
+        """The cells' offsets are written into the release unprotected, so the images that place them must
+        be public and must not be the records released: only the released named dataset's own test split
+        (or a half of it) is accepted, and only when its train split is the one released."""
+        ref = self.cell_reference
+        if ref is None or ref == "none":
+            return self
+        allowed = [f"{self.dataset}:{s}" for s in ("test", "test-select", "test-report")]
+        from storage.datasets import DATASETS
+
+        if self.dataset not in DATASETS[:-1] or self.split != "train" or ref not in allowed:
+            raise ValueError(f"cell_reference must be 'none' or, when releasing a named dataset's train split, a "
+                             f"public split of its test images (here: {', '.join(allowed)}), got {ref!r} for "
+                             f"{self.dataset}:{self.split}: the offsets it places are released unprotected")
+        return self
+
+    @property
+    def cells(self) -> int:
+        """M, the rows per class: cells_per_class, or its default for this epsilon (mepf_core.cells)."""
+        from mepf_core.cells import cells_for_epsilon
+
+        if self.cells_per_class is not None:
+            return self.cells_per_class
+        return cells_for_epsilon(self.target_epsilon, self.labelled)
+
+    @property
+    def resolved_cell_reference(self) -> str | None:
+        """The public split that places the cells' offsets, None for offsets 0 (and with one cell)."""
+        if self.cells == 1 or self.cell_reference == "none":
+            return None
+        if self.cell_reference is not None:
+            return self.cell_reference
+        from storage.datasets import DATASETS
+
+        named = self.dataset in DATASETS[:-1]
+        return f"{self.dataset}:test-select" if named and self.split == "train" else None
 
     @model_validator(mode="after")
     def _signer_needs_key(self) -> "ReleaseParams":
@@ -497,7 +558,8 @@ class EvaluateParams(BaseModel):
 # The stage fields a pipeline configuration may set, by stage. Each keeps its stage model's type,
 # default, description and constraints (the stage models validate them again in `stage_params`).
 RELEASE_FIELDS = ("dataset", "data_root", "target_epsilon", "target_delta", "labelled", "neighbouring", "moments",
-                  "encoder", "ledger", "budget", "limit", "image_size", "channels")
+                  "encoder", "ledger", "budget", "limit", "image_size", "channels", "cells_per_class", "cell_seed",
+                  "cell_reference")
 TRAIN_FIELDS = ("steps", "batch_size", "conv28_channels", "lr_gen", "lr_mavg", "lr_schedule", "seed",
                 "checkpoint_every", "eval_samples", "device")
 EVALUATE_FIELDS = ("reference", "fid_samples", "fid_reference", "classifiers", "allow_small_fid", "ceiling",

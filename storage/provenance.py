@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mepf_core.cells import CELLS_PER_CLASS, row_shares
 from mepf_core.encoders import EncoderSpec
 from mepf_core.errors import InvalidArgumentError
 
@@ -119,6 +120,8 @@ class ReleaseInfo:
     signed_by: str | None = None
     release_sha256: str | None = None
     image_mode_source: str | None = None  # how image_shape was chosen (storage.datasets.IMAGE_MODE_SOURCES)
+    cells_per_class: int = 1  # M (mepf_core.cells): the generator is conditioned on K x M rows
+    row_shares: tuple[float, ...] | None = None  # with M > 1: each row's share of its class (mepf_core.cells.row_shares)
 
     REQUIRED = ("path", "release_id", "dataset_id", "epsilon", "delta", "labelled", "class_names", "image_shape",
                 "moments", "norm_bound", "second_moment_bound", "encoder")
@@ -127,16 +130,25 @@ class ReleaseInfo:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def rows(self) -> int:
+        """K x M: the generator's conditioning rows (one per class and cell)."""
+        return self.num_classes * self.cells_per_class
+
     @classmethod
     def from_release(cls, release: "Release") -> "ReleaseInfo":
         """The provenance of a release read (and verified) by storage.release.read_release."""
         m, sig = release.metadata, release.signature
+        shares = None
+        if m.cells_per_class > 1:  # post-processing of the released noisy counts
+            shares = tuple(float(v) for v in row_shares(release.noisy["counts"], m.cells_per_class))
         return cls(release_id=m.release_id, dataset_id=m.dataset_id, epsilon=m.epsilon, delta=m.delta,
                    labelled=m.labelled, class_names=tuple(m.class_names), image_shape=tuple(m.image_shape),
                    moments=m.moments, norm_bound=m.norm_bound, second_moment_bound=m.second_moment_bound,
                    encoder=m.encoder, path=str(Path(release.path).resolve()), neighbouring=m.neighbouring,
                    signed_by=sig.fingerprint if sig is not None and sig.signed else None,
-                   release_sha256=file_sha256(release.path), image_mode_source=m.image_mode_source)
+                   release_sha256=file_sha256(release.path), image_mode_source=m.image_mode_source,
+                   cells_per_class=m.cells_per_class, row_shares=shares)
 
     def to_dict(self) -> dict:
         """JSON-ready dict: a checkpoint's "release" entry (num_classes kept for older readers)."""
@@ -148,6 +160,8 @@ class ReleaseInfo:
         for key in ("neighbouring", "signed_by", "release_sha256", "image_mode_source"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
+        if self.cells_per_class != 1:
+            d["cells_per_class"], d["row_shares"] = self.cells_per_class, list(self.row_shares)
         return d
 
     @classmethod
@@ -164,6 +178,12 @@ class ReleaseInfo:
             encoder = EncoderSpec.from_dict(d["encoder"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ProvenanceError(f"{where}: encoder is malformed ({type(exc).__name__}: {exc})") from None
+        cells, shares = d.get("cells_per_class", 1), d.get("row_shares")
+        if isinstance(cells, bool) or cells not in CELLS_PER_CLASS:
+            raise ProvenanceError(f"{where}: cells_per_class must be one of {list(CELLS_PER_CLASS)}, got {cells!r}")
+        if cells > 1 and (not isinstance(shares, (list, tuple)) or len(shares) != cells * len(d["class_names"])
+                          or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in shares)):
+            raise ProvenanceError(f"{where}: row_shares must be {cells} x classes numbers >= 0, got {shares!r}")
         return cls(release_id=_text(d, "release_id", where), dataset_id=_text(d, "dataset_id", where),
                    epsilon=_number(d, "epsilon", where), delta=_number(d, "delta", where), labelled=d["labelled"],
                    class_names=_names(d["class_names"], "class_names", where), image_shape=tuple(shape),
@@ -172,7 +192,8 @@ class ReleaseInfo:
                    path=_text(d, "path", where), neighbouring=_text(d, "neighbouring", where, optional=True),
                    signed_by=_text(d, "signed_by", where, optional=True),
                    release_sha256=_text(d, "release_sha256", where, optional=True),
-                   image_mode_source=_text(d, "image_mode_source", where, optional=True))
+                   image_mode_source=_text(d, "image_mode_source", where, optional=True),
+                   cells_per_class=cells, row_shares=tuple(float(v) for v in shares) if cells > 1 else None)
 
     def summary_dict(self) -> dict:
         """The "release" entry of run.json: path, release_id, dataset_id, epsilon, delta, class_names."""

@@ -69,6 +69,21 @@ def split_half_indices(labels: np.ndarray | None, n: int, half: str) -> np.ndarr
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def reference_records(source, reference: str, limit: int | None = None):
+    """(images uint8 N x C x H x W, labels int64 (N,) or None) of reference split `reference`, read from
+    `source` (its split opened by `storage.datasets.open_dataset`), the first `limit`.
+
+    A half of the test split (`DATASET:test-select`, `DATASET:test-report`) is the whole test split
+    indexed by `split_half_indices` (class-stratified, fixed seed), in file order.
+    """
+    half = parse_reference_half(reference)[2]
+    if half is None:
+        return source.load_all(limit)
+    images, labels = source.load_all(None)
+    keep = split_half_indices(labels, len(images), half)[:limit]
+    return images[keep], None if labels is None else labels[keep]
+
+
 def _training_folders(path: str) -> list[str]:
     """The resolved folders whose images a training (release) split of `imagefolder:PATH` reads.
 

@@ -46,6 +46,7 @@ import h5py
 import numpy as np
 
 from mepf_core import __version__
+from mepf_core.cells import CELLS_PER_CLASS
 from mepf_core.embedding import mean_embeddings
 from mepf_core.encoders import EncoderSpec
 from mepf_core.errors import DiskFullError, InvalidArgumentError, MepfError, PathNotFoundError, file_access_error
@@ -154,6 +155,13 @@ class ReleaseMetadata:
     # without --channels: 1 channel iff every image is grayscale, a data-dependent bit the custodian
     # declares public); None in releases written before it was recorded. storage.datasets.IMAGE_MODE_SOURCES
     image_mode_source: str | None = None
+    # within-class cells (mepf_core.cells): M rows per class; the seed of the hyperplane normals, their
+    # B = log2 M offsets and the public split that placed them (None: offsets 0). M = 1: no cells, the
+    # three others None (releases written before cells were recorded read as M = 1).
+    cells_per_class: int = 1
+    cell_seed: int | None = None
+    cell_offsets: tuple[float, ...] | None = None
+    cell_reference: str | None = None
     release_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     code_version: str = __version__
@@ -163,6 +171,11 @@ class ReleaseMetadata:
     def num_classes(self) -> int:
         """K: the number of classes (1 for an unlabelled release)."""
         return len(self.class_names)
+
+    @property
+    def rows(self) -> int:
+        """K x M: the released rows, one per (class, cell)."""
+        return self.num_classes * self.cells_per_class
 
     def to_json(self) -> str:
         """The metadata as canonical JSON (sorted keys), as stored and hashed in the file."""
@@ -179,6 +192,8 @@ class ReleaseMetadata:
             d["parts"] = tuple(PartRecord(**{**p, "shape": tuple(p["shape"])}) for p in d["parts"])
             d["class_names"] = tuple(d["class_names"])
             d["image_shape"] = tuple(d["image_shape"])
+            if d.get("cell_offsets") is not None:
+                d["cell_offsets"] = tuple(d["cell_offsets"])
             return cls(**d)
         except (KeyError, TypeError, ValueError) as exc:
             raise ReleaseSchemaError(f"release metadata is malformed: {type(exc).__name__}: {exc}") from None
@@ -279,21 +294,53 @@ def _check_shapes(meta: ReleaseMetadata) -> None:
     if meta.image_mode_source is not None and meta.image_mode_source not in IMAGE_MODE_SOURCES:
         raise ReleaseSchemaError(f"image_mode_source must be one of {', '.join(IMAGE_MODE_SOURCES)} or absent, "
                                  f"got {meta.image_mode_source!r}")
+    _check_cells(meta)
+    rows, per = meta.rows, f"{k} classes" + (f" x {meta.cells_per_class} cells" if meta.cells_per_class > 1 else "")
     dims = set()
     for p in meta.parts:
         if not all(_is_int(s) for s in p.shape):
             raise ReleaseSchemaError(f"part {p.name!r} has a non-integer shape {list(p.shape)}")
         if p.name == "counts":
-            if tuple(p.shape) != (k,):
-                raise ReleaseSchemaError(f"counts have shape {list(p.shape)}, expected [{k}] for {k} classes")
+            if tuple(p.shape) != (rows,):
+                raise ReleaseSchemaError(f"counts have shape {list(p.shape)}, expected [{rows}] for {per}")
             continue
-        if len(p.shape) != 2 or p.shape[0] != k:
-            raise ReleaseSchemaError(f"part {p.name!r} has shape {list(p.shape)}, expected [{k}, D] for {k} classes")
+        if len(p.shape) != 2 or p.shape[0] != rows:
+            raise ReleaseSchemaError(f"part {p.name!r} has shape {list(p.shape)}, expected [{rows}, D] for {per}")
         dims.add(p.shape[1])
     if len(dims) != 1:
         raise ReleaseSchemaError(f"the moment parts have different feature dimensions {sorted(dims)}")
     if min(dims) < 1:
         raise ReleaseSchemaError(f"the feature dimension must be >= 1, got {min(dims)}")
+
+
+def _check_cells(meta: ReleaseMetadata) -> None:
+    """The cells' record is complete and consistent (ReleaseSchemaError): M in CELLS_PER_CLASS; with M = 1
+    no seed, offsets or reference; with M > 1 a labelled release, a seed >= 0, log2 M finite offsets, and a
+    reference that is None or a named dataset's test split (mepf_core.cells, storage.params.ReleaseParams)."""
+    from storage.datasets import DATASETS
+
+    m = meta.cells_per_class
+    if not _is_int(m) or m not in CELLS_PER_CLASS:
+        raise ReleaseSchemaError(f"cells_per_class must be one of {list(CELLS_PER_CLASS)}, got {m!r}")
+    cells = (meta.cell_seed, meta.cell_offsets, meta.cell_reference)
+    if m == 1:
+        if any(v is not None for v in cells):
+            raise ReleaseSchemaError("a release with one cell per class records no cell_seed, cell_offsets or "
+                                     f"cell_reference, got {list(cells)}")
+        return
+    if not meta.labelled:
+        raise ReleaseSchemaError(f"cells_per_class {m} needs a labelled release")
+    if not _is_int(meta.cell_seed) or meta.cell_seed < 0:
+        raise ReleaseSchemaError(f"cell_seed must be an integer >= 0, got {meta.cell_seed!r}")
+    offsets = meta.cell_offsets
+    if not isinstance(offsets, (list, tuple)) or len(offsets) != int(math.log2(m)) or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in offsets):
+        raise ReleaseSchemaError(f"cell_offsets must be {int(math.log2(m))} finite numbers for {m} cells, "
+                                 f"got {offsets!r}")
+    ref = meta.cell_reference
+    if ref is not None and not (isinstance(ref, str) and ref.partition(":")[0] in DATASETS[:-1]
+                                and ref.partition(":")[2] in ("test", "test-select", "test-report")):
+        raise ReleaseSchemaError(f"cell_reference must be a named dataset's public test split or absent, got {ref!r}")
 
 
 def verify_claim(meta: ReleaseMetadata) -> float:
@@ -333,7 +380,10 @@ def verify_claim(meta: ReleaseMetadata) -> float:
             raise ReleaseClaimError(f"{what} must be > 0, got {bound!r}")
         derived[name] = (sum_sensitivity(relation, bound), f"{relation.value} with {what} {bound!r}")
     labelled = f"{'labelled' if meta.labelled else 'unlabelled'} counts under {relation.value}"
-    derived["counts"] = (count_sensitivity(relation, labelled=meta.labelled), labelled)
+    if meta.cells_per_class != 1:
+        labelled += f" with {meta.cells_per_class} cells per class"
+    derived["counts"] = (count_sensitivity(relation, labelled=meta.labelled, cells_per_class=meta.cells_per_class),
+                         labelled)
 
     multipliers, exact = [], []
     for p in meta.parts:

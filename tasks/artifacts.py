@@ -104,7 +104,8 @@ def publish_markdown(markdown: str, key: str, description: str) -> UUID | None:
 # else passed in (n_public under replace-one, a path on the custodian's machine) is left out: the
 # summary is for a privacy board and for users of a shared Prefect server.
 RELEASE_SUMMARY_FIELDS = ("release_id", "epsilon", "delta", "neighbouring", "sigmas", "shapes", "encoder",
-                          "encoder_weights_sha256", "release_sha256", "signed_by", "image_mode_source")
+                          "encoder_weights_sha256", "release_sha256", "signed_by", "image_mode_source",
+                          "cells_per_class")
 
 
 def release_summary_markdown(release: Mapping) -> str:
@@ -112,7 +113,7 @@ def release_summary_markdown(release: Mapping) -> str:
 
     `release`: the custodian flow's result (tasks.custodian.charge_noise_and_release) with, optionally,
     `release_sha256`. Reads only RELEASE_SUMMARY_FIELDS: release id, epsilon, delta, neighbouring
-    relation, per-part sigma, array shapes (classes x feature dimension: both public, in the file),
+    relation, cells per class, per-part sigma, array shapes (rows x feature dimension: both public, in the file),
     encoder name and weights SHA-256, release file SHA-256, signer fingerprint. No count, no n, and no
     other field of `release` appears. Raises KeyError when a required field (release_id, epsilon,
     delta, neighbouring, sigmas, shapes) is missing.
@@ -126,6 +127,8 @@ def release_summary_markdown(release: Mapping) -> str:
              f"| epsilon | {float(r['epsilon']):.6g} |",
              f"| delta | {float(r['delta']):.3g} |",
              f"| neighbouring relation | {r['neighbouring']} |",
+             *([f"| cells per class | {int(r['cells_per_class'])} (rows = classes x cells) |"]
+               if r["cells_per_class"] not in (None, 1) else []),
              f"| encoder | {r['encoder'] or 'not recorded'} |",
              f"| encoder weights SHA-256 | `{r['encoder_weights_sha256'] or 'not recorded'}` |",
              f"| release file SHA-256 | `{r['release_sha256'] or 'not recorded'}` |",

@@ -14,6 +14,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
+import torch
+
+from mepf_core.cells import CellSplit, hyperplane_normals, median_offsets
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.errors import FileAccessError
 from mepf_core.encoders import FeatureMap, build_feature_map
@@ -126,6 +129,7 @@ def calibrate(params: ReleaseParams) -> ReleaseMechanism:
         norm_bound=params.norm_bound,
         second_moment_bound=params.second_moment_bound,
         count_share=params.count_share,
+        cells_per_class=params.cells,
     )
     get_run_logger().info(
         "calibrated: epsilon %.4g at delta %.2g, sigmas %s",
@@ -165,8 +169,39 @@ def describe_dataset(params: ReleaseParams) -> dict:
             "image_mode_source": src.image_mode_source, "feature_dim": fm.feature_dim, "encoder": fm.spec}
 
 
+def cell_split(params: ReleaseParams) -> CellSplit | None:
+    """The release's cells (mepf_core.cells), None with one cell per class. Reads PUBLIC data only.
+
+    Normals from params.cell_seed; offsets: the median projections of the bounded features of the images
+    of `params.resolved_cell_reference` (a named dataset's public test split, never the released records:
+    ReleaseParams refuses any other), or 0 without a reference. Deterministic for given params."""
+    if params.cells == 1:
+        return None
+    from storage.references import parse_reference, reference_records
+
+    fm = _feature_map(params)
+    normals = hyperplane_normals(fm.feature_dim, params.cells, params.cell_seed)
+    reference = params.resolved_cell_reference
+    if reference is None:
+        return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.float64),
+                         None)
+    source = open_dataset(*parse_reference(reference), params.data_root, image_size=params.image_size,
+                          channels=params.channels)
+    images, _ = reference_records(source, reference)
+    x = torch.from_numpy(images).to(torch.float32).div_(255.0)
+    phi = torch.cat([images_to_features(fm, x[i : i + params.batch_size], norm_bound=params.norm_bound)[0]
+                     for i in range(0, len(x), params.batch_size)])
+    return CellSplit(params.cells, params.cell_seed, normals, median_offsets(phi, normals), reference)
+
+
+@task(name="place-cells", persist_result=False)
+def place_cells(params: ReleaseParams) -> CellSplit | None:
+    """`cell_split` as a task: public settings and a public test split only, so its errors are shown as raised."""
+    return cell_split(params)
+
+
 @sanitize_errors("extraction")
-def shard_sums(params: ReleaseParams, shard: int, progress: bool = False) -> FeatureSums:
+def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells: CellSplit | None = None) -> FeatureSums:
     """The release's extraction of one shard: records chosen by `open_dataset`, bounded features, float64 sums.
 
     `progress`: inside a Prefect run, show the shard's progress as a progress artifact that reports only
@@ -198,7 +233,11 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False) -> Fea
     start, stop = shard_range(n, shard, params.shards)
     fm = _feature_map(params)
     k = src.num_classes if params.labelled else 1
-    sums = FeatureSums.zeros(k, fm.feature_dim, params.moments)
+    if cells is None:
+        cells = cell_split(params)
+    if (cells.cells_per_class if cells is not None else 1) != params.cells:
+        raise _safe(ValueError(f"the cells given ({cells!r}) are not the release's ({params.cells} per class)"))
+    sums = FeatureSums.zeros(k * params.cells, fm.feature_dim, params.moments)
     bound2 = params.second_moment_bound if params.moments == 2 else None
     corrupt = False
     ui = FixedStepProgress(EXTRACTION_PROGRESS_KEY, f"extraction, shard {shard + 1} of {params.shards} "
@@ -212,7 +251,8 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False) -> Fea
                 for images, labels in src.iter_batches(params.batch_size, start, stop):
                     phi1, phi2 = images_to_features(fm, images, norm_bound=params.norm_bound,
                                                     second_moment_bound=bound2)
-                    sums.add(phi1, phi2, labels if params.labelled else None)
+                    rows = labels if params.labelled else torch.zeros(len(images), dtype=torch.long)
+                    sums.add(phi1, phi2, rows if cells is None else cells.rows(phi1, rows))
                     bar.update(len(images))
                     if ui is not None:
                         done += len(images)
@@ -231,9 +271,10 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False) -> Fea
 
 
 @task(name="extract-shard", **_PRIVATE)
-def extract_shard(params: ReleaseParams, shard: int) -> FeatureSums:
-    """One streaming pass over a shard: bounded features added into float64 per-class sums."""
-    return shard_sums(params, shard, progress=True)
+def extract_shard(params: ReleaseParams, shard: int, cells: CellSplit | None = None) -> FeatureSums:
+    """One streaming pass over a shard: bounded features added into float64 per-row sums (rows: classes,
+    or (class, cell) pairs with `cells`)."""
+    return shard_sums(params, shard, progress=True, cells=cells)
 
 
 @task(name="reduce-sums", **_PRIVATE)
@@ -254,7 +295,7 @@ def _noisy_parts(params: ReleaseParams, sums: FeatureSums, mechanism: ReleaseMec
 # retries=0, stated on purpose: see the docstring. Never give this task retries (nor with_options).
 @task(name="charge-noise-release", persist_result=False, cache_policy=NO_CACHE, retries=0)
 def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism, sums: FeatureSums,
-                             info: dict) -> dict:
+                             info: dict, cells: CellSplit | None = None) -> dict:
     """Charge the ledger (fsynced), then draw noise once, then write the release atomically and exclusively
     (signed when params.signing_key is set); a name taken meanwhile raises ReleaseExistsError, charge kept.
 
@@ -281,6 +322,9 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
         second_moment_bound=params.second_moment_bound if params.moments == 2 else None, moments=params.moments,
         labelled=params.labelled, class_names=tuple(info["class_names"]), image_shape=tuple(info["image_shape"]),
         encoder=info["encoder"], parts=parts, n_public=n_public, image_mode_source=info.get("image_mode_source"),
+        **({} if cells is None else dict(
+            cells_per_class=cells.cells_per_class, cell_seed=cells.seed, cell_reference=cells.reference,
+            cell_offsets=tuple(float(b) for b in cells.offsets))),
     )
     # Before the charge: a key that cannot sign, or metadata whose claim the reader would refuse,
     # must not cost budget (the key is loaded here, never passed through Prefect).
@@ -310,6 +354,7 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
         "neighbouring": mechanism.relation.value,
         "sigmas": {p.name: p.sigma for p in mechanism.parts},
         "shapes": {name: list(v.shape) for name, v in noisy.items()},
+        "cells_per_class": meta.cells_per_class,  # public: recorded in the release
         "signed_by": fingerprint(signing_key.public_key()) if signing_key is not None else None,
         "encoder": meta.encoder.name,  # public: recorded in the release
         "encoder_weights_sha256": meta.encoder.weights_sha256 or None,

@@ -22,7 +22,7 @@ from mepf_core.inception import images_to_inception_activations
 from storage.datasets import canonical_dataset_id, open_dataset
 from storage.metrics import FID_ABSOLUTE_MIN, FID_MIN_SAMPLES, load_or_compute_reference_stats, small_fid_problem
 from storage.references import parse_reference, reads_training_records  # noqa: F401 - used by flows.evaluate
-from storage.references import parse_reference_half, split_half_indices
+from storage.references import parse_reference_half, reference_records
 from storage.references import check_label_space, reference_image_mode
 from storage.provenance import SyntheticInfo
 from storage.synthetic import read_synthetic_dataset
@@ -58,17 +58,12 @@ def load_reference(reference: str, data_root: str | None = None, limit: int | No
     `synthetic_classes` is given), before any image is decoded: LabelSpaceMismatchError names both
     sides. An image folder is then decoded at that shape (`reference_image_mode`).
     """
-    name, split, half = parse_reference_half(reference)
     mode = reference_image_mode(reference, synthetic_shape) if synthetic_shape is not None else {}
-    source = open_dataset(name, split, data_root, **mode)
+    source = open_dataset(*parse_reference(reference), data_root, **mode)
     if synthetic_shape is not None:
         check_label_space(reference, source.class_names, source.image_shape, synthetic_classes, synthetic_shape,
                           synthetic_name)
-    if half is None:
-        return source.load_all(limit)
-    images, labels = source.load_all(None)
-    keep = split_half_indices(labels, len(images), half)[:limit]
-    return images[keep], None if labels is None else labels[keep]
+    return reference_records(source, reference, limit)
 
 
 def _device() -> str:

@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from mepf_core.errors import InvalidArgumentError, PathNotFoundError
 from mepf_core.generators import build_generator
 from mepf_core.public_map import EncoderMismatchError, build_public_map
+from mepf_core.cells import draw_rows
 from mepf_core.training import TrainConfig, Trainer, balanced_labels, build_trainer, generate, resolve_device
 from storage.checkpoints import (
     BEST,
@@ -99,7 +100,7 @@ def train_generator(
     run_dir.mkdir(parents=True, exist_ok=True)
     if owner is not None and run.state is None:
         write_run_owner(run_dir, owner)
-    labels, per_row = grid_labels(info.num_classes, info.labelled)
+    labels, per_row = grid_labels(info.num_classes, info.labelled, info.cells_per_class)
 
     def on_checkpoint(trainer: Trainer, is_best: bool) -> None:
         grid = generate(trainer.sampling_generator, labels, seed=GRID_SEED)
@@ -141,7 +142,8 @@ def sample_synthetic(
     device: str = "cpu",
     log: logging.Logger | logging.LoggerAdapter = logger,
 ) -> dict:
-    """n images from the run's best checkpoint (else its latest), class-balanced when labelled,
+    """n images from the run's best checkpoint (else its latest), class-balanced when labelled (with cells,
+    a class's images drawn among its cells in proportion to their released noisy counts),
     written as uint8 to `out_path` (default RUN/synthetic.h5; .h5, .parquet, .npz, or DIR/ for an image
     folder: storage.synthetic) with their provenance (SyntheticInfo), and its DATASET_CARD.md beside it
     (storage.dataset_card). The result's "card" is the card's path."""
@@ -157,13 +159,15 @@ def sample_synthetic(
     checkpoint = load_training_checkpoint(path)
     info = checkpoint.release
     config = TrainConfig.from_dict(checkpoint.config)
-    generator = build_generator(info.image_shape, info.num_classes, info.labelled, conv28_channels=config.conv28_channels)
+    generator = build_generator(info.image_shape, info.rows, info.labelled, conv28_channels=config.conv28_channels)
     state = checkpoint.state  # a run trained with ema_decay > 0 samples its weight average
     generator.load_state_dict(state["generator_ema"]["weights"] if "generator_ema" in state else state["generator"])
     generator.to(resolve_device(device))
     labels = balanced_labels(n, info.num_classes) if info.labelled else torch.zeros(n, dtype=torch.long)
+    # with cells, each class's images spread over its cells by the released noisy counts (mepf_core.cells)
+    rows = draw_rows(labels, info.row_shares, info.cells_per_class, seed)
     provenance = SyntheticInfo.from_release(info, steps=checkpoint.step, checkpoint=path.name, seed=seed)
-    images = quantise(generate(generator, labels, seed=seed))
+    images = quantise(generate(generator, rows, seed=seed))
     written = write_synthetic(out_path, images, labels.numpy() if info.labelled else None, provenance)
     card = write_dataset_card(written, provenance, count=n, image_shape=tuple(images.shape[1:]), run=run_dir)
     log.info("wrote %d images from %s (step %d) to %s (card %s)", n, path.name, checkpoint.step, written, card.name)

@@ -17,13 +17,16 @@ def test_release_inspect_budget_round_trip(tmp_path, capsys):
     ledger = str(tmp_path / "ledger.jsonl")
     assert main(_release_args(tmp_path, "--moments", "2", "--ledger", ledger, "--budget", "1.2", "--json")) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["epsilon"] <= 1.0 and out["shapes"]["moment1"] == [10, 16960] and out["shapes"]["moment2"] == [10, 16960]
-    assert set(out["sigmas"]) == {"moment1", "moment2", "counts"}
+    # epsilon 1, labelled: 8 cells per class by default (mepf_core.cells), 10 x 8 released rows
+    assert out["epsilon"] <= 1.0 and out["shapes"]["moment1"] == [80, 16960] and out["shapes"]["moment2"] == [80, 16960]
+    assert set(out["sigmas"]) == {"moment1", "moment2", "counts"} and out["cells_per_class"] == 8
 
     assert main(["inspect", str(tmp_path / "r.h5"), "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
     assert meta["release_id"] == out["release_id"] and meta["encoder"]["name"] == "efficientnet-lite0"
     assert meta["n_public"] is None and meta["neighbouring"] == "replace-one"  # labelled: counts noised
+    assert meta["cells_per_class"] == 8 and meta["cell_reference"] == "fashion-mnist:test-select"
+    assert meta["cell_seed"] == 1 and len(meta["cell_offsets"]) == 3
 
     assert main(["budget", "--ledger", ledger, "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)["datasets"]

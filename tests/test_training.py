@@ -282,7 +282,7 @@ def test_bad_config_rejected(field, value, message):
 
 
 def test_batch_smaller_than_class_count_rejected(release):
-    with pytest.raises(ValueError, match=r"batch_size must be >= the number of classes \(10\).*got 5"):
+    with pytest.raises(ValueError, match=r"batch_size must be >= the number of released rows \(10.*got 5"):
         _trainer(release, batch_size=5)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mepf_core.cells import validate_cells
 from mepf_core.errors import InvalidArgumentError
 from mepf_core.privacy.calibration import calibrate_parts, epsilon_spent, validate_epsilon_delta
 from mepf_core.privacy.sensitivity import Neighbouring, count_sensitivity, sum_sensitivity
@@ -89,14 +90,16 @@ def design_mechanism(
     norm_bound: float,
     second_moment_bound: float,
     count_share: float = COUNT_SHARE,
+    cells_per_class: int = 1,
 ) -> ReleaseMechanism:
     """Sensitivities of each part under `relation`, then joint calibration with autodp.
 
     The sums (moment1, and moment2 when `moments` is 2) share 1 - `count_share` of the precision
     1/z^2 equally, the counts get `count_share` (all of it goes to the sums when the counts are
-    public: unlabelled under replace-one). norm_bound, second_moment_bound: the L2 bounds C1, C2 of
-    each record's features. Raises InvalidArgumentError (a ValueError) for an epsilon or delta out of
-    range, moments not 1 or 2, count_share outside (0, 1), a bound not finite and > 0, or a target
+    public: unlabelled with one cell under replace-one). norm_bound, second_moment_bound: the L2 bounds
+    C1, C2 of each record's features; cells_per_class: M rows per class (`mepf_core.cells`). Raises
+    InvalidArgumentError (a ValueError) for an epsilon or delta out of
+    range, moments not 1 or 2, count_share outside (0, 1), cells_per_class not in mepf_core.cells.CELLS_PER_CLASS, a bound not finite and > 0, or a target
     autodp cannot reach.
     """
     validate_epsilon_delta(target_epsilon, target_delta)
@@ -104,10 +107,11 @@ def design_mechanism(
         raise InvalidArgumentError(f"moments must be 1 or 2, got {moments}")
     if not 0 < count_share < 1:
         raise InvalidArgumentError(f"count_share must be in (0, 1), got {count_share}")
+    validate_cells(cells_per_class)
     sens = {"moment1": sum_sensitivity(relation, norm_bound)}
     if moments == 2:
         sens["moment2"] = sum_sensitivity(relation, second_moment_bound)
-    counts_sens = count_sensitivity(relation, labelled=labelled)
+    counts_sens = count_sensitivity(relation, labelled=labelled, cells_per_class=cells_per_class)
     shares = {}
     sum_share = 1.0 - count_share if counts_sens > 0 else 1.0
     for name in sens:

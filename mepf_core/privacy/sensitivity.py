@@ -28,6 +28,12 @@ Relation "replace-one": D' = D with one record (x, y) replaced by (x', y'); n is
         => S1: 2 C1, S2: 2 C2.
     Counts: labelled, two classes move by 1 each: sqrt(2); unlabelled, N = n never changes: 0,
     so n is released exactly and recorded as public (the relation makes it public).
+
+Within-class cells (`mepf_core.cells`): with M cells per class the rows are (class, cell) pairs,
+K M of them, and a record's row is a function of that record alone. Every bound above holds with
+"class" read as "row" (add-remove: one row moves; replace-one: one or two rows move). The counts are
+public under replace-one only when every record shares one row (unlabelled and M = 1): with cells, a
+replaced record can move between cells, so two counts move by 1 each: sqrt(2), whether labelled or not.
 """
 
 from __future__ import annotations
@@ -66,8 +72,10 @@ def sum_sensitivity(relation: Neighbouring, norm_bound: float) -> float:
     return norm_bound if relation is Neighbouring.ADD_REMOVE else 2.0 * norm_bound
 
 
-def count_sensitivity(relation: Neighbouring, *, labelled: bool) -> float:
-    """L2 sensitivity of the per-class counts (0: the counts are public under the relation)."""
+def count_sensitivity(relation: Neighbouring, *, labelled: bool, cells_per_class: int = 1) -> float:
+    """L2 sensitivity of the per-row counts (0: the counts are public under the relation).
+
+    Rows are classes (one row when unlabelled) times `cells_per_class`; module docstring."""
     if relation is Neighbouring.ADD_REMOVE:
         return 1.0
-    return math.sqrt(2.0) if labelled else 0.0
+    return math.sqrt(2.0) if labelled or cells_per_class > 1 else 0.0
