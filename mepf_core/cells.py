@@ -82,7 +82,7 @@ def median_offsets(phi: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     offsets are written into the release unprotected."""
     if phi.shape[0] < 1:
         raise InvalidArgumentError("median offsets need at least one public image")
-    return (phi.to(torch.float64) @ normals).median(dim=0).values
+    return (phi.to(torch.float64) @ normals.to(torch.float64)).median(dim=0).values
 
 
 def row_shares(counts: np.ndarray, cells_per_class: int) -> np.ndarray:

@@ -21,16 +21,19 @@ def lite0():
 
 
 def sums_of(images: torch.Tensor, labels: torch.Tensor | None, *, num_classes: int, moments: int = 2,
-            norm_bound: float = 1.0, second_moment_bound: float = 1.0, batch_size: int = 8) -> FeatureSums:
-    """Un-noised per-class sums of a dataset, exactly as the custodian computes them (batched)."""
+            norm_bound: float = 1.0, second_moment_bound: float = 1.0, batch_size: int = 8,
+            cells=None) -> FeatureSums:
+    """Un-noised per-row sums of a dataset, exactly as the custodian computes them (batched); rows are
+    classes, or (class, cell) pairs with `cells` (a mepf_core.cells.CellSplit)."""
     fm = lite0()
-    sums = FeatureSums.zeros(num_classes if labels is not None else 1, fm.feature_dim, moments)
+    m = 1 if cells is None else cells.cells_per_class
+    sums = FeatureSums.zeros((num_classes if labels is not None else 1) * m, fm.feature_dim, moments)
     for lo in range(0, len(images), batch_size):
         x = images[lo : lo + batch_size]
-        y = None if labels is None else labels[lo : lo + batch_size]
+        y = torch.zeros(len(x), dtype=torch.long) if labels is None else labels[lo : lo + batch_size]
         phi1, phi2 = images_to_features(fm, x, norm_bound=norm_bound,
                                         second_moment_bound=second_moment_bound if moments == 2 else None)
-        sums.add(phi1, phi2, y)
+        sums.add(phi1, phi2, y if cells is None else cells.rows(phi1, y))
     return sums
 
 
@@ -86,9 +89,12 @@ def cheap_evaluation_run(tmp_path, monkeypatch) -> dict:
     return {"home": home, "run": run, "cache": home / ".cache" / "dp-mepf" / "fid", "tmp": tmp_path}
 
 
-def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float = 1000.0, seed: int = 0):
+def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float = 1000.0, seed: int = 0,
+                 cells_per_class: int = 1):
     """A labelled release (efficientnet-lite0, 1 x 28 x 28, one moment) of random images, made through the
-    production sums and noise: cheap input for tests of the public stage. Returns the file's path."""
+    production sums and noise: cheap input for tests of the public stage. With `cells_per_class` > 1, the
+    rows are (class, cell) pairs of hyperplanes from seed 0 with offsets 0. Returns the file's path."""
+    from mepf_core.cells import CellSplit, hyperplane_normals
     from mepf_core.embedding import sums_to_noisy_parts
     from mepf_core.privacy.mechanism import design_mechanism
     from mepf_core.privacy.sensitivity import Neighbouring
@@ -98,14 +104,21 @@ def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float
     images = random_images(k * per_class, seed=seed)
     labels = torch.arange(k * per_class) % k
     mech = design_mechanism(target_epsilon=epsilon, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
-                            labelled=True, moments=1, norm_bound=1.0, second_moment_bound=1.0)
-    noisy = sums_to_noisy_parts(sums_of(images, labels, num_classes=k, moments=1), mech)
+                            labelled=True, moments=1, norm_bound=1.0, second_moment_bound=1.0,
+                            cells_per_class=cells_per_class)
+    cells = None
+    if cells_per_class > 1:
+        normals = hyperplane_normals(lite0().feature_dim, cells_per_class, 0)
+        cells = CellSplit(cells_per_class, 0, normals, torch.zeros(normals.shape[1], dtype=torch.float64), None)
+    noisy = sums_to_noisy_parts(sums_of(images, labels, num_classes=k, moments=1, cells=cells), mech)
     meta = ReleaseMetadata(
         dataset_id="test:tiny", neighbouring=mech.relation.value, epsilon=mech.epsilon, delta=mech.target_delta,
         target_epsilon=epsilon, norm_bound=1.0, second_moment_bound=None, moments=1, labelled=True,
         class_names=tuple(classes), image_shape=(1, 28, 28), encoder=lite0().spec,
         parts=tuple(PartRecord(p.name, noisy[p.name].shape, p.sensitivity, p.sigma,
                                p.noise_multiplier if p.noised else None) for p in mech.parts),
+        **({} if cells is None else dict(cells_per_class=cells_per_class, cell_seed=0,
+                                         cell_offsets=(0.0,) * cells.normals.shape[1])),
     )
     return embedding_to_release(path, meta, noisy)
 

@@ -1,0 +1,242 @@
+"""Within-class cells (mepf_core.cells, issue 15): sensitivity replays, the public offsets, forged
+metadata, and the public side's use of the (class, cell) rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from mepf_core.cells import (CellSplit, cell_of, cells_for_epsilon, draw_rows, hyperplane_normals, median_offsets,
+                             row_shares)
+from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
+from mepf_core.features import images_to_features
+from mepf_core.privacy.mechanism import design_mechanism
+from mepf_core.privacy.sensitivity import Neighbouring, count_sensitivity, sum_sensitivity
+from storage.checkpoints import grid_labels
+from storage.params import ReleaseParams
+from storage.provenance import ReleaseInfo
+from storage.release import ReleaseClaimError, ReleaseSchemaError, check_metadata, read_release
+from tests.helpers import fmnist_subset, frob, lite0, sums_of, tiny_release
+from tests.test_release_verify import honest_metadata
+from tests.test_sensitivity_replay import KINDS, N, _pairs
+
+K, M = 4, 8
+SLACK = 1 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def cells() -> CellSplit:
+    """8 cells from seed 1, offsets at the median projections of 64 PUBLIC test images (as `cell_split`)."""
+    from storage.datasets import open_dataset
+
+    images, _ = next(open_dataset("fashion-mnist", "test").iter_batches(64))
+    phi, _ = images_to_features(lite0(), images, norm_bound=1.0)
+    normals = hyperplane_normals(phi.shape[1], M, seed=1)
+    return CellSplit(M, 1, normals, median_offsets(phi, normals), "fashion-mnist:test")
+
+
+@pytest.fixture(scope="module")
+def base():
+    images, labels = fmnist_subset(N)
+    return images, labels % K
+
+
+@pytest.mark.parametrize("relation", list(Neighbouring))
+@pytest.mark.parametrize("labelled", [True, False])
+def test_neighbours_move_rows_within_the_sensitivities(base, cells, relation, labelled):
+    """Every kind of extreme record (zeros, saturated, NaN, inf, duplicates, label changes), added or
+    replaced at 7 positions: the sums move by at most C (add-remove) or 2C (replace-one), the per-row
+    counts by exactly 1 (add-remove: one row) or at most sqrt 2 (replace-one: two rows), however the
+    record falls among the cells. The base records spread over several cells, so moves between cells
+    are replayed."""
+    images, labels = base
+    bound = {"moment1": sum_sensitivity(relation, 1.0), "moment2": sum_sensitivity(relation, 0.7),
+             "counts": count_sensitivity(relation, labelled=labelled, cells_per_class=M)}
+    assert bound["counts"] == (1.0 if relation is Neighbouring.ADD_REMOVE else pytest.approx(math.sqrt(2)))
+    y = labels if labelled else None
+    ref = sums_of(images, y, num_classes=K, second_moment_bound=0.7, cells=cells)
+    assert ref.moment1.shape[0] == (K if labelled else 1) * M and np.count_nonzero(ref.counts) >= 3
+    moved_cells = 0
+    for kind, _, _, img2, lab2 in _pairs(images, labels, relation, seed=3 + labelled):
+        other = sums_of(img2, lab2 if labelled else None, num_classes=K, second_moment_bound=0.7, cells=cells)
+        for name, value in ref.parts().items():
+            change = frob(value, other.parts()[name])
+            assert change <= bound[name] * SLACK + 1e-12, f"{relation.value} {kind}: {name} moved {change}"
+        if relation is Neighbouring.ADD_REMOVE:
+            assert frob(ref.counts, other.counts) == 1.0  # exactly one row gains the record
+        moved_cells += frob(ref.counts, other.counts) > 1.0
+    assert len(KINDS) * 7 == 56
+    if relation is Neighbouring.REPLACE_ONE:
+        assert moved_cells > 0  # some replacements moved a record between rows: the sqrt 2 case was replayed
+
+
+def test_unlabelled_counts_are_private_under_replace_one_with_cells(cells):
+    """The trap: without labels and with one cell, replace-one keeps n and the count exact (public); with
+    cells, a replaced record can change cell, so two counts move: sqrt 2, noised, never n_public."""
+    images, _ = fmnist_subset(N)
+    ref = sums_of(images, None, num_classes=1, moments=1, cells=cells)
+    worst = 0.0
+    for j, x in itertools.product(range(N), (torch.zeros(1, 28, 28), torch.ones(1, 28, 28))):
+        other = images.clone()
+        other[j] = x
+        worst = max(worst, frob(ref.counts, sums_of(other, None, num_classes=1, moments=1, cells=cells).counts))
+    assert worst == pytest.approx(math.sqrt(2))
+    assert count_sensitivity(Neighbouring.REPLACE_ONE, labelled=False, cells_per_class=M) == pytest.approx(math.sqrt(2))
+    assert count_sensitivity(Neighbouring.REPLACE_ONE, labelled=False, cells_per_class=1) == 0.0
+    mech = design_mechanism(target_epsilon=1.0, target_delta=1e-5, relation=Neighbouring.REPLACE_ONE, labelled=False,
+                            moments=1, norm_bound=1.0, second_moment_bound=1.0, cells_per_class=M)
+    assert mech.part("counts").noised
+
+
+def test_a_records_cell_depends_on_that_record_only(base, cells):
+    """Rows computed in one batch equal rows computed one record at a time, and in reversed order."""
+    images, labels = base
+    phi, _ = images_to_features(lite0(), images, norm_bound=1.0)
+    together = cells.rows(phi, labels)
+    alone = torch.cat([cells.rows(phi[i : i + 1], labels[i : i + 1]) for i in range(len(phi))])
+    reversed_ = cells.rows(phi.flip(0), labels.flip(0)).flip(0)
+    assert torch.equal(together, alone) and torch.equal(together, reversed_)
+    assert torch.equal(together // M, labels) and together.max() < K * M
+
+
+def test_cell_bits_and_normals_are_fixed_by_the_seed():
+    normals = hyperplane_normals(5, 4, seed=1)
+    assert normals.shape == (5, 2) and normals.dtype == torch.float64
+    assert torch.equal(normals, hyperplane_normals(5, 4, seed=1)) and not torch.equal(normals, hyperplane_normals(5, 4, 2))
+    phi = torch.tensor([[1.0, 0, 0, 0, 0], [-1.0, 0, 0, 0, 0]], dtype=torch.float64)
+    w = torch.tensor([[1.0, -1.0], [0, 0], [0, 0], [0, 0], [0, 0]], dtype=torch.float64)
+    assert cell_of(phi, w, torch.zeros(2)).tolist() == [1, 2]  # bit 0: phi.w0 > 0, bit 1: phi.w1 > 0
+    assert cell_of(phi, w, torch.tensor([2.0, 2.0])).tolist() == [0, 0]
+    assert median_offsets(torch.tensor([[1.0], [2.0], [5.0]]), torch.ones(1, 1)).tolist() == [2.0]
+
+
+def test_default_cells_follow_epsilon_and_labels():
+    assert cells_for_epsilon(10.0, True) == 8 and cells_for_epsilon(1.0, True) == 8
+    assert cells_for_epsilon(0.2, True) == 1 and cells_for_epsilon(10.0, False) == 1
+    params = ReleaseParams(target_epsilon=10.0)
+    assert (params.cells, params.resolved_cell_reference) == (8, "fashion-mnist:test-select")
+    assert ReleaseParams(target_epsilon=0.2).resolved_cell_reference is None
+    assert ReleaseParams(target_epsilon=10.0, cells_per_class=2, cell_reference="none").resolved_cell_reference is None
+    assert ReleaseParams(target_epsilon=10.0, dataset="imagefolder:/x").resolved_cell_reference is None
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"cells_per_class": 3}, "cells_per_class must be one of 1, 2, 4, 8, 16, got 3"),
+    ({"cells_per_class": True}, "cells_per_class"),
+    ({"cells_per_class": 8, "labelled": False}, "cells_per_class=8 needs a labelled release"),
+    ({"cell_reference": "fashion-mnist:train"}, "cell_reference must be 'none'"),  # the private split itself
+    ({"cell_reference": "fashion-mnist"}, "cell_reference must be 'none'"),
+    ({"cell_reference": "mnist:test"}, "cell_reference must be 'none'"),  # another dataset
+    ({"cell_reference": "fashion-mnist:test-select", "split": "test"}, "cell_reference must be 'none'"),
+    ({"cell_reference": "fashion-mnist:test", "dataset": "imagefolder:/data"}, "cell_reference must be 'none'"),
+    ({"cell_reference": "imagefolder:/data:test"}, "cell_reference must be 'none'"),
+    ({"cell_reference": "fashion-mnist:test-select "}, "cell_reference must be 'none'"),
+    ({"cell_seed": -1}, "cell_seed"),
+])
+def test_cell_settings_that_could_leak_are_refused(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        ReleaseParams(target_epsilon=1.0, **settings)
+
+
+def _cells_metadata(relation=Neighbouring.ADD_REMOVE, labelled=True, m=M):
+    """Honest metadata of a release with m cells per class, the rows and counts as the custodian makes them."""
+    meta, noisy = honest_metadata(relation=relation, labelled=labelled, k=3 * m if labelled else m)
+    k = 3 if labelled else 1
+    mech = design_mechanism(target_epsilon=1.0, target_delta=1e-5, relation=relation, labelled=labelled, moments=1,
+                            norm_bound=1.0, second_moment_bound=1.0, cells_per_class=m)
+    noisy = sums_to_noisy_parts(FeatureSums(np.zeros((k * m, 50)), None, np.full(k * m, 5.0)), mech)
+    parts = tuple(dataclasses.replace(p, shape=noisy[p.name].shape, sensitivity=mp.sensitivity, sigma=mp.sigma,
+                                      noise_multiplier=mp.noise_multiplier if mp.noised else None)
+                  for p, mp in zip(meta.parts, mech.parts))
+    return dataclasses.replace(meta, class_names=("a", "b", "c") if labelled else ("all",), parts=parts,
+                               epsilon=mech.epsilon, n_public=None, cells_per_class=m, cell_seed=1,
+                               cell_offsets=(0.5,) * int(math.log2(m)), cell_reference="fashion-mnist:test-select")
+
+
+def test_honest_cells_metadata_verifies():
+    meta = _cells_metadata()
+    assert check_metadata(meta) == pytest.approx(meta.epsilon) and meta.rows == 24
+
+
+def _exact_counts(meta):
+    parts = tuple(dataclasses.replace(p, sensitivity=0.0, sigma=0.0, noise_multiplier=None) if p.name == "counts"
+                  else p for p in meta.parts)
+    return dataclasses.replace(meta, parts=parts, n_public=40)
+
+
+@pytest.mark.parametrize("forge, error, message", [
+    (lambda m: dataclasses.replace(m, cells_per_class=1, cell_seed=None, cell_offsets=None, cell_reference=None),
+     ReleaseSchemaError, r"shape \[24, 50\], expected \[3, D\] for 3 classes"),  # rows without their cells
+    (lambda m: dataclasses.replace(m, cells_per_class=4, cell_offsets=(0.5, 0.5)), ReleaseSchemaError,
+     r"expected \[12, D\] for 3 classes x 4 cells"),
+    (lambda m: dataclasses.replace(m, cells_per_class=3), ReleaseSchemaError, "cells_per_class must be one of"),
+    (lambda m: dataclasses.replace(m, cells_per_class=True), ReleaseSchemaError, "cells_per_class must be one of"),
+    (lambda m: dataclasses.replace(m, cell_offsets=(0.5, 0.5)), ReleaseSchemaError, "cell_offsets must be 3"),
+    (lambda m: dataclasses.replace(m, cell_offsets=(0.5, float("nan"), 0.5)), ReleaseSchemaError, "cell_offsets"),
+    (lambda m: dataclasses.replace(m, cell_seed=None), ReleaseSchemaError, "cell_seed must be an integer"),
+    (lambda m: dataclasses.replace(m, cell_reference="fashion-mnist:train"), ReleaseSchemaError, "cell_reference"),
+    (lambda m: dataclasses.replace(m, labelled=False), ReleaseSchemaError, "1 class"),
+])
+def test_forged_cells_metadata_is_refused(forge, error, message):
+    with pytest.raises(error, match=message):
+        check_metadata(forge(_cells_metadata()))
+
+
+def test_one_cell_records_no_cell_fields():
+    meta, _ = honest_metadata()
+    with pytest.raises(ReleaseSchemaError, match="one cell per class records no cell_seed"):
+        check_metadata(dataclasses.replace(meta, cell_offsets=()))
+
+
+def test_exact_counts_with_cells_are_refused_under_replace_one():
+    """A forger claiming the unlabelled replace-one exemption (exact counts, n public) for a release with
+    cells: refused, labelled (the counts' sensitivity is sqrt 2) or not (cells need labels)."""
+    labelled = _cells_metadata(Neighbouring.REPLACE_ONE)
+    assert check_metadata(labelled) == pytest.approx(labelled.epsilon)
+    with pytest.raises(ReleaseClaimError, match=r"records sensitivity 0.0, but labelled counts under replace-one"):
+        check_metadata(_exact_counts(labelled))
+    unlabelled = _cells_metadata(Neighbouring.REPLACE_ONE, labelled=False)
+    for meta in (unlabelled, _exact_counts(unlabelled)):
+        with pytest.raises(ReleaseSchemaError, match="cells_per_class 8 needs a labelled release"):
+            check_metadata(meta)
+
+
+def test_rows_shares_and_draws_follow_the_noisy_counts():
+    counts = np.array([3.0, 1.0, -2.0, 0.0, -1.0, -1.0, 0.0, 0.0])  # 2 classes x 4 cells
+    shares = row_shares(counts, 4)
+    assert shares.tolist() == [0.75, 0.25, 0.0, 0.0, 0.25, 0.25, 0.25, 0.25]  # all <= 0: equal shares
+    classes = torch.arange(4000) % 2
+    rows = draw_rows(classes, shares, 4, seed=0)
+    assert torch.equal(rows // 4, classes)
+    first = np.bincount(rows[classes == 0].numpy(), minlength=4)
+    assert first[2] == first[3] == 0 and 0.7 < first[0] / 2000 < 0.8
+    assert torch.equal(draw_rows(classes, shares, 4, seed=0), rows)
+    assert torch.equal(draw_rows(classes, None, 1, seed=0), classes)
+    labels, per_row = grid_labels(2, True, 4)
+    assert per_row == 10 and labels[:10].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1] and torch.equal(labels // 4,
+                                                                                                  torch.arange(20) // 10)
+
+
+def test_public_stage_trains_and_samples_classes_from_a_cells_release(tmp_path):
+    """A release with 4 cells per class: the generator is conditioned on the 8 rows, the synthetic labels
+    are the 2 classes, the provenance carries the rows' shares and survives a round trip."""
+    from mepf_core.train_config import TrainConfig
+    from storage.synthetic import read_synthetic_dataset
+    from tasks.public import sample_synthetic, train_generator
+
+    release = read_release(tiny_release(tmp_path / "r.h5", per_class=8, cells_per_class=4))
+    assert release.noisy["counts"].shape == (8,) and release.metadata.rows == 8
+    info = ReleaseInfo.from_release(release)
+    assert info.rows == 8 and len(info.row_shares) == 8 and ReleaseInfo.from_dict(info.to_dict()) == info
+    config = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, eval_samples=16)
+    train_generator(release, tmp_path / "run", config, progress=False)
+    out = sample_synthetic(tmp_path / "run", 20, tmp_path / "syn.h5")
+    data = read_synthetic_dataset(out["path"])
+    assert data.images.shape == (20, 1, 28, 28) and sorted(set(data.labels.tolist())) == [0, 1]
+    assert np.bincount(data.labels).tolist() == [10, 10]
