@@ -2,17 +2,25 @@
 
 A release with M = 2^B cells per class holds K x M rows instead of K: record i goes to row
 
-    r(x_i, y_i) = y_i * M + cell(phi1(x_i)),   cell(phi) = sum_j 2^j [phi . w_j > b_j]
+    r(x_i, y_i) = y_i * M + cell(x_i),   cell(x) = sum_j 2^j [q(x) . w_j > b_j]
 
-with w_1..w_B in R^D public Gaussian normals drawn from a recorded seed (`hyperplane_normals`) and
-b_1..b_B public offsets (0, or median projections of a public reference's images:
-`median_offsets`). The release's rows are then
+where q(x) in {0, ..., 255}^P are the record's pixel levels (P = C H W, the decoded image's 8-bit
+values; `pixel_levels`), w_1..w_B in Z^P public integer normals drawn from a recorded seed
+(`hyperplane_normals`) and b_1..b_B public integer offsets (0, or the median projections of a public
+reference's images: `median_offsets`). The release's rows are then
 
     S1[r] = sum_{i: r(x_i, y_i) = r} phi1(x_i)   (K M x D),   N[r] = #{i: r(x_i, y_i) = r}   (K M,)
 
-Sensitivity (`mepf_core.privacy.sensitivity` holds the general derivation). A record's row is a
-function of that record alone (its label and its own bounded features, against public w and b): no
-other record's row depends on it. So
+Why pixels and exact integers, not the encoder's features: a record's cell must be a function of that
+record ALONE. The encoder's float32 features of one image differ in the last bits with the batch it is
+computed in (measured: up to 8e-8 between batch sizes 15 and 16 on this CPU), so a threshold on them
+lets one added record (which changes the batch sizes) move every copy of an image lying near a
+hyperplane to another cell: an unbounded sensitivity (a DP review reproduced 10 copies moving,
+counts and sums changing by 14.2 against a claimed 1). Integer dot products of 8-bit pixels are exact
+(|q . w| <= 255 P max|w| < 2^63), so the cell of x is the same in any batch, shard, order or machine.
+
+Sensitivity (`mepf_core.privacy.sensitivity` holds the general derivation). No record's row depends
+on any other record, so
     add-remove: D' = D + (x, y) changes exactly one row r(x, y), by phi1(x): ||dS1||_F <= C1, ||dN|| = 1;
     replace-one: (x, y) -> (x', y') changes at most the two rows r(x, y), r(x', y'): same row,
         ||phi1(x') - phi1(x)|| <= 2 C1 and dN = 0; two rows, sqrt(C1^2 + C1^2) <= 2 C1 and ||dN|| = sqrt 2;
@@ -20,9 +28,8 @@ the per-class release's sensitivities, with one change: with more than one row t
 public under replace-one (a replaced record can move between cells), even without labels.
 
 What it buys (bench/README.md, within-class cells): the per-row means pin down M points of each
-class's feature distribution instead of its centre (Fashion-MNIST, epsilon 10, 8 cells: CNN accuracy
-of the synthetic data 80.7 +- 0.5% against 76.0 +- 1.5%), at M times the noise per mean: at
-epsilon 0.2 cells hurt, so `cells_for_epsilon` chooses M from the (public) epsilon.
+class's distribution instead of its centre; the noise per mean grows M-fold, so at small epsilon
+cells hurt and `cells_for_epsilon` chooses M from the (public) epsilon.
 """
 
 from __future__ import annotations
@@ -54,35 +61,49 @@ def cells_for_epsilon(target_epsilon: float, labelled: bool) -> int:
     return DEFAULT_CELLS if labelled and target_epsilon >= CELLS_MIN_EPSILON else 1
 
 
-def hyperplane_normals(dim: int, cells_per_class: int, seed: int) -> torch.Tensor:
-    """D x B float64 normals w_j ~ N(0, I_D), B = log2(cells_per_class), from torch's generator at `seed`.
+NORMAL_SCALE = 1024  # integer normals: round(1024 g), g ~ N(0, 1)
+MAX_PIXELS = 3 * 64 * 64  # the largest image a release holds (C, H, W <= 3, 64, 64)
 
-    The same on every machine for the same (dim, cells_per_class, seed): torch's CPU Philox/MT stream
-    for a fixed seed, so the seed recorded in a release defines its cells. Raises InvalidArgumentError
-    for dim < 1 or a cells_per_class outside CELLS_PER_CLASS.
-    """
+
+def pixel_levels(images: torch.Tensor) -> torch.Tensor:
+    """N x P int64 pixel levels in {0, ..., 255} of images (N x C x H x W, values in [0, 1]; any float dtype).
+
+    Elementwise and exact for decoded 8-bit images (level k arrives as k / 255): non-finite values are
+    mapped as `mepf_core.features.sanitize_images` maps them (NaN, -inf -> 0, +inf -> 1), then
+    round(255 x). No reduction, so a record's levels never depend on its batch."""
+    x = torch.nan_to_num(images.to(torch.float64), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
+    return (x * 255.0).round().to(torch.int64).reshape(len(x), -1)
+
+
+def hyperplane_normals(pixels: int, cells_per_class: int, seed: int) -> torch.Tensor:
+    """P x B int64 normals round(NORMAL_SCALE g), g ~ N(0, I_P), B = log2(cells_per_class), from torch's CPU
+    generator at `seed` (the same on every machine for the same arguments, so the seed recorded in a
+    release defines its cells). Raises InvalidArgumentError for pixels outside [1, MAX_PIXELS], a
+    cells_per_class outside CELLS_PER_CLASS, or a seed outside [0, 2^63)."""
     bits = int(math.log2(validate_cells(cells_per_class)))
-    if dim < 1:
-        raise InvalidArgumentError(f"dim must be >= 1, got {dim}")
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randn(dim, bits, generator=generator, dtype=torch.float64)
+    if not 1 <= pixels <= MAX_PIXELS:
+        raise InvalidArgumentError(f"pixels must be in [1, {MAX_PIXELS}], got {pixels}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidArgumentError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    generator = torch.Generator().manual_seed(seed)
+    g = torch.randn(pixels, bits, generator=generator, dtype=torch.float64)
+    return (g * NORMAL_SCALE).round().to(torch.int64)
 
 
-def cell_of(phi: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(N,) int64 cell in [0, 2^B) of each row of phi (N x D): bit j is [phi . w_j > b_j].
-
-    phi: bounded features (any float dtype; computed in float64); normals: D x B; offsets: (B,)."""
-    above = (phi.to(torch.float64) @ normals > offsets.to(torch.float64)).long()
+def cell_of(levels: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 cell in [0, 2^B) of each row of levels (N x P int64, `pixel_levels`): bit j is
+    [levels . w_j > b_j], computed exactly in int64 (normals: P x B int64; offsets: (B,) int64)."""
+    above = (levels.to(torch.int64) @ normals.to(torch.int64) > offsets.to(torch.int64)).long()
     return (above << torch.arange(normals.shape[1])).sum(dim=1)
 
 
-def median_offsets(phi: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-    """(B,) float64 offsets b_j = median over the rows of phi (N x D, PUBLIC images' bounded features)
-    of phi . w_j, so each hyperplane halves those images. Never call it on private features: the
-    offsets are written into the release unprotected."""
-    if phi.shape[0] < 1:
+def median_offsets(levels: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 offsets b_j = the (lower) median over the rows of levels (N x P int64, PUBLIC images'
+    `pixel_levels`) of levels . w_j, so each hyperplane halves those images. Never call it on private
+    images: the offsets are written into the release unprotected."""
+    if levels.shape[0] < 1:
         raise InvalidArgumentError("median offsets need at least one public image")
-    return (phi.to(torch.float64) @ normals.to(torch.float64)).median(dim=0).values
+    return (levels.to(torch.int64) @ normals.to(torch.int64)).median(dim=0).values
 
 
 def row_shares(counts: np.ndarray, cells_per_class: int) -> np.ndarray:
@@ -121,7 +142,7 @@ def draw_rows(classes: torch.Tensor, shares: np.ndarray | None, cells_per_class:
 class CellSplit:
     """The public definition of a release's cells: M = cells_per_class, the normals' seed, the B offsets
     and where they came from (`reference`: the public split whose median projections they are, None
-    for offsets 0). normals: D x B float64 (`hyperplane_normals(D, M, seed)`); offsets: (B,) float64."""
+    for offsets 0). normals: P x B int64 (`hyperplane_normals(P, M, seed)`); offsets: (B,) int64."""
 
     cells_per_class: int
     seed: int
@@ -132,7 +153,7 @@ class CellSplit:
     def __repr__(self) -> str:
         return f"CellSplit(cells_per_class={self.cells_per_class}, seed={self.seed}, reference={self.reference!r})"
 
-    def rows(self, phi1: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(N,) int64 release row label * M + cell(phi1) of each record (phi1: N x D bounded features,
-        labels: (N,) class indices, zeros when unlabelled)."""
-        return labels.to(torch.long) * self.cells_per_class + cell_of(phi1, self.normals, self.offsets)
+    def rows(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 release row label * M + cell(x) of each record (images: N x C x H x W in [0, 1] as the
+        dataset yields them; labels: (N,) class indices, zeros when unlabelled). Exact: no batch effect."""
+        return labels.to(torch.long) * self.cells_per_class + cell_of(pixel_levels(images), self.normals, self.offsets)

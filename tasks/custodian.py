@@ -8,6 +8,7 @@ nothing here logs a statistic of the data (not even n, which is private under ad
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 import torch
 
-from mepf_core.cells import CellSplit, hyperplane_normals, median_offsets
+from mepf_core.cells import CellSplit, hyperplane_normals, median_offsets, pixel_levels
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.errors import FileAccessError
 from mepf_core.encoders import FeatureMap, build_feature_map
@@ -169,35 +170,31 @@ def describe_dataset(params: ReleaseParams) -> dict:
             "image_mode_source": src.image_mode_source, "feature_dim": fm.feature_dim, "encoder": fm.spec}
 
 
-def cell_split(params: ReleaseParams) -> CellSplit | None:
-    """The release's cells (mepf_core.cells), None with one cell per class. Reads PUBLIC data only.
-
-    Normals from params.cell_seed; offsets: the median projections of the bounded features of the images
-    of `params.resolved_cell_reference` (a named dataset's public test split, never the released records:
-    ReleaseParams refuses any other), or 0 without a reference. Deterministic for given params."""
+def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int]) -> CellSplit | None:
+    """The release's cells (mepf_core.cells) for images of `image_shape` (C, H, W, public), None with one
+    cell per class. Reads PUBLIC data only: normals from params.cell_seed; offsets the median pixel
+    projections of the images of `params.resolved_cell_reference` (the released named dataset's public
+    test split, never the released records: ReleaseParams refuses any other), or 0 without a reference.
+    Deterministic for given params (exact integer arithmetic)."""
     if params.cells == 1:
         return None
     from storage.references import parse_reference, reference_records
 
-    fm = _feature_map(params)
-    normals = hyperplane_normals(fm.feature_dim, params.cells, params.cell_seed)
+    normals = hyperplane_normals(math.prod(image_shape), params.cells, params.cell_seed)
     reference = params.resolved_cell_reference
     if reference is None:
-        return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.float64),
-                         None)
-    source = open_dataset(*parse_reference(reference), params.data_root, image_size=params.image_size,
-                          channels=params.channels)
+        return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.int64), None)
+    source = open_dataset(*parse_reference(reference), params.data_root, image_size=image_shape[1],
+                          channels=image_shape[0])
     images, _ = reference_records(source, reference)
-    x = torch.from_numpy(images).to(torch.float32).div_(255.0)
-    phi = torch.cat([images_to_features(fm, x[i : i + params.batch_size], norm_bound=params.norm_bound)[0]
-                     for i in range(0, len(x), params.batch_size)])
-    return CellSplit(params.cells, params.cell_seed, normals, median_offsets(phi, normals), reference)
+    levels = pixel_levels(torch.from_numpy(images).to(torch.float32).div_(255.0))
+    return CellSplit(params.cells, params.cell_seed, normals, median_offsets(levels, normals), reference)
 
 
 @task(name="place-cells", persist_result=False)
-def place_cells(params: ReleaseParams) -> CellSplit | None:
+def place_cells(params: ReleaseParams, image_shape: tuple[int, int, int]) -> CellSplit | None:
     """`cell_split` as a task: public settings and a public test split only, so its errors are shown as raised."""
-    return cell_split(params)
+    return cell_split(params, tuple(image_shape))
 
 
 @sanitize_errors("extraction")
@@ -234,9 +231,11 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
     fm = _feature_map(params)
     k = src.num_classes if params.labelled else 1
     if cells is None:
-        cells = cell_split(params)
-    if (cells.cells_per_class if cells is not None else 1) != params.cells:
-        raise _safe(ValueError(f"the cells given ({cells!r}) are not the release's ({params.cells} per class)"))
+        cells = cell_split(params, src.image_shape)
+    given = (1, None, None) if cells is None else (cells.cells_per_class, cells.seed, cells.reference)
+    wanted = (params.cells, params.cell_seed if params.cells > 1 else None, params.resolved_cell_reference)
+    if given != wanted:
+        raise _safe(ValueError(f"the cells given ({cells!r}) are not this release's: {wanted}"))
     sums = FeatureSums.zeros(k * params.cells, fm.feature_dim, params.moments)
     bound2 = params.second_moment_bound if params.moments == 2 else None
     corrupt = False
@@ -252,7 +251,7 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
                     phi1, phi2 = images_to_features(fm, images, norm_bound=params.norm_bound,
                                                     second_moment_bound=bound2)
                     rows = labels if params.labelled else torch.zeros(len(images), dtype=torch.long)
-                    sums.add(phi1, phi2, rows if cells is None else cells.rows(phi1, rows))
+                    sums.add(phi1, phi2, rows if cells is None else cells.rows(images, rows))  # rows from pixels: exact
                     bar.update(len(images))
                     if ui is not None:
                         done += len(images)
@@ -324,7 +323,7 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
         encoder=info["encoder"], parts=parts, n_public=n_public, image_mode_source=info.get("image_mode_source"),
         **({} if cells is None else dict(
             cells_per_class=cells.cells_per_class, cell_seed=cells.seed, cell_reference=cells.reference,
-            cell_offsets=tuple(float(b) for b in cells.offsets))),
+            cell_offsets=tuple(int(b) for b in cells.offsets))),
     )
     # Before the charge: a key that cannot sign, or metadata whose claim the reader would refuse,
     # must not cost budget (the key is loaded here, never passed through Prefect).

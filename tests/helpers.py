@@ -33,7 +33,7 @@ def sums_of(images: torch.Tensor, labels: torch.Tensor | None, *, num_classes: i
         y = torch.zeros(len(x), dtype=torch.long) if labels is None else labels[lo : lo + batch_size]
         phi1, phi2 = images_to_features(fm, x, norm_bound=norm_bound,
                                         second_moment_bound=second_moment_bound if moments == 2 else None)
-        sums.add(phi1, phi2, y if cells is None else cells.rows(phi1, y))
+        sums.add(phi1, phi2, y if cells is None else cells.rows(x, y))
     return sums
 
 
@@ -108,8 +108,8 @@ def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float
                             cells_per_class=cells_per_class)
     cells = None
     if cells_per_class > 1:
-        normals = hyperplane_normals(lite0().feature_dim, cells_per_class, 0)
-        cells = CellSplit(cells_per_class, 0, normals, torch.zeros(normals.shape[1], dtype=torch.float64), None)
+        normals = hyperplane_normals(28 * 28, cells_per_class, 0)
+        cells = CellSplit(cells_per_class, 0, normals, torch.zeros(normals.shape[1], dtype=torch.int64), None)
     noisy = sums_to_noisy_parts(sums_of(images, labels, num_classes=k, moments=1, cells=cells), mech)
     meta = ReleaseMetadata(
         dataset_id="test:tiny", neighbouring=mech.relation.value, epsilon=mech.epsilon, delta=mech.target_delta,
@@ -118,7 +118,7 @@ def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float
         parts=tuple(PartRecord(p.name, noisy[p.name].shape, p.sensitivity, p.sigma,
                                p.noise_multiplier if p.noised else None) for p in mech.parts),
         **({} if cells is None else dict(cells_per_class=cells_per_class, cell_seed=0,
-                                         cell_offsets=(0.0,) * cells.normals.shape[1])),
+                                         cell_offsets=(0,) * cells.normals.shape[1])),
     )
     return embedding_to_release(path, meta, noisy)
 

@@ -13,16 +13,15 @@ import torch
 from pydantic import ValidationError
 
 from mepf_core.cells import (CellSplit, cell_of, cells_for_epsilon, draw_rows, hyperplane_normals, median_offsets,
-                             row_shares)
+                             pixel_levels, row_shares)
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
-from mepf_core.features import images_to_features
 from mepf_core.privacy.mechanism import design_mechanism
 from mepf_core.privacy.sensitivity import Neighbouring, count_sensitivity, sum_sensitivity
 from storage.checkpoints import grid_labels
 from storage.params import ReleaseParams
 from storage.provenance import ReleaseInfo
 from storage.release import ReleaseClaimError, ReleaseSchemaError, check_metadata, read_release
-from tests.helpers import fmnist_subset, frob, lite0, sums_of, tiny_release
+from tests.helpers import fmnist_subset, frob, sums_of, tiny_release
 from tests.test_release_verify import honest_metadata
 from tests.test_sensitivity_replay import KINDS, N, _pairs
 
@@ -36,9 +35,8 @@ def cells() -> CellSplit:
     from storage.datasets import open_dataset
 
     images, _ = next(open_dataset("fashion-mnist", "test").iter_batches(64))
-    phi, _ = images_to_features(lite0(), images, norm_bound=1.0)
-    normals = hyperplane_normals(phi.shape[1], M, seed=1)
-    return CellSplit(M, 1, normals, median_offsets(phi, normals), "fashion-mnist:test")
+    normals = hyperplane_normals(28 * 28, M, seed=1)
+    return CellSplit(M, 1, normals, median_offsets(pixel_levels(images), normals), "fashion-mnist:test")
 
 
 @pytest.fixture(scope="module")
@@ -95,25 +93,56 @@ def test_unlabelled_counts_are_private_under_replace_one_with_cells(cells):
 
 
 def test_a_records_cell_depends_on_that_record_only(base, cells):
-    """Rows computed in one batch equal rows computed one record at a time, and in reversed order."""
+    """Rows computed in one batch equal rows computed one record at a time, in reversed order, and with
+    float noise far below one pixel level added: the cell is exact integer arithmetic on 8-bit levels."""
     images, labels = base
-    phi, _ = images_to_features(lite0(), images, norm_bound=1.0)
-    together = cells.rows(phi, labels)
-    alone = torch.cat([cells.rows(phi[i : i + 1], labels[i : i + 1]) for i in range(len(phi))])
-    reversed_ = cells.rows(phi.flip(0), labels.flip(0)).flip(0)
-    assert torch.equal(together, alone) and torch.equal(together, reversed_)
+    together = cells.rows(images, labels)
+    alone = torch.cat([cells.rows(images[i : i + 1], labels[i : i + 1]) for i in range(len(images))])
+    reversed_ = cells.rows(images.flip(0), labels.flip(0)).flip(0)
+    jittered = cells.rows((images + 1e-4 * (torch.rand_like(images) - 0.5)).clamp(0, 1), labels)
+    assert torch.equal(together, alone) and torch.equal(together, reversed_) and torch.equal(together, jittered)
     assert torch.equal(together // M, labels) and together.max() < K * M
+
+
+def test_adding_a_record_that_changes_the_batch_moves_no_other_record(tmp_path):
+    """The DP review's attack, through the release's extraction: a class of 15 images, 10 of them copies of
+    one image; adding one unrelated image changes the extraction batch from 15 to 16 images (float32
+    features of an image differ in the last bits between those batch sizes). With cells decided on
+    features, every copy changed cell (counts moved by 14.2 against a claimed 1); on exact pixel levels
+    exactly one count moves by 1 and the sums by at most C."""
+    from PIL import Image
+
+    from tasks.custodian import shard_sums
+
+    rng = np.random.default_rng(7)
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    copy = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    for i in range(15):
+        image = copy if i < 10 else rng.integers(0, 256, (28, 28), dtype=np.uint8)
+        Image.fromarray(image).save(root / "a" / f"{i:02d}.png")
+    params = ReleaseParams(dataset=f"imagefolder:{root}", target_epsilon=1.0, cells_per_class=16, batch_size=16)
+    before = shard_sums(params, 0)
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / "b" / "00.png")
+    after = shard_sums(params, 0)
+    assert before.counts.shape == (32,) and frob(before.counts, after.counts) == 1.0
+    assert frob(before.moment1, after.moment1) <= 1.0 * SLACK
 
 
 def test_cell_bits_and_normals_are_fixed_by_the_seed():
     normals = hyperplane_normals(5, 4, seed=1)
-    assert normals.shape == (5, 2) and normals.dtype == torch.float64
+    assert normals.shape == (5, 2) and normals.dtype == torch.int64
     assert torch.equal(normals, hyperplane_normals(5, 4, seed=1)) and not torch.equal(normals, hyperplane_normals(5, 4, 2))
-    phi = torch.tensor([[1.0, 0, 0, 0, 0], [-1.0, 0, 0, 0, 0]], dtype=torch.float64)
-    w = torch.tensor([[1.0, -1.0], [0, 0], [0, 0], [0, 0], [0, 0]], dtype=torch.float64)
-    assert cell_of(phi, w, torch.zeros(2)).tolist() == [1, 2]  # bit 0: phi.w0 > 0, bit 1: phi.w1 > 0
-    assert cell_of(phi, w, torch.tensor([2.0, 2.0])).tolist() == [0, 0]
-    assert median_offsets(torch.tensor([[1.0], [2.0], [5.0]]), torch.ones(1, 1)).tolist() == [2.0]
+    levels = torch.tensor([[10, 0, 0], [0, 10, 0]])
+    w = torch.tensor([[1, -1], [-1, 1], [0, 0]])
+    assert cell_of(levels, w, torch.zeros(2, dtype=torch.int64)).tolist() == [1, 2]  # bit 0: q.w0 > 0, bit 1: q.w1 > 0
+    assert cell_of(levels, w, torch.tensor([10, 10])).tolist() == [0, 0]  # q.w = b is not above
+    assert median_offsets(torch.tensor([[1], [2], [5]]), torch.ones(1, 1, dtype=torch.int64)).tolist() == [2]
+    images = torch.tensor([[[[0.0, 1.0], [float("nan"), float("inf")]]], [[[17 / 255, -float("inf")], [2.0, -1.0]]]])
+    assert pixel_levels(images).tolist() == [[0, 255, 0, 255], [17, 0, 255, 0]]
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^63\)"):
+        hyperplane_normals(5, 4, seed=2**63)
 
 
 def test_default_cells_follow_epsilon_and_labels():
@@ -156,7 +185,8 @@ def _cells_metadata(relation=Neighbouring.ADD_REMOVE, labelled=True, m=M):
                   for p, mp in zip(meta.parts, mech.parts))
     return dataclasses.replace(meta, class_names=("a", "b", "c") if labelled else ("all",), parts=parts,
                                epsilon=mech.epsilon, n_public=None, cells_per_class=m, cell_seed=1,
-                               cell_offsets=(0.5,) * int(math.log2(m)), cell_reference="fashion-mnist:test-select")
+                               cell_offsets=(1000, -2000, 0, 5)[: int(math.log2(m))],
+                               cell_reference="fashion-mnist:test-select")
 
 
 def test_honest_cells_metadata_verifies():
@@ -173,14 +203,19 @@ def _exact_counts(meta):
 @pytest.mark.parametrize("forge, error, message", [
     (lambda m: dataclasses.replace(m, cells_per_class=1, cell_seed=None, cell_offsets=None, cell_reference=None),
      ReleaseSchemaError, r"shape \[24, 50\], expected \[3, D\] for 3 classes"),  # rows without their cells
-    (lambda m: dataclasses.replace(m, cells_per_class=4, cell_offsets=(0.5, 0.5)), ReleaseSchemaError,
+    (lambda m: dataclasses.replace(m, cells_per_class=4, cell_offsets=(0, 0)), ReleaseSchemaError,
      r"expected \[12, D\] for 3 classes x 4 cells"),
     (lambda m: dataclasses.replace(m, cells_per_class=3), ReleaseSchemaError, "cells_per_class must be one of"),
     (lambda m: dataclasses.replace(m, cells_per_class=True), ReleaseSchemaError, "cells_per_class must be one of"),
-    (lambda m: dataclasses.replace(m, cell_offsets=(0.5, 0.5)), ReleaseSchemaError, "cell_offsets must be 3"),
-    (lambda m: dataclasses.replace(m, cell_offsets=(0.5, float("nan"), 0.5)), ReleaseSchemaError, "cell_offsets"),
+    (lambda m: dataclasses.replace(m, cell_offsets=(0, 0)), ReleaseSchemaError, "cell_offsets must be 3 integers"),
+    (lambda m: dataclasses.replace(m, cell_offsets=(0.5, 1.0, 2.0)), ReleaseSchemaError, "cell_offsets must be 3 integers"),
+    (lambda m: dataclasses.replace(m, cell_offsets=(123, -9 * 10**9, 10**300)), ReleaseSchemaError,
+     "lie outside the projections of any image"),  # free numbers that could carry anything
+    (lambda m: dataclasses.replace(m, cell_reference=None), ReleaseSchemaError, "without a cell_reference"),
     (lambda m: dataclasses.replace(m, cell_seed=None), ReleaseSchemaError, "cell_seed must be an integer"),
+    (lambda m: dataclasses.replace(m, cell_seed=2**80), ReleaseSchemaError, "cell_seed must be an integer"),
     (lambda m: dataclasses.replace(m, cell_reference="fashion-mnist:train"), ReleaseSchemaError, "cell_reference"),
+    (lambda m: dataclasses.replace(m, cell_reference="cifar10:test"), ReleaseSchemaError, "image shape"),
     (lambda m: dataclasses.replace(m, labelled=False), ReleaseSchemaError, "1 class"),
 ])
 def test_forged_cells_metadata_is_refused(forge, error, message):
