@@ -608,6 +608,20 @@ class _Pipeline(BaseModel):
             values = {**values, "out_dir": str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))}
         return values
 
+    @model_validator(mode="after")
+    def _batch_holds_every_row(self):
+        """The generator's batch must hold one image per released row (classes x cells), or training fails
+        after the release has spent its budget: refused up front for the named datasets (10 classes)."""
+        try:
+            release = ReleaseParams(**{name: getattr(self, name) for name in RELEASE_FIELDS})
+        except ValueError:  # pydantic's ValidationError: stage_params reports it, naming the field
+            return self
+        rows = (10 if self.dataset in ("fashion-mnist", "mnist", "cifar10") else 0) * release.cells
+        if self.labelled and self.batch_size < rows:
+            raise ValueError(f"batch_size {self.batch_size} is smaller than the release's {rows} rows (10 classes x "
+                             f"{release.cells} cells per class): raise batch_size or lower cells_per_class")
+        return self
+
     def stage_params(self) -> tuple[ReleaseParams, dict, dict]:
         """Validate every stage's parameters up front, before any work is done.
 

@@ -275,3 +275,14 @@ def test_public_stage_trains_and_samples_classes_from_a_cells_release(tmp_path):
     data = read_synthetic_dataset(out["path"])
     assert data.images.shape == (20, 1, 28, 28) and sorted(set(data.labels.tolist())) == [0, 1]
     assert np.bincount(data.labels).tolist() == [10, 10]
+
+
+def test_pipeline_refuses_a_batch_smaller_than_the_rows_before_any_work():
+    """16 cells x 10 classes = 160 rows: a batch of 100 could not match every row, and training would fail
+    after the release had spent its budget; refused when the parameters are read."""
+    from storage.params import PipelineParams
+
+    with pytest.raises(ValidationError, match="batch_size 100 is smaller than the release's 160 rows"):
+        PipelineParams(cells_per_class=16)
+    assert PipelineParams(cells_per_class=16, batch_size=160).stage_params()[0].cells == 16
+    assert PipelineParams().stage_params()[0].cells == 8  # the default job: epsilon 10, labelled
