@@ -6,8 +6,8 @@ A release with M = 2^B cells per class holds K x M rows instead of K: record i g
 
 where q(x) in {0, ..., 255}^P are the record's pixel levels (P = C H W, the decoded image's 8-bit
 values; `pixel_levels`), w_1..w_B in Z^P public integer normals drawn from a recorded seed
-(`hyperplane_normals`) and b_1..b_B public integer offsets (0, or the median projections of a public
-reference's images: `median_offsets`). The release's rows are then
+(`hyperplane_normals`) and b_1..b_B public integer offsets (0, or constants tabulated in `PUBLIC_OFFSETS`: the median
+projections of a public reference split's images, `median_offsets`). The release's rows are then
 
     S1[r] = sum_{i: r(x_i, y_i) = r} phi1(x_i)   (K M x D),   N[r] = #{i: r(x_i, y_i) = r}   (K M,)
 
@@ -61,6 +61,34 @@ def cells_for_epsilon(target_epsilon: float, labelled: bool) -> int:
     return DEFAULT_CELLS if labelled and target_epsilon >= CELLS_MIN_EPSILON else 1
 
 
+# Offsets tabulated once from PUBLIC images, never computed at release time: a release reads no data
+# to place its cells, so no spelling of --data-root can make private images set them, and a reader
+# can check a release's offsets exactly (storage.release). Key: (reference, image shape C x H x W,
+# cell_seed, cells_per_class); value: `median_offsets` of that split's `pixel_levels` under
+# `hyperplane_normals(C H W, cells_per_class, cell_seed)`. fashion-mnist:test-select is the fixed
+# selection half (storage.references.split_half_indices) of the official Fashion-MNIST test split,
+# t10k-images-idx3-ubyte of decompressed SHA-256 PUBLIC_TEST_SHA256["fashion-mnist"];
+# tests/test_cells.py recomputes every entry from that file.
+PUBLIC_TEST_SHA256 = {"fashion-mnist": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"}
+PUBLIC_OFFSETS: dict[tuple[str, tuple[int, int, int], int, int], tuple[int, ...]] = {
+    ("fashion-mnist:test-select", (1, 28, 28), 1, 2): (1994109,),
+    ("fashion-mnist:test-select", (1, 28, 28), 1, 4): (-705042, 1591126),
+    ("fashion-mnist:test-select", (1, 28, 28), 1, 8): (528887, 802289, 3988490),
+    ("fashion-mnist:test-select", (1, 28, 28), 1, 16): (-240377, 464101, 326336, 2641971),
+}
+
+
+def tabulated_offsets(reference: str, image_shape: tuple[int, int, int], seed: int,
+                      cells_per_class: int) -> tuple[int, ...] | None:
+    """The `PUBLIC_OFFSETS` entry for these settings, None when there is none."""
+    return PUBLIC_OFFSETS.get((reference, tuple(int(v) for v in image_shape), seed, cells_per_class))
+
+
+def tabulated_references(seed: int, cells_per_class: int) -> list[str]:
+    """The references `PUBLIC_OFFSETS` holds offsets of for this seed and number of cells."""
+    return sorted({ref for ref, _, s, m in PUBLIC_OFFSETS if (s, m) == (seed, cells_per_class)})
+
+
 NORMAL_SCALE = 1024  # integer normals: round(1024 g), g ~ N(0, 1)
 MAX_PIXELS = 3 * 64 * 64  # the largest image a release holds (C, H, W <= 3, 64, 64)
 
@@ -99,8 +127,8 @@ def cell_of(levels: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor) 
 
 def median_offsets(levels: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     """(B,) int64 offsets b_j = the (lower) median over the rows of levels (N x P int64, PUBLIC images'
-    `pixel_levels`) of levels . w_j, so each hyperplane halves those images. Never call it on private
-    images: the offsets are written into the release unprotected."""
+    `pixel_levels`) of levels . w_j, so each hyperplane halves those images: how `PUBLIC_OFFSETS` was
+    made. Never call it on private images: offsets are written into the release unprotected."""
     if levels.shape[0] < 1:
         raise InvalidArgumentError("median offsets need at least one public image")
     return (levels.to(torch.int64) @ normals.to(torch.int64)).median(dim=0).values
@@ -141,8 +169,8 @@ def draw_rows(classes: torch.Tensor, shares: np.ndarray | None, cells_per_class:
 @dataclass(frozen=True, repr=False)
 class CellSplit:
     """The public definition of a release's cells: M = cells_per_class, the normals' seed, the B offsets
-    and where they came from (`reference`: the public split whose median projections they are, None
-    for offsets 0). normals: P x B int64 (`hyperplane_normals(P, M, seed)`); offsets: (B,) int64."""
+    and where they came from (`reference`: the public split whose tabulated median projections they
+    are, `PUBLIC_OFFSETS`; None for offsets 0). normals: P x B int64 (`hyperplane_normals(P, M, seed)`); offsets: (B,) int64."""
 
     cells_per_class: int
     seed: int

@@ -61,10 +61,10 @@ class ReleaseParams(BaseModel):
                                         ">= 1, else 1; mepf_core.cells)")
     cell_seed: int = Field(1, strict=True, ge=0, description="seed of the cells' public hyperplane normals (1: the "
                            "seed of the measured setting, bench/README.md)")
-    cell_reference: str | None = Field(None, description="public split whose images place the cells' hyperplanes "
-                                       "(each at their median projection): DATASET:test, DATASET:test-select or "
-                                       "DATASET:test-report of a named dataset, or 'none' for offsets 0 (default: "
-                                       "DATASET:test-select when releasing a named dataset's train split, else none)")
+    cell_reference: str | None = Field(None, description="public split whose tabulated median projections place "
+                                       "the cells' hyperplanes (mepf_core.cells.PUBLIC_OFFSETS), or 'none' for "
+                                       "offsets 0 (default: fashion-mnist:test-select when releasing fashion-mnist's "
+                                       "train split, else none)")
     dataset_id: str | None = Field(None, description="ledger key for this dataset (default: canonical id, "
                                    "see storage.datasets.canonical_dataset_id)")
     ledger: str | None = Field(None, description="budget ledger file (JSON lines)")
@@ -201,20 +201,20 @@ class ReleaseParams(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _cell_reference_public(self) -> "ReleaseParams":
-        """The cells' offsets are written into the release unprotected, so the images that place them must
-        be public and must not be the records released: only the released named dataset's own test split
-        (or a half of it) is accepted, and only when its train split is the one released."""
+    def _cell_reference_tabulated(self) -> "ReleaseParams":
+        """A cell reference names constants made once from public images (mepf_core.cells.PUBLIC_OFFSETS):
+        the release reads no data to place its cells, so it must be one the table holds for this seed and
+        number of cells."""
         ref = self.cell_reference
-        if ref is None or ref == "none":
+        if ref is None or ref == "none" or self.cells == 1:
             return self
-        allowed = [f"{self.dataset}:{s}" for s in ("test", "test-select", "test-report")]
-        from storage.datasets import DATASETS
+        from mepf_core.cells import tabulated_references
 
-        if self.dataset not in DATASETS[:-1] or self.split != "train" or ref not in allowed:
-            raise ValueError(f"cell_reference must be 'none' or, when releasing a named dataset's train split, a "
-                             f"public split of its test images (here: {', '.join(allowed)}), got {ref!r} for "
-                             f"{self.dataset}:{self.split}: the offsets it places are released unprotected")
+        known = tabulated_references(self.cell_seed, self.cells)
+        if ref not in known:
+            raise ValueError(f"cell_reference {ref!r} has no tabulated offsets for cell_seed {self.cell_seed} and "
+                             f"{self.cells} cells per class (tabulated: {', '.join(known) or 'none'}); "
+                             "use cell_reference 'none' for offsets 0")
         return self
 
     @property
@@ -228,15 +228,19 @@ class ReleaseParams(BaseModel):
 
     @property
     def resolved_cell_reference(self) -> str | None:
-        """The public split that places the cells' offsets, None for offsets 0 (and with one cell)."""
+        """The public split whose tabulated offsets place the cells, None for offsets 0 (and with one cell):
+        cell_reference, else fashion-mnist:test-select for fashion-mnist's train split when tabulated."""
         if self.cells == 1 or self.cell_reference == "none":
             return None
         if self.cell_reference is not None:
             return self.cell_reference
-        from storage.datasets import DATASETS
+        from mepf_core.cells import tabulated_references
 
-        named = self.dataset in DATASETS[:-1]
-        return f"{self.dataset}:test-select" if named and self.split == "train" else None
+        default = "fashion-mnist:test-select"
+        if (self.dataset, self.split) == ("fashion-mnist", "train") and default in tabulated_references(
+                self.cell_seed, self.cells):
+            return default
+        return None
 
     @model_validator(mode="after")
     def _signer_needs_key(self) -> "ReleaseParams":

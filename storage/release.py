@@ -46,7 +46,7 @@ import h5py
 import numpy as np
 
 from mepf_core import __version__
-from mepf_core.cells import CELLS_PER_CLASS, MAX_PIXELS, hyperplane_normals
+from mepf_core.cells import CELLS_PER_CLASS, tabulated_offsets
 from mepf_core.embedding import mean_embeddings
 from mepf_core.encoders import EncoderSpec
 from mepf_core.errors import DiskFullError, InvalidArgumentError, MepfError, PathNotFoundError, file_access_error
@@ -315,12 +315,9 @@ def _check_shapes(meta: ReleaseMetadata) -> None:
 
 def _check_cells(meta: ReleaseMetadata) -> None:
     """The cells' record is complete and consistent (ReleaseSchemaError): M in CELLS_PER_CLASS; with M = 1
-    no seed, offsets or reference; with M > 1 a labelled release, a seed in [0, 2^63), log2 M integer
-    offsets, all 0 without a reference, else each within the range of its hyperplane's projections of
-    8-bit images, and a reference that is a named dataset's public test split of the release's image
-    shape (mepf_core.cells, storage.params.ReleaseParams)."""
-    from storage.datasets import DATASET_SHAPES
-
+    no seed, offsets or reference; with M > 1 a labelled release, a seed in [0, 2^63) and log2 M integer
+    offsets: all 0 without a reference, else exactly the constants tabulated for that reference, image
+    shape, seed and M (mepf_core.cells.PUBLIC_OFFSETS), so the offsets carry no free number."""
     m = meta.cells_per_class
     if not _is_int(m) or m not in CELLS_PER_CLASS:
         raise ReleaseSchemaError(f"cells_per_class must be one of {list(CELLS_PER_CLASS)}, got {m!r}")
@@ -337,21 +334,16 @@ def _check_cells(meta: ReleaseMetadata) -> None:
     bits, offsets, ref = int(math.log2(m)), meta.cell_offsets, meta.cell_reference
     if not isinstance(offsets, (list, tuple)) or len(offsets) != bits or not all(_is_int(b) for b in offsets):
         raise ReleaseSchemaError(f"cell_offsets must be {bits} integers for {m} cells, got {offsets!r}")
-    if ref is None and any(offsets):
-        raise ReleaseSchemaError(f"cell_offsets {list(offsets)} without a cell_reference: offsets are 0 unless a "
-                                 "public split placed them")
-    name, _, split = ref.partition(":") if isinstance(ref, str) else ("", "", "")
-    if ref is not None and (DATASET_SHAPES.get(name) != tuple(meta.image_shape)
-                            or split not in ("test", "test-select", "test-report")):
-        raise ReleaseSchemaError(f"cell_reference must be the public test split of a named dataset of image shape "
-                                 f"{list(meta.image_shape)}, or absent, got {ref!r}")
-    if math.prod(meta.image_shape) > MAX_PIXELS:
-        raise ReleaseSchemaError(f"cells need images of at most {MAX_PIXELS} values, got {list(meta.image_shape)}")
-    normals = hyperplane_normals(math.prod(meta.image_shape), m, meta.cell_seed)
-    reach = 255 * normals.abs().sum(dim=0)  # |q . w_j| <= 255 sum |w_j| for 8-bit levels q
-    if any(abs(b) > int(r) for b, r in zip(offsets, reach)):
-        raise ReleaseSchemaError(f"cell_offsets {list(offsets)} lie outside the projections of any image "
-                                 f"(|offset| <= {[int(r) for r in reach]})")
+    if ref is None:
+        if any(offsets):
+            raise ReleaseSchemaError(f"cell_offsets {list(offsets)} without a cell_reference: offsets are 0 unless "
+                                     "tabulated for a public split")
+        return
+    tabulated = tabulated_offsets(ref, meta.image_shape, meta.cell_seed, m) if isinstance(ref, str) else None
+    if tabulated is None or tuple(offsets) != tabulated:
+        raise ReleaseSchemaError(f"cell_offsets {list(offsets)} are not the offsets tabulated for cell_reference "
+                                 f"{ref!r}, image shape {list(meta.image_shape)}, cell_seed {meta.cell_seed} and {m} "
+                                 "cells (mepf_core.cells.PUBLIC_OFFSETS)")
 
 
 def verify_claim(meta: ReleaseMetadata) -> float:

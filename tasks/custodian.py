@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 import torch
 
-from mepf_core.cells import CellSplit, hyperplane_normals, median_offsets, pixel_levels
+from mepf_core.cells import CellSplit, hyperplane_normals, tabulated_offsets
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
-from mepf_core.errors import FileAccessError
+from mepf_core.errors import FileAccessError, InvalidArgumentError
 from mepf_core.encoders import FeatureMap, build_feature_map
 from mepf_core.features import images_to_features
 from mepf_core.privacy.mechanism import ReleaseMechanism, design_mechanism
@@ -172,28 +172,26 @@ def describe_dataset(params: ReleaseParams) -> dict:
 
 def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int]) -> CellSplit | None:
     """The release's cells (mepf_core.cells) for images of `image_shape` (C, H, W, public), None with one
-    cell per class. Reads PUBLIC data only: normals from params.cell_seed; offsets the median pixel
-    projections of the images of `params.resolved_cell_reference` (the released named dataset's public
-    test split, never the released records: ReleaseParams refuses any other), or 0 without a reference.
-    Deterministic for given params (exact integer arithmetic)."""
+    cell per class. Reads NO data: normals from params.cell_seed; offsets the constants tabulated for
+    `params.resolved_cell_reference` (`mepf_core.cells.PUBLIC_OFFSETS`, made once from a public test
+    split), or 0 without a reference. Raises InvalidArgumentError when the table has no entry for this
+    image shape (ReleaseParams checked the reference, seed and cells; the shape is known only now)."""
     if params.cells == 1:
         return None
-    from storage.references import parse_reference, reference_records
-
     normals = hyperplane_normals(math.prod(image_shape), params.cells, params.cell_seed)
     reference = params.resolved_cell_reference
     if reference is None:
         return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.int64), None)
-    source = open_dataset(*parse_reference(reference), params.data_root, image_size=image_shape[1],
-                          channels=image_shape[0])
-    images, _ = reference_records(source, reference)
-    levels = pixel_levels(torch.from_numpy(images).to(torch.float32).div_(255.0))
-    return CellSplit(params.cells, params.cell_seed, normals, median_offsets(levels, normals), reference)
+    offsets = tabulated_offsets(reference, image_shape, params.cell_seed, params.cells)
+    if offsets is None:
+        raise InvalidArgumentError(f"cell_reference {reference!r} has no tabulated offsets for images of shape "
+                                   f"{list(image_shape)}: use --cell-reference none (offsets 0)")
+    return CellSplit(params.cells, params.cell_seed, normals, torch.tensor(offsets, dtype=torch.int64), reference)
 
 
 @task(name="place-cells", persist_result=False)
 def place_cells(params: ReleaseParams, image_shape: tuple[int, int, int]) -> CellSplit | None:
-    """`cell_split` as a task: public settings and a public test split only, so its errors are shown as raised."""
+    """`cell_split` as a task: public settings only (no data is read), so its errors are shown as raised."""
     return cell_split(params, tuple(image_shape))
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mepf_core.cells import (CellSplit, cell_of, cells_for_epsilon, draw_rows, hyperplane_normals, median_offsets,
-                             pixel_levels, row_shares)
+from mepf_core.cells import (PUBLIC_OFFSETS, PUBLIC_TEST_SHA256, CellSplit, cell_of, cells_for_epsilon, draw_rows,
+                             hyperplane_normals, median_offsets, pixel_levels, row_shares)
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.privacy.mechanism import design_mechanism
 from mepf_core.privacy.sensitivity import Neighbouring, count_sensitivity, sum_sensitivity
@@ -153,19 +153,55 @@ def test_default_cells_follow_epsilon_and_labels():
     assert ReleaseParams(target_epsilon=0.2).resolved_cell_reference is None
     assert ReleaseParams(target_epsilon=10.0, cells_per_class=2, cell_reference="none").resolved_cell_reference is None
     assert ReleaseParams(target_epsilon=10.0, dataset="imagefolder:/x").resolved_cell_reference is None
+    assert ReleaseParams(target_epsilon=10.0, cell_seed=2).resolved_cell_reference is None  # not tabulated: offsets 0
+    assert ReleaseParams(target_epsilon=10.0, split="test").resolved_cell_reference is None
+    assert ReleaseParams(target_epsilon=10.0, dataset="mnist").resolved_cell_reference is None
+
+
+def test_tabulated_offsets_are_the_medians_of_the_official_public_half():
+    """Every PUBLIC_OFFSETS entry, recomputed from the official Fashion-MNIST test file (its decompressed
+    SHA-256 pinned) with the production functions: the table holds no other number."""
+    from storage.datasets import dataset_source, open_dataset
+    from storage.references import reference_records
+
+    assert dataset_source("fashion-mnist", "test") == "idx:sha256:" + PUBLIC_TEST_SHA256["fashion-mnist"]
+    for (reference, shape, seed, m), offsets in PUBLIC_OFFSETS.items():
+        name = reference.partition(":")[0]
+        images, _ = reference_records(open_dataset(name, "test"), reference)
+        levels = pixel_levels(torch.from_numpy(images).float().div(255))
+        assert tuple(images.shape[1:]) == shape and len(images) == 5000
+        assert tuple(median_offsets(levels, hyperplane_normals(math.prod(shape), m, seed)).tolist()) == offsets
+
+
+def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_path):
+    """The second DP review's attack: --data-root pointing at a folder whose t10k files are private, which
+    an offsets computation at release time would have read. Cells are placed from the table alone."""
+    import storage.datasets
+    import tasks.custodian
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("cell placement opened a dataset")
+
+    monkeypatch.setattr(storage.datasets, "open_dataset", tripwire)
+    monkeypatch.setattr(tasks.custodian, "open_dataset", tripwire)
+    params = ReleaseParams(target_epsilon=10.0, data_root=str(tmp_path))
+    split = tasks.custodian.cell_split(params, (1, 28, 28))
+    assert split.reference == "fashion-mnist:test-select"
+    assert tuple(split.offsets.tolist()) == PUBLIC_OFFSETS[("fashion-mnist:test-select", (1, 28, 28), 1, 8)]
+    with pytest.raises(ValueError, match="no tabulated offsets for images of shape"):
+        tasks.custodian.cell_split(params, (3, 32, 32))
 
 
 @pytest.mark.parametrize("settings, message", [
     ({"cells_per_class": 3}, "cells_per_class must be one of 1, 2, 4, 8, 16, got 3"),
     ({"cells_per_class": True}, "cells_per_class"),
     ({"cells_per_class": 8, "labelled": False}, "cells_per_class=8 needs a labelled release"),
-    ({"cell_reference": "fashion-mnist:train"}, "cell_reference must be 'none'"),  # the private split itself
-    ({"cell_reference": "fashion-mnist"}, "cell_reference must be 'none'"),
-    ({"cell_reference": "mnist:test"}, "cell_reference must be 'none'"),  # another dataset
-    ({"cell_reference": "fashion-mnist:test-select", "split": "test"}, "cell_reference must be 'none'"),
-    ({"cell_reference": "fashion-mnist:test", "dataset": "imagefolder:/data"}, "cell_reference must be 'none'"),
-    ({"cell_reference": "imagefolder:/data:test"}, "cell_reference must be 'none'"),
-    ({"cell_reference": "fashion-mnist:test-select "}, "cell_reference must be 'none'"),
+    ({"cell_reference": "fashion-mnist:train"}, "has no tabulated offsets"),  # the private split itself
+    ({"cell_reference": "fashion-mnist"}, "has no tabulated offsets"),
+    ({"cell_reference": "mnist:test"}, "has no tabulated offsets"),
+    ({"cell_reference": "fashion-mnist:test-select", "cell_seed": 2}, "has no tabulated offsets for cell_seed 2"),
+    ({"cell_reference": "imagefolder:/data:test"}, "has no tabulated offsets"),
+    ({"cell_reference": "fashion-mnist:test-select "}, "has no tabulated offsets"),
     ({"cell_seed": -1}, "cell_seed"),
 ])
 def test_cell_settings_that_could_leak_are_refused(settings, message):
@@ -185,7 +221,7 @@ def _cells_metadata(relation=Neighbouring.ADD_REMOVE, labelled=True, m=M):
                   for p, mp in zip(meta.parts, mech.parts))
     return dataclasses.replace(meta, class_names=("a", "b", "c") if labelled else ("all",), parts=parts,
                                epsilon=mech.epsilon, n_public=None, cells_per_class=m, cell_seed=1,
-                               cell_offsets=(1000, -2000, 0, 5)[: int(math.log2(m))],
+                               cell_offsets=PUBLIC_OFFSETS[("fashion-mnist:test-select", (1, 28, 28), 1, m)],
                                cell_reference="fashion-mnist:test-select")
 
 
@@ -203,19 +239,24 @@ def _exact_counts(meta):
 @pytest.mark.parametrize("forge, error, message", [
     (lambda m: dataclasses.replace(m, cells_per_class=1, cell_seed=None, cell_offsets=None, cell_reference=None),
      ReleaseSchemaError, r"shape \[24, 50\], expected \[3, D\] for 3 classes"),  # rows without their cells
-    (lambda m: dataclasses.replace(m, cells_per_class=4, cell_offsets=(0, 0)), ReleaseSchemaError,
+    (lambda m: dataclasses.replace(m, cells_per_class=4, cell_offsets=(-705042, 1591126)), ReleaseSchemaError,
      r"expected \[12, D\] for 3 classes x 4 cells"),
     (lambda m: dataclasses.replace(m, cells_per_class=3), ReleaseSchemaError, "cells_per_class must be one of"),
     (lambda m: dataclasses.replace(m, cells_per_class=True), ReleaseSchemaError, "cells_per_class must be one of"),
     (lambda m: dataclasses.replace(m, cell_offsets=(0, 0)), ReleaseSchemaError, "cell_offsets must be 3 integers"),
     (lambda m: dataclasses.replace(m, cell_offsets=(0.5, 1.0, 2.0)), ReleaseSchemaError, "cell_offsets must be 3 integers"),
     (lambda m: dataclasses.replace(m, cell_offsets=(123, -9 * 10**9, 10**300)), ReleaseSchemaError,
-     "lie outside the projections of any image"),  # free numbers that could carry anything
+     "are not the offsets tabulated"),  # free numbers that could carry anything
+    (lambda m: dataclasses.replace(m, cell_offsets=(528887, 802289, 3988491)), ReleaseSchemaError,
+     "are not the offsets tabulated"),  # one unit off: a free low bit
+    (lambda m: dataclasses.replace(m, cell_seed=2), ReleaseSchemaError, "are not the offsets tabulated"),
+    (lambda m: dataclasses.replace(m, cell_reference="mnist:test-report"), ReleaseSchemaError, "not the offsets"),
     (lambda m: dataclasses.replace(m, cell_reference=None), ReleaseSchemaError, "without a cell_reference"),
     (lambda m: dataclasses.replace(m, cell_seed=None), ReleaseSchemaError, "cell_seed must be an integer"),
     (lambda m: dataclasses.replace(m, cell_seed=2**80), ReleaseSchemaError, "cell_seed must be an integer"),
     (lambda m: dataclasses.replace(m, cell_reference="fashion-mnist:train"), ReleaseSchemaError, "cell_reference"),
-    (lambda m: dataclasses.replace(m, cell_reference="cifar10:test"), ReleaseSchemaError, "image shape"),
+    (lambda m: dataclasses.replace(m, cell_reference="cifar10:test"), ReleaseSchemaError, "not the offsets"),
+    (lambda m: dataclasses.replace(m, image_shape=(3, 28, 28)), ReleaseSchemaError, "not the offsets"),
     (lambda m: dataclasses.replace(m, labelled=False), ReleaseSchemaError, "1 class"),
 ])
 def test_forged_cells_metadata_is_refused(forge, error, message):
