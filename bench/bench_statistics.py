@@ -57,7 +57,6 @@ from mepf_core.embedding import FeatureSums, mean_embeddings, sums_to_noisy_part
 from mepf_core.encoders import run_stages  # noqa: E402
 from mepf_core.features import sanitize_images  # noqa: E402
 from mepf_core.fused_encoder import fuse_feature_map  # noqa: E402
-from mepf_core.cells import CellSplit  # noqa: E402
 from mepf_core.privacy.mechanism import design_mechanism  # noqa: E402
 from mepf_core.privacy.sensitivity import Neighbouring  # noqa: E402
 from mepf_core.lean_autograd import stage_means  # noqa: E402
@@ -89,11 +88,10 @@ def parse_variant(name: str) -> tuple[list[int], str, int]:
 
 
 def lsh_bits(name: str) -> int | None:
-    """B of a variant's -lshB[z|p] suffix (0 without one; None when malformed). -lshBp: the production
-    cells (mepf_core.cells: exact hyperplanes on 8-bit pixel levels, offsets from the selection half)."""
+    """B of a variant's -lshB[z] suffix (0 without one; None when malformed)."""
     if "-lsh" not in name:
         return 0
-    bits = name.rpartition("-lsh")[2].removesuffix("z").removesuffix("p")
+    bits = name.rpartition("-lsh")[2].removesuffix("z")
     return int(bits) if bits.isdigit() and 0 < int(bits) <= 4 else None
 
 
@@ -190,15 +188,6 @@ def public_lsh_planes(m: "VariantMap", bits: int, zero: bool = False) -> tuple[t
     return normals, (phi @ normals).median(dim=0).values
 
 
-def production_cells(cells: int) -> CellSplit:
-    """The production cells of a release of fashion-mnist's train split (tasks.custodian.cell_split with
-    its defaults: cell_seed 1, offsets from the selection half of the public test split)."""
-    from storage.params import ReleaseParams
-    from tasks.custodian import cell_split
-
-    return cell_split(ReleaseParams(target_epsilon=10.0, cells_per_class=cells), (1, 28, 28))
-
-
 def cell_labels(n: int, counts: np.ndarray, cells: int, seed: int = 0) -> torch.Tensor:
     """n (class, cell) labels in random order, n // 10 per class (as balanced_labels), split among a class's
     cells in proportion to their noisy released counts (negative counts as 0), drawn with a seeded generator."""
@@ -220,9 +209,7 @@ def extract(args) -> None:
     n = len(src) if args.limit is None else args.limit
     sums: dict[str, FeatureSums] = {}  # variant -> class sums, sized by its first batch
     cells = {v: 2 ** lsh_bits(v) for v in variants}  # rows per class: 1 without -lshB
-    planes = {v: public_lsh_planes(m, lsh_bits(v), zero=v.endswith("z")) for v, m in variants.items()
-              if cells[v] > 1 and not v.endswith("p")}
-    pixel_planes = {v: production_cells(cells[v]) for v in variants if cells[v] > 1 and v.endswith("p")}
+    planes = {v: public_lsh_planes(m, lsh_bits(v), zero=v.endswith("z")) for v, m in variants.items() if cells[v] > 1}
     start = time.perf_counter()
     with torch.no_grad():
         for images, labels in src.iter_batches(500, 0, n):
@@ -233,8 +220,6 @@ def extract(args) -> None:
                 if v not in sums:
                     sums[v] = FeatureSums.zeros(10 * cells[v], feats.shape[1], 1)
                 rows = labels.long() * cells[v] + lsh_cells(feats, *planes[v]) if v in planes else labels
-                if v in pixel_planes:
-                    rows = pixel_planes[v].rows(images, labels)
                 sums[v].add(feats, None, rows)
     mech = design_mechanism(target_epsilon=args.epsilon, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
                             labelled=True, moments=1, norm_bound=NORM_BOUND, second_moment_bound=1.0)

@@ -51,3 +51,31 @@ def images_to_features(
     phi1 = bound_norm(raw, norm_bound)
     phi2 = None if second_moment_bound is None else bound_norm(second_moment(phi1), second_moment_bound)
     return phi1, phi2
+
+
+@torch.no_grad()
+def fixed_batch_features(
+    feature_map: FeatureMap,
+    images: torch.Tensor,
+    batch_size: int,
+    *,
+    norm_bound: float,
+    second_moment_bound: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`images_to_features` of N <= batch_size images, computed in a batch of exactly `batch_size` (zeros
+    pad the tail and are dropped), so a record's features are the same bits whatever else is in its batch.
+
+    The encoder's float32 kernels choose their blocking by batch size: one image's features differ in the
+    last bits between batches of 15 and 16 (measured up to 8e-8), so without a fixed batch a record's
+    features, and any decision taken on them (its within-class cell, mepf_core.cells), would depend on
+    how many records share its batch, which one added record changes. Within one batch size the rows
+    are bitwise independent of their position and of the other rows (tests/test_cells.py).
+    Raises InvalidArgumentError when N > batch_size.
+    """
+    n = len(images)
+    if n > batch_size:
+        raise InvalidArgumentError(f"{n} images do not fit a batch of {batch_size}")
+    if n < batch_size:
+        images = torch.cat([images, images.new_zeros((batch_size - n, *images.shape[1:]))])
+    phi1, phi2 = images_to_features(feature_map, images, norm_bound=norm_bound, second_moment_bound=second_moment_bound)
+    return phi1[:n], None if phi2 is None else phi2[:n]

@@ -315,9 +315,9 @@ def _check_shapes(meta: ReleaseMetadata) -> None:
 
 def _check_cells(meta: ReleaseMetadata) -> None:
     """The cells' record is complete and consistent (ReleaseSchemaError): M in CELLS_PER_CLASS; with M = 1
-    no seed, offsets or reference; with M > 1 a labelled release, a seed in [0, 2^63) and log2 M integer
-    offsets: all 0 without a reference, else exactly the constants tabulated for that reference, image
-    shape, seed and M (mepf_core.cells.PUBLIC_OFFSETS), so the offsets carry no free number."""
+    no seed, offsets or reference; with M > 1 a labelled release, a seed in [0, 2^63) and log2 M finite
+    offsets: all 0 without a reference, else exactly the constants tabulated for that reference, encoder
+    weights, image shape, norm bound, seed and M (mepf_core.cells.PUBLIC_OFFSETS): no free number."""
     m = meta.cells_per_class
     if not _is_int(m) or m not in CELLS_PER_CLASS:
         raise ReleaseSchemaError(f"cells_per_class must be one of {list(CELLS_PER_CLASS)}, got {m!r}")
@@ -332,18 +332,23 @@ def _check_cells(meta: ReleaseMetadata) -> None:
     if not _is_int(meta.cell_seed) or not 0 <= meta.cell_seed < 2**63:
         raise ReleaseSchemaError(f"cell_seed must be an integer in [0, 2^63), got {meta.cell_seed!r}")
     bits, offsets, ref = int(math.log2(m)), meta.cell_offsets, meta.cell_reference
-    if not isinstance(offsets, (list, tuple)) or len(offsets) != bits or not all(_is_int(b) for b in offsets):
-        raise ReleaseSchemaError(f"cell_offsets must be {bits} integers for {m} cells, got {offsets!r}")
+    if not isinstance(offsets, (list, tuple)) or len(offsets) != bits or not all(
+            isinstance(b, float) and math.isfinite(b) for b in offsets):
+        raise ReleaseSchemaError(f"cell_offsets must be {bits} finite numbers for {m} cells, got {offsets!r}")
     if ref is None:
         if any(offsets):
             raise ReleaseSchemaError(f"cell_offsets {list(offsets)} without a cell_reference: offsets are 0 unless "
                                      "tabulated for a public split")
         return
-    tabulated = tabulated_offsets(ref, meta.image_shape, meta.cell_seed, m) if isinstance(ref, str) else None
+    tabulated = None
+    if isinstance(ref, str) and isinstance(meta.norm_bound, (int, float)):
+        tabulated = tabulated_offsets(ref, meta.encoder.weights_sha256, meta.image_shape, meta.norm_bound,
+                                      meta.cell_seed, m)
     if tabulated is None or tuple(offsets) != tabulated:
         raise ReleaseSchemaError(f"cell_offsets {list(offsets)} are not the offsets tabulated for cell_reference "
-                                 f"{ref!r}, image shape {list(meta.image_shape)}, cell_seed {meta.cell_seed} and {m} "
-                                 "cells (mepf_core.cells.PUBLIC_OFFSETS)")
+                                 f"{ref!r}, encoder {meta.encoder.name}, image shape {list(meta.image_shape)}, "
+                                 f"norm_bound {meta.norm_bound!r}, cell_seed {meta.cell_seed} and {m} cells "
+                                 "(mepf_core.cells.PUBLIC_OFFSETS)")
 
 
 def verify_claim(meta: ReleaseMetadata) -> float:

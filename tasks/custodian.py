@@ -21,7 +21,7 @@ from mepf_core.cells import CellSplit, hyperplane_normals, tabulated_offsets
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.errors import FileAccessError, InvalidArgumentError
 from mepf_core.encoders import FeatureMap, build_feature_map
-from mepf_core.features import images_to_features
+from mepf_core.features import fixed_batch_features
 from mepf_core.privacy.mechanism import ReleaseMechanism, design_mechanism
 from storage.datasets import (CorruptImageError, DatasetCheckError, ExtractionError, ImageSource,
                               labelled_release_problems, open_dataset)
@@ -172,21 +172,27 @@ def describe_dataset(params: ReleaseParams) -> dict:
 
 def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int]) -> CellSplit | None:
     """The release's cells (mepf_core.cells) for images of `image_shape` (C, H, W, public), None with one
-    cell per class. Reads NO data: normals from params.cell_seed; offsets the constants tabulated for
-    `params.resolved_cell_reference` (`mepf_core.cells.PUBLIC_OFFSETS`, made once from a public test
-    split), or 0 without a reference. Raises InvalidArgumentError when the table has no entry for this
-    image shape (ReleaseParams checked the reference, seed and cells; the shape is known only now)."""
+    cell per class. Reads NO data: normals from params.cell_seed in the encoder's feature space; offsets
+    the constants tabulated for `params.resolved_cell_reference`, this encoder, image shape and norm bound
+    (`mepf_core.cells.PUBLIC_OFFSETS`, made once from a public test split), or 0 without a reference.
+    Raises InvalidArgumentError when the table has no such entry (ReleaseParams checked the reference,
+    seed and cells; the encoder's weights and the image shape are known only now)."""
     if params.cells == 1:
         return None
-    normals = hyperplane_normals(math.prod(image_shape), params.cells, params.cell_seed)
+    fm = _feature_map(params)
+    normals = hyperplane_normals(fm.feature_dim, params.cells, params.cell_seed)
     reference = params.resolved_cell_reference
     if reference is None:
-        return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.int64), None)
-    offsets = tabulated_offsets(reference, image_shape, params.cell_seed, params.cells)
+        return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.float64),
+                         None)
+    offsets = tabulated_offsets(reference, fm.spec.weights_sha256, image_shape, params.norm_bound, params.cell_seed,
+                                params.cells)
     if offsets is None:
-        raise InvalidArgumentError(f"cell_reference {reference!r} has no tabulated offsets for images of shape "
-                                   f"{list(image_shape)}: use --cell-reference none (offsets 0)")
-    return CellSplit(params.cells, params.cell_seed, normals, torch.tensor(offsets, dtype=torch.int64), reference)
+        raise InvalidArgumentError(
+            f"cell_reference {reference!r} has no tabulated offsets for encoder {fm.spec.name} (weights "
+            f"{fm.spec.weights_sha256[:12]}...), images of shape {list(image_shape)} and norm_bound "
+            f"{params.norm_bound}: use --cell-reference none (offsets 0)")
+    return CellSplit(params.cells, params.cell_seed, normals, torch.tensor(offsets, dtype=torch.float64), reference)
 
 
 @task(name="place-cells", persist_result=False)
@@ -246,10 +252,11 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
             try:
                 for images, labels in src.iter_batches(params.batch_size, start, stop):
-                    phi1, phi2 = images_to_features(fm, images, norm_bound=params.norm_bound,
-                                                    second_moment_bound=bound2)
+                    # a fixed batch shape: a record's features (and so its cell) do not depend on its batch
+                    phi1, phi2 = fixed_batch_features(fm, images, params.batch_size, norm_bound=params.norm_bound,
+                                                      second_moment_bound=bound2)
                     rows = labels if params.labelled else torch.zeros(len(images), dtype=torch.long)
-                    sums.add(phi1, phi2, rows if cells is None else cells.rows(images, rows))  # rows from pixels: exact
+                    sums.add(phi1, phi2, rows if cells is None else cells.rows(phi1, rows))
                     bar.update(len(images))
                     if ui is not None:
                         done += len(images)
@@ -321,7 +328,7 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
         encoder=info["encoder"], parts=parts, n_public=n_public, image_mode_source=info.get("image_mode_source"),
         **({} if cells is None else dict(
             cells_per_class=cells.cells_per_class, cell_seed=cells.seed, cell_reference=cells.reference,
-            cell_offsets=tuple(int(b) for b in cells.offsets))),
+            cell_offsets=tuple(float(b) for b in cells.offsets))),
     )
     # Before the charge: a key that cannot sign, or metadata whose claim the reader would refuse,
     # must not cost budget (the key is loaded here, never passed through Prefect).

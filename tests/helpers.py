@@ -25,15 +25,17 @@ def sums_of(images: torch.Tensor, labels: torch.Tensor | None, *, num_classes: i
             cells=None) -> FeatureSums:
     """Un-noised per-row sums of a dataset, exactly as the custodian computes them (batched); rows are
     classes, or (class, cell) pairs with `cells` (a mepf_core.cells.CellSplit)."""
+    from mepf_core.features import fixed_batch_features
+
     fm = lite0()
     m = 1 if cells is None else cells.cells_per_class
     sums = FeatureSums.zeros((num_classes if labels is not None else 1) * m, fm.feature_dim, moments)
     for lo in range(0, len(images), batch_size):
         x = images[lo : lo + batch_size]
         y = torch.zeros(len(x), dtype=torch.long) if labels is None else labels[lo : lo + batch_size]
-        phi1, phi2 = images_to_features(fm, x, norm_bound=norm_bound,
-                                        second_moment_bound=second_moment_bound if moments == 2 else None)
-        sums.add(phi1, phi2, y if cells is None else cells.rows(x, y))
+        phi1, phi2 = fixed_batch_features(fm, x, batch_size, norm_bound=norm_bound,
+                                          second_moment_bound=second_moment_bound if moments == 2 else None)
+        sums.add(phi1, phi2, y if cells is None else cells.rows(phi1, y))
     return sums
 
 
@@ -93,7 +95,7 @@ def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float
                  cells_per_class: int = 1):
     """A labelled release (efficientnet-lite0, 1 x 28 x 28, one moment) of random images, made through the
     production sums and noise: cheap input for tests of the public stage. With `cells_per_class` > 1, the
-    rows are (class, cell) pairs of hyperplanes from seed 0 with offsets 0. Returns the file's path."""
+    rows are (class, cell) pairs of feature-space hyperplanes from seed 0 with offsets 0. Returns the file's path."""
     from mepf_core.cells import CellSplit, hyperplane_normals
     from mepf_core.embedding import sums_to_noisy_parts
     from mepf_core.privacy.mechanism import design_mechanism
@@ -108,8 +110,8 @@ def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float
                             cells_per_class=cells_per_class)
     cells = None
     if cells_per_class > 1:
-        normals = hyperplane_normals(28 * 28, cells_per_class, 0)
-        cells = CellSplit(cells_per_class, 0, normals, torch.zeros(normals.shape[1], dtype=torch.int64), None)
+        normals = hyperplane_normals(lite0().feature_dim, cells_per_class, 0)
+        cells = CellSplit(cells_per_class, 0, normals, torch.zeros(normals.shape[1], dtype=torch.float64), None)
     noisy = sums_to_noisy_parts(sums_of(images, labels, num_classes=k, moments=1, cells=cells), mech)
     meta = ReleaseMetadata(
         dataset_id="test:tiny", neighbouring=mech.relation.value, epsilon=mech.epsilon, delta=mech.target_delta,
@@ -118,7 +120,7 @@ def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float
         parts=tuple(PartRecord(p.name, noisy[p.name].shape, p.sensitivity, p.sigma,
                                p.noise_multiplier if p.noised else None) for p in mech.parts),
         **({} if cells is None else dict(cells_per_class=cells_per_class, cell_seed=0,
-                                         cell_offsets=(0,) * cells.normals.shape[1])),
+                                         cell_offsets=(0.0,) * cells.normals.shape[1])),
     )
     return embedding_to_release(path, meta, noisy)
 

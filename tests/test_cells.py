@@ -12,8 +12,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mepf_core.cells import (PUBLIC_OFFSETS, PUBLIC_TEST_SHA256, CellSplit, cell_of, cells_for_epsilon, draw_rows,
-                             hyperplane_normals, median_offsets, pixel_levels, row_shares)
+from mepf_core.cells import (LITE0_SHA256, PUBLIC_OFFSETS, PUBLIC_TEST_SHA256, CellSplit, cell_of, cells_for_epsilon,
+                             draw_rows, hyperplane_normals, median_offsets, projections, row_shares)
+from mepf_core.features import fixed_batch_features
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.privacy.mechanism import design_mechanism
 from mepf_core.privacy.sensitivity import Neighbouring, count_sensitivity, sum_sensitivity
@@ -21,7 +22,7 @@ from storage.checkpoints import grid_labels
 from storage.params import ReleaseParams
 from storage.provenance import ReleaseInfo
 from storage.release import ReleaseClaimError, ReleaseSchemaError, check_metadata, read_release
-from tests.helpers import fmnist_subset, frob, sums_of, tiny_release
+from tests.helpers import fmnist_subset, frob, lite0, sums_of, tiny_release
 from tests.test_release_verify import honest_metadata
 from tests.test_sensitivity_replay import KINDS, N, _pairs
 
@@ -31,12 +32,13 @@ SLACK = 1 + 1e-6
 
 @pytest.fixture(scope="module")
 def cells() -> CellSplit:
-    """8 cells from seed 1, offsets at the median projections of 64 PUBLIC test images (as `cell_split`)."""
+    """8 cells from seed 1, offsets at the median projections of 64 PUBLIC test images (as PUBLIC_OFFSETS)."""
     from storage.datasets import open_dataset
 
     images, _ = next(open_dataset("fashion-mnist", "test").iter_batches(64))
-    normals = hyperplane_normals(28 * 28, M, seed=1)
-    return CellSplit(M, 1, normals, median_offsets(pixel_levels(images), normals), "fashion-mnist:test")
+    phi, _ = fixed_batch_features(lite0(), images, 64, norm_bound=1.0)
+    normals = hyperplane_normals(phi.shape[1], M, seed=1)
+    return CellSplit(M, 1, normals, median_offsets(phi, normals), "fashion-mnist:test")
 
 
 @pytest.fixture(scope="module")
@@ -93,23 +95,34 @@ def test_unlabelled_counts_are_private_under_replace_one_with_cells(cells):
 
 
 def test_a_records_cell_depends_on_that_record_only(base, cells):
-    """Rows computed in one batch equal rows computed one record at a time, in reversed order, and with
-    float noise far below one pixel level added: the cell is exact integer arithmetic on 8-bit levels."""
+    """A record's features, computed at the fixed batch size, are the same bits at any position, beside
+    any other records and at any thread count; so is its row."""
     images, labels = base
-    together = cells.rows(images, labels)
-    alone = torch.cat([cells.rows(images[i : i + 1], labels[i : i + 1]) for i in range(len(images))])
-    reversed_ = cells.rows(images.flip(0), labels.flip(0)).flip(0)
-    jittered = cells.rows((images + 1e-4 * (torch.rand_like(images) - 0.5)).clamp(0, 1), labels)
-    assert torch.equal(together, alone) and torch.equal(together, reversed_) and torch.equal(together, jittered)
-    assert torch.equal(together // M, labels) and together.max() < K * M
+    fm = lite0()
+    ref, _ = fixed_batch_features(fm, images[:1], 16, norm_bound=1.0)
+    threads = torch.get_num_threads()
+    try:
+        for position, others, n_threads in ((0, 0, 1), (5, 1, 2), (11, 2, 1), (15, 3, 2)):
+            torch.set_num_threads(n_threads)
+            batch = torch.rand((16, 1, 28, 28), generator=torch.Generator().manual_seed(others))
+            batch[position] = images[0]
+            phi, _ = fixed_batch_features(fm, batch, 16, norm_bound=1.0)
+            assert torch.equal(phi[position], ref[0]), (position, others, n_threads)
+    finally:
+        torch.set_num_threads(threads)
+    phi, _ = fixed_batch_features(fm, images, 16, norm_bound=1.0)
+    alone = torch.cat([cells.rows(fixed_batch_features(fm, images[i : i + 1], 16, norm_bound=1.0)[0], labels[i : i + 1])
+                       for i in range(len(images))])
+    assert torch.equal(cells.rows(phi, labels), alone) and torch.equal(alone // M, labels)
+    assert torch.equal(cells.rows(phi.flip(0), labels.flip(0)).flip(0), alone)
 
 
 def test_adding_a_record_that_changes_the_batch_moves_no_other_record(tmp_path):
     """The DP review's attack, through the release's extraction: a class of 15 images, 10 of them copies of
-    one image; adding one unrelated image changes the extraction batch from 15 to 16 images (float32
-    features of an image differ in the last bits between those batch sizes). With cells decided on
-    features, every copy changed cell (counts moved by 14.2 against a claimed 1); on exact pixel levels
-    exactly one count moves by 1 and the sums by at most C."""
+    one image whose projection lies within 1e-12 of a hyperplane; adding one unrelated image changes the
+    last batch from 15 to 16 images. Unpadded float32 features move by ~1e-7 between those batch sizes,
+    which moved every copy to another cell (counts and sums changed by 14.2 against a claimed 1); with
+    every batch computed at the fixed batch size exactly one count moves by 1 and the sums by at most C."""
     from PIL import Image
 
     from tasks.custodian import shard_sums
@@ -122,25 +135,30 @@ def test_adding_a_record_that_changes_the_batch_moves_no_other_record(tmp_path):
     for i in range(15):
         image = copy if i < 10 else rng.integers(0, 256, (28, 28), dtype=np.uint8)
         Image.fromarray(image).save(root / "a" / f"{i:02d}.png")
-    params = ReleaseParams(dataset=f"imagefolder:{root}", target_epsilon=1.0, cells_per_class=16, batch_size=16)
-    before = shard_sums(params, 0)
+    params = ReleaseParams(dataset=f"imagefolder:{root}", target_epsilon=1.0, cells_per_class=2, cell_seed=3,
+                           batch_size=16)
+    normals = hyperplane_normals(lite0().feature_dim, 2, 3)
+    x = torch.from_numpy(copy).float().div(255)[None, None]
+    phi, _ = fixed_batch_features(lite0(), x, 16, norm_bound=1.0)
+    offset = projections(phi, normals)[0] - 1e-12  # the copies sit just above the hyperplane
+    near = CellSplit(2, 3, normals, offset, None)
+    before = shard_sums(params, 0, cells=near)
     Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / "b" / "00.png")
-    after = shard_sums(params, 0)
-    assert before.counts.shape == (32,) and frob(before.counts, after.counts) == 1.0
+    after = shard_sums(params, 0, cells=near)
+    assert before.counts[1] >= 10  # the 10 copies sit in cell 1 of class a
+    assert frob(before.counts, after.counts) == 1.0
     assert frob(before.moment1, after.moment1) <= 1.0 * SLACK
 
 
 def test_cell_bits_and_normals_are_fixed_by_the_seed():
     normals = hyperplane_normals(5, 4, seed=1)
-    assert normals.shape == (5, 2) and normals.dtype == torch.int64
+    assert normals.shape == (5, 2) and normals.dtype == torch.float64
     assert torch.equal(normals, hyperplane_normals(5, 4, seed=1)) and not torch.equal(normals, hyperplane_normals(5, 4, 2))
-    levels = torch.tensor([[10, 0, 0], [0, 10, 0]])
-    w = torch.tensor([[1, -1], [-1, 1], [0, 0]])
-    assert cell_of(levels, w, torch.zeros(2, dtype=torch.int64)).tolist() == [1, 2]  # bit 0: q.w0 > 0, bit 1: q.w1 > 0
-    assert cell_of(levels, w, torch.tensor([10, 10])).tolist() == [0, 0]  # q.w = b is not above
-    assert median_offsets(torch.tensor([[1], [2], [5]]), torch.ones(1, 1, dtype=torch.int64)).tolist() == [2]
-    images = torch.tensor([[[[0.0, 1.0], [float("nan"), float("inf")]]], [[[17 / 255, -float("inf")], [2.0, -1.0]]]])
-    assert pixel_levels(images).tolist() == [[0, 255, 0, 255], [17, 0, 255, 0]]
+    phi = torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]], dtype=torch.float64)
+    w = torch.tensor([[1.0, -1.0], [0, 0], [0, 0]], dtype=torch.float64)
+    assert cell_of(phi, w, torch.zeros(2)).tolist() == [1, 2]  # bit 0: phi.w0 > 0, bit 1: phi.w1 > 0
+    assert cell_of(phi, w, torch.tensor([1.0, 1.0])).tolist() == [0, 0]  # phi.w = b is not above
+    assert median_offsets(torch.tensor([[1.0], [2.0], [5.0]]), torch.ones(1, 1)).tolist() == [2.0]
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^63\)"):
         hyperplane_normals(5, 4, seed=2**63)
 
@@ -160,17 +178,22 @@ def test_default_cells_follow_epsilon_and_labels():
 
 def test_tabulated_offsets_are_the_medians_of_the_official_public_half():
     """Every PUBLIC_OFFSETS entry, recomputed from the official Fashion-MNIST test file (its decompressed
-    SHA-256 pinned) with the production functions: the table holds no other number."""
+    SHA-256 pinned) with the production functions: the table holds no other number (to 1e-9: another CPU
+    type may round the encoder's last bits differently)."""
     from storage.datasets import dataset_source, open_dataset
     from storage.references import reference_records
 
     assert dataset_source("fashion-mnist", "test") == "idx:sha256:" + PUBLIC_TEST_SHA256["fashion-mnist"]
-    for (reference, shape, seed, m), offsets in PUBLIC_OFFSETS.items():
-        name = reference.partition(":")[0]
-        images, _ = reference_records(open_dataset(name, "test"), reference)
-        levels = pixel_levels(torch.from_numpy(images).float().div(255))
-        assert tuple(images.shape[1:]) == shape and len(images) == 5000
-        assert tuple(median_offsets(levels, hyperplane_normals(math.prod(shape), m, seed)).tolist()) == offsets
+    fm = lite0()
+    assert fm.spec.weights_sha256 == LITE0_SHA256
+    images, _ = reference_records(open_dataset("fashion-mnist", "test"), "fashion-mnist:test-select")
+    x = torch.from_numpy(images).float().div(255)
+    phi = torch.cat([fixed_batch_features(fm, x[i : i + 256], 256, norm_bound=1.0)[0] for i in range(0, len(x), 256)])
+    assert len(images) == 5000 and len(PUBLIC_OFFSETS) == 4
+    for (reference, sha, shape, bound, seed, m), offsets in PUBLIC_OFFSETS.items():
+        assert (reference, sha, shape, bound) == ("fashion-mnist:test-select", LITE0_SHA256, (1, 28, 28), 1.0)
+        recomputed = median_offsets(phi, hyperplane_normals(phi.shape[1], m, seed)).tolist()
+        assert recomputed == pytest.approx(list(offsets), abs=1e-9)
 
 
 def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_path):
@@ -187,9 +210,12 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
     params = ReleaseParams(target_epsilon=10.0, data_root=str(tmp_path))
     split = tasks.custodian.cell_split(params, (1, 28, 28))
     assert split.reference == "fashion-mnist:test-select"
-    assert tuple(split.offsets.tolist()) == PUBLIC_OFFSETS[("fashion-mnist:test-select", (1, 28, 28), 1, 8)]
-    with pytest.raises(ValueError, match="no tabulated offsets for images of shape"):
+    assert tuple(split.offsets.tolist()) == PUBLIC_OFFSETS[("fashion-mnist:test-select", LITE0_SHA256, (1, 28, 28),
+                                                            1.0, 1, 8)]
+    with pytest.raises(ValueError, match="no tabulated offsets for encoder efficientnet-lite0"):
         tasks.custodian.cell_split(params, (3, 32, 32))
+    with pytest.raises(ValueError, match="no tabulated offsets"):
+        tasks.custodian.cell_split(params.model_copy(update={"norm_bound": 2.0}), (1, 28, 28))
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -221,7 +247,9 @@ def _cells_metadata(relation=Neighbouring.ADD_REMOVE, labelled=True, m=M):
                   for p, mp in zip(meta.parts, mech.parts))
     return dataclasses.replace(meta, class_names=("a", "b", "c") if labelled else ("all",), parts=parts,
                                epsilon=mech.epsilon, n_public=None, cells_per_class=m, cell_seed=1,
-                               cell_offsets=PUBLIC_OFFSETS[("fashion-mnist:test-select", (1, 28, 28), 1, m)],
+                               encoder=dataclasses.replace(meta.encoder, weights_sha256=LITE0_SHA256),
+                               cell_offsets=PUBLIC_OFFSETS[("fashion-mnist:test-select", LITE0_SHA256, (1, 28, 28),
+                                                            1.0, 1, m)],
                                cell_reference="fashion-mnist:test-select")
 
 
@@ -239,16 +267,19 @@ def _exact_counts(meta):
 @pytest.mark.parametrize("forge, error, message", [
     (lambda m: dataclasses.replace(m, cells_per_class=1, cell_seed=None, cell_offsets=None, cell_reference=None),
      ReleaseSchemaError, r"shape \[24, 50\], expected \[3, D\] for 3 classes"),  # rows without their cells
-    (lambda m: dataclasses.replace(m, cells_per_class=4, cell_offsets=(-705042, 1591126)), ReleaseSchemaError,
+    (lambda m: dataclasses.replace(m, cells_per_class=4, cell_offsets=PUBLIC_OFFSETS[
+        ("fashion-mnist:test-select", LITE0_SHA256, (1, 28, 28), 1.0, 1, 4)]), ReleaseSchemaError,
      r"expected \[12, D\] for 3 classes x 4 cells"),
     (lambda m: dataclasses.replace(m, cells_per_class=3), ReleaseSchemaError, "cells_per_class must be one of"),
     (lambda m: dataclasses.replace(m, cells_per_class=True), ReleaseSchemaError, "cells_per_class must be one of"),
-    (lambda m: dataclasses.replace(m, cell_offsets=(0, 0)), ReleaseSchemaError, "cell_offsets must be 3 integers"),
-    (lambda m: dataclasses.replace(m, cell_offsets=(0.5, 1.0, 2.0)), ReleaseSchemaError, "cell_offsets must be 3 integers"),
-    (lambda m: dataclasses.replace(m, cell_offsets=(123, -9 * 10**9, 10**300)), ReleaseSchemaError,
+    (lambda m: dataclasses.replace(m, cell_offsets=(0.0, 0.0)), ReleaseSchemaError, "cell_offsets must be 3 finite"),
+    (lambda m: dataclasses.replace(m, cell_offsets=(1, 2, 3)), ReleaseSchemaError, "cell_offsets must be 3 finite"),
+    (lambda m: dataclasses.replace(m, cell_offsets=(0.5, float("nan"), 0.5)), ReleaseSchemaError, "cell_offsets"),
+    (lambda m: dataclasses.replace(m, cell_offsets=(123.0, -9e9, 1e300)), ReleaseSchemaError,
      "are not the offsets tabulated"),  # free numbers that could carry anything
-    (lambda m: dataclasses.replace(m, cell_offsets=(528887, 802289, 3988491)), ReleaseSchemaError,
-     "are not the offsets tabulated"),  # one unit off: a free low bit
+    (lambda m: dataclasses.replace(m, cell_offsets=m.cell_offsets[:2] + (m.cell_offsets[2] + 1e-12,)),
+     ReleaseSchemaError, "are not the offsets tabulated"),  # free low bits
+    (lambda m: dataclasses.replace(m, norm_bound=2.0), ReleaseSchemaError, "are not the offsets tabulated"),
     (lambda m: dataclasses.replace(m, cell_seed=2), ReleaseSchemaError, "are not the offsets tabulated"),
     (lambda m: dataclasses.replace(m, cell_reference="mnist:test-report"), ReleaseSchemaError, "not the offsets"),
     (lambda m: dataclasses.replace(m, cell_reference=None), ReleaseSchemaError, "without a cell_reference"),
