@@ -172,7 +172,7 @@ def release_params(args: argparse.Namespace, out: Path) -> dict:
 def train_params(args: argparse.Namespace, release: Path, out: Path) -> dict:
     params = {"release": str(release), "out": str(out), "progress": False}  # no progress bar in a worker's log
     if args.tiny:
-        params.update(steps=10, batch_size=50, checkpoint_every=5, eval_samples=100)
+        params.update(steps=10, batch_size=80, checkpoint_every=5, eval_samples=100)
     return params  # otherwise TrainParams' defaults, as `mepf train` uses
 
 

@@ -70,7 +70,7 @@ RUNNER = textwrap.dedent("""
             out=str(release), target_epsilon=10.0, limit=200, neighbouring="replace-one",
             ledger=str(work / "budget-ledger.jsonl"), budget=20.0)),
         ("train-generator", train_generator, lambda: TrainParams(
-            release=str(release), out=str(run), steps=10, batch_size=50, checkpoint_every=5, eval_samples=100,
+            release=str(release), out=str(run), steps=10, batch_size=80, checkpoint_every=5, eval_samples=100,
             progress=False)),
         ("sample", sample, lambda: SampleParams(run=str(run), n=200)),
         ("evaluate", evaluate, lambda: EvaluateParams(

@@ -143,7 +143,7 @@ def release_summary_markdown(release: Mapping) -> str:
         shape_text = " x ".join(str(int(s)) for s in shape) if shape is not None else "(not released)"
         lines.append(f"| {name} | {shape_text} | {float(sigma):.6g} |")
     lines += ["", "Every released array is noised once with the sigma above (a part with sigma 0 is public by "
-              "the relation). Shapes are classes x feature dimension: no count of images appears here."]
+              "the relation). Shapes are rows (classes x cells) x feature dimension: no count of images appears here."]
     return "\n".join(lines) + "\n"
 
 

@@ -203,7 +203,8 @@ def test_the_artifacts_show_public_fields_and_no_count(run, clean):
     (summary,) = by_key[RELEASE_KEY]
     result = run["result"]
     for public in (result["release_id"], f"{result['epsilon']:.6g}", "add-remove", "efficientnet-lite0",
-                   result["encoder_weights_sha256"], f"| moment1 | 3 x {clean['sums'][0].shape[1]} |"):
+                   result["encoder_weights_sha256"], f"| moment1 | {3 * 8} x {clean['sums'][0].shape[1]} |",
+                   "| cells per class | 8 "):  # epsilon 1, labelled: 8 cells per class (mepf_core.cells)
         assert public and public in summary["data"], public
     (progress,) = by_key[EXTRACTION_PROGRESS_KEY]  # one shard
     assert progress["type"] == "progress" and float(progress["data"]) == 100.0

@@ -153,7 +153,8 @@ def test_sweep_charges_each_release_once_and_reports_the_refused_one(tmp_path, m
     command = ["sweep", "--epsilons", "1", "2", "50", "--budget", "4", "--out", str(out),
                "--dataset", f"imagefolder:{data}", "--reference", f"imagefolder:{data}:test",
                "--steps", "2", "--batch-size", "4", "--checkpoint-every", "1", "--eval-samples", "8",
-               "--n-samples", "10", "--fid-samples", "10", "--classifiers", "logreg", "--device", "cpu", "--json"]
+               "--n-samples", "10", "--fid-samples", "10", "--classifiers", "logreg", "--device", "cpu",
+               "--cells-per-class", "1", "--json"]  # batches of 4 hold 2 classes x 1 cell
     assert main(command) == 0
     result = json.loads(capsys.readouterr().out)
 
