@@ -18,8 +18,8 @@ record, which changed the last batch's size, and moved 10 copies of an image lyi
 to another cell (counts and sums moved by 14.2 against a claimed 1). So the custodian computes every
 batch at exactly `batch_size` images (`mepf_core.features.fixed_batch_features`: zeros pad the tail),
 where a row's features are bitwise independent of its position and of the other rows, at any thread
-count (tests/test_cells.py), and projects each row on its own (`cell_of`: elementwise products summed
-per row, no matrix kernel whose blocking could depend on the row's position). Then no record's row
+count (tests/test_cells.py), and projects in fixed point (`projections`: each product rounded to a
+multiple of 2^-32 and the integers added, exactly, in any order or thread). Then no record's row
 depends on any other record. (The bits may differ between CPU types or library builds: run every
 extraction shard of one release on one kind of machine and one build, as `scripts/setup.sh` installs.)
 
@@ -53,39 +53,34 @@ CELLS_MIN_EPSILON = 1.0  # below it the default is 1 cell (at epsilon 0.2 eight 
 
 # Offsets tabulated once from PUBLIC images, never computed at release time: a release reads no data to
 # place its cells, so no --data-root can make private images set them, and a reader checks a release's
-# offsets exactly (storage.release). Key: (reference, encoder weights SHA-256, image shape C x H x W,
-# norm bound C1, cell_seed, cells_per_class); value: `median_offsets` of the reference's bounded
+# offsets exactly (storage.release). Key: (reference, encoder name, its weights' SHA-256, image shape
+# C x H x W, norm bound C1, cell_seed, cells_per_class); value: `median_offsets` of the reference's bounded
 # features (`fixed_batch_features`, batches of 256) under `hyperplane_normals(D, cells_per_class,
 # cell_seed)`. fashion-mnist:test-select is the fixed selection half (storage.references) of the
 # official Fashion-MNIST test split, whose decompressed t10k-images file has SHA-256
 # PUBLIC_TEST_SHA256["fashion-mnist"]; tests/test_cells.py recomputes every entry from that file.
 PUBLIC_TEST_SHA256 = {"fashion-mnist": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"}
 LITE0_SHA256 = "c8d774fe1ecb47f855f08d1c515fd387798b7a4d1b53ab1f6612bcf44ec00f75"  # efficientnet-lite0's packaged weights
-_FMNIST = ("fashion-mnist:test-select", LITE0_SHA256, (1, 28, 28), 1.0, 1)
+_FMNIST = ("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (1, 28, 28), 1.0, 1)
 PUBLIC_OFFSETS: dict[tuple, tuple[float, ...]] = {
-    (*_FMNIST, 2): (-0.11025606578096092,),
-    (*_FMNIST, 4): (-0.8690621493268762, -0.773718662606088),
-    (*_FMNIST, 8): (0.4459965224292356, 0.7146274527902248, -0.7181547131977927),
-    (*_FMNIST, 16): (-0.5119542044690774, 0.519278612543234, 0.6080305378624805, -0.2743758105146932),
+    (*_FMNIST, 2): (-0.11025606538169086,),
+    (*_FMNIST, 4): (-0.8690621431451291, -0.7737186523154378),
+    (*_FMNIST, 8): (0.4459965240675956, 0.7146274384576827, -0.7181547172367573),
+    (*_FMNIST, 16): (-0.5119542174506932, 0.5192786005791277, 0.6080305317882448, -0.27437580609694123),
 }
 
 
-def offsets_key(reference: str, encoder_sha256: str, image_shape, norm_bound: float, seed: int,
-                cells_per_class: int) -> tuple:
-    """The `PUBLIC_OFFSETS` key of these settings."""
-    return (reference, encoder_sha256, tuple(int(v) for v in image_shape), float(norm_bound), int(seed),
-            int(cells_per_class))
-
-
-def tabulated_offsets(reference: str, encoder_sha256: str, image_shape, norm_bound: float, seed: int,
+def tabulated_offsets(reference: str, encoder: str, encoder_sha256: str, image_shape, norm_bound: float, seed: int,
                       cells_per_class: int) -> tuple[float, ...] | None:
-    """The `PUBLIC_OFFSETS` entry for these settings, None when there is none."""
-    return PUBLIC_OFFSETS.get(offsets_key(reference, encoder_sha256, image_shape, norm_bound, seed, cells_per_class))
+    """The `PUBLIC_OFFSETS` entry for these settings (encoder: its name), None when there is none."""
+    key = (reference, encoder, encoder_sha256, tuple(int(v) for v in image_shape), float(norm_bound), int(seed),
+           int(cells_per_class))
+    return PUBLIC_OFFSETS.get(key)
 
 
 def tabulated_references(seed: int, cells_per_class: int) -> list[str]:
     """The references `PUBLIC_OFFSETS` holds offsets of for this seed and number of cells."""
-    return sorted({k[0] for k in PUBLIC_OFFSETS if (k[4], k[5]) == (seed, cells_per_class)})
+    return sorted({k[0] for k in PUBLIC_OFFSETS if (k[5], k[6]) == (seed, cells_per_class)})
 
 
 def validate_cells(cells_per_class: int) -> int:
@@ -115,16 +110,36 @@ def hyperplane_normals(dim: int, cells_per_class: int, seed: int) -> torch.Tenso
     return torch.randn(dim, bits, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+FIXED_POINT = 2**32  # projections are sums of products rounded to multiples of 2^-32, added as int64
+
+
 def projections(phi: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-    """N x B float64 phi . w_j, each row reduced on its own (elementwise products summed along D), so a
-    row's value does not depend on its position in phi (phi: N x D features; normals: D x B)."""
-    phi = phi.to(torch.float64)
-    return torch.stack([(phi * normals[:, j].to(torch.float64)).sum(dim=1) for j in range(normals.shape[1])], dim=1)
+    """N x B int64 projections phi . w_j in fixed point (units of 2^-32): each product phi_d w_jd, computed
+    in float64 (one correctly rounded IEEE multiply) and scaled by 2^32 (exact), is rounded to an integer,
+    and the integers are added. Integer addition is associative, so a row's projection is the same
+    whatever the summation order, the number of rows, its position or the thread count (torch splits a
+    float reduction of one row across threads, which rounds differently: a DP review moved cells that
+    way with VGG19 features). phi: N x D features; normals: D x B float64. InvalidArgumentError when a
+    sum could overflow int64 (sum_d |phi_d w_jd| >= 2^30, far above any bounded feature's)."""
+    phi = phi.detach().to(torch.float64)
+    out = []
+    for j in range(normals.shape[1]):
+        products = phi * normals[:, j].to(torch.float64)
+        if products.numel() and float(products.abs().sum(dim=1).max()) >= 2**30:
+            raise InvalidArgumentError("a projection is too large for the fixed-point sum (norm_bound too large)")
+        out.append(products.mul_(FIXED_POINT).round_().to(torch.int64).sum(dim=1))
+    return torch.stack(out, dim=1) if out else torch.zeros(len(phi), 0, dtype=torch.int64)
+
+
+def fixed_point(offsets: torch.Tensor | tuple[float, ...]) -> torch.Tensor:
+    """(B,) int64 offsets in the units of `projections` (b * 2^32, rounded half to even)."""
+    return torch.as_tensor(offsets, dtype=torch.float64).mul(FIXED_POINT).round().to(torch.int64)
 
 
 def cell_of(phi: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(N,) int64 cell in [0, 2^B) of each row of phi (N x D bounded features): bit j is [phi . w_j > b_j]."""
-    above = (projections(phi, normals) > offsets.to(torch.float64)).long()
+    """(N,) int64 cell in [0, 2^B) of each row of phi (N x D bounded features): bit j is [phi . w_j > b_j],
+    compared exactly in fixed point (`projections`, `fixed_point`)."""
+    above = (projections(phi, normals) > fixed_point(offsets)).long()
     return (above << torch.arange(normals.shape[1])).sum(dim=1)
 
 
@@ -134,7 +149,7 @@ def median_offsets(phi: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     call it on private features: offsets are written into the release unprotected."""
     if phi.shape[0] < 1:
         raise InvalidArgumentError("median offsets need at least one public image")
-    return projections(phi, normals).median(dim=0).values
+    return projections(phi, normals).median(dim=0).values.to(torch.float64) / FIXED_POINT  # exact: |median| < 2^53
 
 
 def row_shares(counts: np.ndarray, cells_per_class: int) -> np.ndarray:

@@ -198,6 +198,10 @@ class ReleaseParams(BaseModel):
         if self.cells > 1 and not self.labelled:
             raise ValueError(f"cells_per_class={self.cells} needs a labelled release (cells split each class); "
                              "use cells_per_class=1 for an unlabelled one")
+        if self.cells > 1 and self.batch_size < 2:
+            # a one-row batch's feature norm is a single-output reduction, which torch splits across
+            # threads (rounding with the thread count); with >= 2 rows each row is reduced by one thread
+            raise ValueError(f"cells_per_class={self.cells} needs batch_size >= 2, got {self.batch_size}")
         return self
 
     @model_validator(mode="after")

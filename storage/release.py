@@ -336,14 +336,14 @@ def _check_cells(meta: ReleaseMetadata) -> None:
             isinstance(b, float) and math.isfinite(b) for b in offsets):
         raise ReleaseSchemaError(f"cell_offsets must be {bits} finite numbers for {m} cells, got {offsets!r}")
     if ref is None:
-        if any(offsets):
+        if any(b != 0.0 or math.copysign(1.0, b) < 0 for b in offsets):  # +0.0 only: not even a free sign bit
             raise ReleaseSchemaError(f"cell_offsets {list(offsets)} without a cell_reference: offsets are 0 unless "
                                      "tabulated for a public split")
         return
     tabulated = None
     if isinstance(ref, str) and isinstance(meta.norm_bound, (int, float)):
-        tabulated = tabulated_offsets(ref, meta.encoder.weights_sha256, meta.image_shape, meta.norm_bound,
-                                      meta.cell_seed, m)
+        tabulated = tabulated_offsets(ref, meta.encoder.name, meta.encoder.weights_sha256, meta.image_shape,
+                                      meta.norm_bound, meta.cell_seed, m)
     if tabulated is None or tuple(offsets) != tabulated:
         raise ReleaseSchemaError(f"cell_offsets {list(offsets)} are not the offsets tabulated for cell_reference "
                                  f"{ref!r}, encoder {meta.encoder.name}, image shape {list(meta.image_shape)}, "

@@ -185,8 +185,8 @@ def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int]) -> Cell
     if reference is None:
         return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.float64),
                          None)
-    offsets = tabulated_offsets(reference, fm.spec.weights_sha256, image_shape, params.norm_bound, params.cell_seed,
-                                params.cells)
+    offsets = tabulated_offsets(reference, fm.spec.name, fm.spec.weights_sha256, image_shape, params.norm_bound,
+                                params.cell_seed, params.cells)
     if offsets is None:
         raise InvalidArgumentError(
             f"cell_reference {reference!r} has no tabulated offsets for encoder {fm.spec.name} (weights "

@@ -140,7 +140,7 @@ def test_adding_a_record_that_changes_the_batch_moves_no_other_record(tmp_path):
     normals = hyperplane_normals(lite0().feature_dim, 2, 3)
     x = torch.from_numpy(copy).float().div(255)[None, None]
     phi, _ = fixed_batch_features(lite0(), x, 16, norm_bound=1.0)
-    offset = projections(phi, normals)[0] - 1e-12  # the copies sit just above the hyperplane
+    offset = (projections(phi, normals)[0] - 1).double() / 2**32  # the copies sit one unit above the hyperplane
     near = CellSplit(2, 3, normals, offset, None)
     before = shard_sums(params, 0, cells=near)
     Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(root / "b" / "00.png")
@@ -158,7 +158,19 @@ def test_cell_bits_and_normals_are_fixed_by_the_seed():
     w = torch.tensor([[1.0, -1.0], [0, 0], [0, 0]], dtype=torch.float64)
     assert cell_of(phi, w, torch.zeros(2)).tolist() == [1, 2]  # bit 0: phi.w0 > 0, bit 1: phi.w1 > 0
     assert cell_of(phi, w, torch.tensor([1.0, 1.0])).tolist() == [0, 0]  # phi.w = b is not above
-    assert median_offsets(torch.tensor([[1.0], [2.0], [5.0]]), torch.ones(1, 1)).tolist() == [2.0]
+    assert median_offsets(torch.tensor([[1.0], [2.0], [5.0]]), torch.ones(1, 1, dtype=torch.float64)).tolist() == [2.0]
+    # fixed point: the same integers in any row order, alone or in a batch, at any thread count
+    big = torch.randn(3, 40_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) / 200
+    normals = hyperplane_normals(40_000, 4, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        together = projections(big, normals)
+        torch.set_num_threads(1)
+        alone = torch.cat([projections(big[i : i + 1], normals) for i in range(3)])
+    finally:
+        torch.set_num_threads(threads)
+    assert together.dtype == torch.int64 and torch.equal(together, alone)
+    assert torch.equal(projections(big.flip(0), normals).flip(0), together)
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^63\)"):
         hyperplane_normals(5, 4, seed=2**63)
 
@@ -190,8 +202,9 @@ def test_tabulated_offsets_are_the_medians_of_the_official_public_half():
     x = torch.from_numpy(images).float().div(255)
     phi = torch.cat([fixed_batch_features(fm, x[i : i + 256], 256, norm_bound=1.0)[0] for i in range(0, len(x), 256)])
     assert len(images) == 5000 and len(PUBLIC_OFFSETS) == 4
-    for (reference, sha, shape, bound, seed, m), offsets in PUBLIC_OFFSETS.items():
-        assert (reference, sha, shape, bound) == ("fashion-mnist:test-select", LITE0_SHA256, (1, 28, 28), 1.0)
+    for (reference, name, sha, shape, bound, seed, m), offsets in PUBLIC_OFFSETS.items():
+        assert (reference, name, sha, shape, bound) == ("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256,
+                                                        (1, 28, 28), 1.0)
         recomputed = median_offsets(phi, hyperplane_normals(phi.shape[1], m, seed)).tolist()
         assert recomputed == pytest.approx(list(offsets), abs=1e-9)
 
@@ -210,7 +223,7 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
     params = ReleaseParams(target_epsilon=10.0, data_root=str(tmp_path))
     split = tasks.custodian.cell_split(params, (1, 28, 28))
     assert split.reference == "fashion-mnist:test-select"
-    assert tuple(split.offsets.tolist()) == PUBLIC_OFFSETS[("fashion-mnist:test-select", LITE0_SHA256, (1, 28, 28),
+    assert tuple(split.offsets.tolist()) == PUBLIC_OFFSETS[("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (1, 28, 28),
                                                             1.0, 1, 8)]
     with pytest.raises(ValueError, match="no tabulated offsets for encoder efficientnet-lite0"):
         tasks.custodian.cell_split(params, (3, 32, 32))
@@ -229,6 +242,7 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
     ({"cell_reference": "imagefolder:/data:test"}, "has no tabulated offsets"),
     ({"cell_reference": "fashion-mnist:test-select "}, "has no tabulated offsets"),
     ({"cell_seed": -1}, "cell_seed"),
+    ({"batch_size": 1}, "needs batch_size >= 2"),
 ])
 def test_cell_settings_that_could_leak_are_refused(settings, message):
     with pytest.raises(ValidationError, match=message):
@@ -248,7 +262,7 @@ def _cells_metadata(relation=Neighbouring.ADD_REMOVE, labelled=True, m=M):
     return dataclasses.replace(meta, class_names=("a", "b", "c") if labelled else ("all",), parts=parts,
                                epsilon=mech.epsilon, n_public=None, cells_per_class=m, cell_seed=1,
                                encoder=dataclasses.replace(meta.encoder, weights_sha256=LITE0_SHA256),
-                               cell_offsets=PUBLIC_OFFSETS[("fashion-mnist:test-select", LITE0_SHA256, (1, 28, 28),
+                               cell_offsets=PUBLIC_OFFSETS[("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (1, 28, 28),
                                                             1.0, 1, m)],
                                cell_reference="fashion-mnist:test-select")
 
@@ -268,7 +282,7 @@ def _exact_counts(meta):
     (lambda m: dataclasses.replace(m, cells_per_class=1, cell_seed=None, cell_offsets=None, cell_reference=None),
      ReleaseSchemaError, r"shape \[24, 50\], expected \[3, D\] for 3 classes"),  # rows without their cells
     (lambda m: dataclasses.replace(m, cells_per_class=4, cell_offsets=PUBLIC_OFFSETS[
-        ("fashion-mnist:test-select", LITE0_SHA256, (1, 28, 28), 1.0, 1, 4)]), ReleaseSchemaError,
+        ("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (1, 28, 28), 1.0, 1, 4)]), ReleaseSchemaError,
      r"expected \[12, D\] for 3 classes x 4 cells"),
     (lambda m: dataclasses.replace(m, cells_per_class=3), ReleaseSchemaError, "cells_per_class must be one of"),
     (lambda m: dataclasses.replace(m, cells_per_class=True), ReleaseSchemaError, "cells_per_class must be one of"),
@@ -280,6 +294,10 @@ def _exact_counts(meta):
     (lambda m: dataclasses.replace(m, cell_offsets=m.cell_offsets[:2] + (m.cell_offsets[2] + 1e-12,)),
      ReleaseSchemaError, "are not the offsets tabulated"),  # free low bits
     (lambda m: dataclasses.replace(m, norm_bound=2.0), ReleaseSchemaError, "are not the offsets tabulated"),
+    (lambda m: dataclasses.replace(m, encoder=dataclasses.replace(m.encoder, name="vgg19")), ReleaseSchemaError,
+     "are not the offsets tabulated"),  # the third review: the encoder's name is part of the key
+    (lambda m: dataclasses.replace(m, cell_reference=None, cell_offsets=(-0.0, 0.0, 0.0)), ReleaseSchemaError,
+     "without a cell_reference"),  # not even a free sign bit
     (lambda m: dataclasses.replace(m, cell_seed=2), ReleaseSchemaError, "are not the offsets tabulated"),
     (lambda m: dataclasses.replace(m, cell_reference="mnist:test-report"), ReleaseSchemaError, "not the offsets"),
     (lambda m: dataclasses.replace(m, cell_reference=None), ReleaseSchemaError, "without a cell_reference"),

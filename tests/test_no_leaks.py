@@ -378,7 +378,7 @@ def test_every_custodian_error_is_sanitized(tmp_path, monkeypatch, fault, where)
         raise fault
 
     target = {"describe-open": "_source", "shard-open": "_source", "describe-encoder": "_feature_map",
-              "shard-encoder": "_feature_map", "shard-batch": "images_to_features"}[where]
+              "shard-encoder": "_feature_map", "shard-batch": "fixed_batch_features"}[where]
     monkeypatch.setattr(custodian, target, boom)
     with pytest.raises(ExtractionError) as info:
         if where.startswith("describe"):
