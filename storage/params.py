@@ -58,7 +58,7 @@ class ReleaseParams(BaseModel):
     count_share: float = Field(0.1, strict=True, description="share of the privacy precision spent on the class counts")
     cells_per_class: int | None = Field(None, strict=True, description="within-class cells: released rows per class, "
                                         "1 | 2 | 4 | 8 | 16 (default: 8 for a labelled release at target_epsilon "
-                                        ">= 1, else 1; mepf_core.cells)")
+                                        ">= 0.5, else 1; mepf_core.cells)")
     cell_seed: int = Field(1, strict=True, ge=0, description="seed of the cells' public hyperplane normals (1: the "
                            "seed of the measured setting, bench/README.md)")
     cell_reference: str | None = Field(None, description="public split whose tabulated median projections place "

@@ -176,7 +176,7 @@ def test_cell_bits_and_normals_are_fixed_by_the_seed():
 
 
 def test_default_cells_follow_epsilon_and_labels():
-    assert cells_for_epsilon(10.0, True) == 8 and cells_for_epsilon(1.0, True) == 8
+    assert cells_for_epsilon(10.0, True) == 8 and cells_for_epsilon(0.5, True) == 8
     assert cells_for_epsilon(0.2, True) == 1 and cells_for_epsilon(10.0, False) == 1
     params = ReleaseParams(target_epsilon=10.0)
     assert (params.cells, params.resolved_cell_reference) == (8, "fashion-mnist:test-select")
