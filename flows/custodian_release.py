@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from mepf_core.cells import check_fixed_point_range, hyperplane_normals
 from mepf_core.errors import MepfError, MissingExtraError, PathNotFoundError
 from storage.datasets import check_image_mode
 from storage.atomic import check_writable_file, check_writable_folder
@@ -35,7 +36,9 @@ def preflight(params: ReleaseParams) -> None:
         check_writable_file(params.ledger, "ledger")
     if params.encoder_weights is not None and not Path(params.encoder_weights).is_file():
         raise PathNotFoundError(f"encoder weights file {params.encoder_weights} does not exist")
-    _feature_map(params)  # weights present and loadable; built once, the tasks reuse it
+    fm = _feature_map(params)  # weights present and loadable; built once, the tasks reuse it
+    if params.cells > 1:  # cells whose fixed-point projections could overflow: refused from public values
+        check_fixed_point_range(params.norm_bound, hyperplane_normals(fm.feature_dim, params.cells, params.cell_seed))
 
 
 # Dask. What travels between processes: the ReleaseParams (public) to each worker, and each shard's

@@ -122,16 +122,27 @@ def projections(phi: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     and the integers are added. Integer addition is associative, so a row's projection is the same
     whatever the summation order, the number of rows, its position or the thread count (torch splits a
     float reduction of one row across threads, which rounds differently: a DP review moved cells that
-    way with VGG19 features). phi: N x D features; normals: D x B float64. InvalidArgumentError when a
-    sum could overflow int64 (sum_d |phi_d w_jd| >= 2^30, far above any bounded feature's)."""
+    way with VGG19 features). phi: N x D features of norm <= C; normals: D x B float64; the caller checks
+    `check_fixed_point_range(C, normals)` on public values first (sum_d |phi_d w_jd| <= C ||w_j|| by
+    Cauchy-Schwarz, so no sum can overflow; nothing here depends on the data)."""
     phi = phi.detach().to(torch.float64)
     out = []
     for j in range(normals.shape[1]):
         products = phi * normals[:, j].to(torch.float64)
-        if products.numel() and float(products.abs().sum(dim=1).max()) >= 2**30:
-            raise InvalidArgumentError("a projection is too large for the fixed-point sum (norm_bound too large)")
         out.append(products.mul_(FIXED_POINT).round_().to(torch.int64).sum(dim=1))
     return torch.stack(out, dim=1) if out else torch.zeros(len(phi), 0, dtype=torch.int64)
+
+
+def check_fixed_point_range(norm_bound: float, normals: torch.Tensor) -> None:
+    """Refuse, from public values only, settings whose projections could overflow the int64 fixed-point
+    sum: |phi . w_j| <= C ||w_j||_2 (Cauchy-Schwarz) must stay below 2^30, i.e. 2^62 units, with room for
+    D / 2 units of rounding. A check on the data itself would let one record decide whether a release
+    fails (and a failed release is charged nothing): a DP review did that with one all-zero image.
+    Raises InvalidArgumentError."""
+    reach = float(norm_bound) * float(normals.to(torch.float64).norm(dim=0).max()) if normals.numel() else 0.0
+    if not reach < 2**30:
+        raise InvalidArgumentError(f"norm_bound {norm_bound} is too large for within-class cells (projections up to "
+                                   f"{reach:.3g} >= 2^30); lower it or use cells_per_class 1")
 
 
 def fixed_point(offsets: torch.Tensor | tuple[float, ...]) -> torch.Tensor:

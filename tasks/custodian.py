@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import torch
 
-from mepf_core.cells import CellSplit, hyperplane_normals, tabulated_offsets
+from mepf_core.cells import CellSplit, check_fixed_point_range, hyperplane_normals, tabulated_offsets
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.errors import FileAccessError, InvalidArgumentError
 from mepf_core.encoders import FeatureMap, build_feature_map
@@ -181,6 +181,7 @@ def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int]) -> Cell
         return None
     fm = _feature_map(params)
     normals = hyperplane_normals(fm.feature_dim, params.cells, params.cell_seed)
+    check_fixed_point_range(params.norm_bound, normals)  # public values only, before any data is read
     reference = params.resolved_cell_reference
     if reference is None:
         return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.float64),

@@ -229,6 +229,10 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
         tasks.custodian.cell_split(params, (3, 32, 32))
     with pytest.raises(ValueError, match="no tabulated offsets"):
         tasks.custodian.cell_split(params.model_copy(update={"norm_bound": 2.0}), (1, 28, 28))
+    # the fourth review: a data-dependent overflow check let one record decide whether a release failed
+    # (uncharged); the range is now checked on C and the normals alone, before any data is read
+    with pytest.raises(ValueError, match="too large for within-class cells"):
+        tasks.custodian.cell_split(params.model_copy(update={"norm_bound": 1e7, "cell_reference": "none"}), (1, 28, 28))
 
 
 @pytest.mark.parametrize("settings, message", [
