@@ -125,6 +125,7 @@ def test_adding_a_record_that_changes_the_batch_moves_no_other_record(tmp_path):
     every batch computed at the fixed batch size exactly one count moves by 1 and the sums by at most C."""
     from PIL import Image
 
+    import tasks.custodian
     from tasks.custodian import shard_sums
 
     rng = np.random.default_rng(7)
@@ -137,9 +138,10 @@ def test_adding_a_record_that_changes_the_batch_moves_no_other_record(tmp_path):
         Image.fromarray(image).save(root / "a" / f"{i:02d}.png")
     params = ReleaseParams(dataset=f"imagefolder:{root}", target_epsilon=1.0, cells_per_class=2, cell_seed=3,
                            batch_size=16)
-    normals = hyperplane_normals(lite0().feature_dim, 2, 3)
+    fm = tasks.custodian._feature_map(params)  # the release's own encoder instance, as shard_sums uses it
+    normals = hyperplane_normals(fm.feature_dim, 2, 3)
     x = torch.from_numpy(copy).float().div(255)[None, None]
-    phi, _ = fixed_batch_features(lite0(), x, 16, norm_bound=1.0)
+    phi, _ = fixed_batch_features(fm, x, 16, norm_bound=1.0)
     offset = (projections(phi, normals)[0] - 1).double() / 2**32  # the copies sit one unit above the hyperplane
     near = CellSplit(2, 3, normals, offset, None)
     before = shard_sums(params, 0, cells=near)
@@ -190,8 +192,9 @@ def test_default_cells_follow_epsilon_and_labels():
 
 def test_tabulated_offsets_are_the_medians_of_the_official_public_half():
     """Every PUBLIC_OFFSETS entry, recomputed from the official Fashion-MNIST test file (its decompressed
-    SHA-256 pinned) with the production functions: the table holds no other number (to 1e-9: another CPU
-    type may round the encoder's last bits differently)."""
+    SHA-256 pinned) with the production functions: the table holds no other number (to 1e-6: the encoder's
+    float32 last bits differ between CPU types and, measured, between a fresh process and one that ran the
+    rest of the suite, by 2.6e-8 here; the release reads the table, never a recomputation)."""
     from storage.datasets import dataset_source, open_dataset
     from storage.references import reference_records
 
@@ -206,7 +209,7 @@ def test_tabulated_offsets_are_the_medians_of_the_official_public_half():
         assert (reference, name, sha, shape, bound) == ("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256,
                                                         (1, 28, 28), 1.0)
         recomputed = median_offsets(phi, hyperplane_normals(phi.shape[1], m, seed)).tolist()
-        assert recomputed == pytest.approx(list(offsets), abs=1e-9)
+        assert recomputed == pytest.approx(list(offsets), abs=1e-6)
 
 
 def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_path):

@@ -63,7 +63,8 @@ def test_a_failed_shard_leaves_its_progress_on_the_fixed_grid(tmp_path, fake_api
 
     data = _grey_folder(tmp_path / "d", per_class=5)
     (data / "b" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # record 8 of 10: fails at 70%
-    params = ReleaseParams(dataset=f"imagefolder:{data}", target_epsilon=1.0, labelled=True, batch_size=1)
+    params = ReleaseParams(dataset=f"imagefolder:{data}", target_epsilon=1.0, labelled=True, batch_size=1,
+                           cells_per_class=1)  # batches of one image: cells need batch_size >= 2
     with pytest.raises(CorruptImageError):
         shard_sums(params, 0, progress=True)
     assert fake_api == GRID
