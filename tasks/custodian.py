@@ -8,7 +8,6 @@ nothing here logs a statistic of the data (not even n, which is private under ad
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 
 from prefect import get_run_logger, task

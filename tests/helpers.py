@@ -12,7 +12,6 @@ import torch
 
 from mepf_core.embedding import FeatureSums
 from mepf_core.encoders import build_feature_map
-from mepf_core.features import images_to_features
 
 
 @functools.lru_cache(maxsize=None)
