@@ -20,8 +20,10 @@ batch at exactly `batch_size` images (`mepf_core.features.fixed_batch_features`:
 where a row's features are bitwise independent of its position and of the other rows, at any thread
 count (tests/test_cells.py), and projects in fixed point (`projections`: each product rounded to a
 multiple of 2^-32 and the integers added, exactly, in any order or thread). Then no record's row
-depends on any other record. (The bits may differ between CPU types or library builds: run every
-extraction shard of one release on one kind of machine and one build, as `scripts/setup.sh` installs.)
+depends on any other record. (The bits may differ between CPU types, library builds and even encoder
+instances in a process with a different history (2.6e-8 measured): a release uses one encoder instance
+per process (`tasks.custodian._feature_map`); run every shard of one release on one kind of machine
+and one build, as `scripts/setup.sh` installs.)
 
 Sensitivity (`mepf_core.privacy.sensitivity` holds the general derivation). With rows functions of
 their records,
