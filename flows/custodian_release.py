@@ -6,15 +6,14 @@ from pathlib import Path
 
 from prefect import flow
 
-from mepf_core.cells import check_fixed_point_range, hyperplane_normals
 from mepf_core.errors import MepfError, MissingExtraError, PathNotFoundError
 from storage.datasets import check_image_mode
 from storage.atomic import check_writable_file, check_writable_folder
 from storage.params import ReleaseParams
 from storage.provenance import file_sha256
 from tasks.artifacts import RELEASE_KEY, publish_markdown, release_summary_markdown
-from tasks.custodian import (_feature_map, calibrate, charge_noise_and_release, check_budget, describe_dataset,
-                             extract_shard, place_cells, reduce_sums)
+from tasks.custodian import (_feature_map, calibrate, cell_normals, charge_noise_and_release, check_budget,
+                             describe_dataset, extract_shard, place_cells, reduce_sums)
 
 
 class OutputExistsError(MepfError, FileExistsError):
@@ -36,9 +35,9 @@ def preflight(params: ReleaseParams) -> None:
         check_writable_file(params.ledger, "ledger")
     if params.encoder_weights is not None and not Path(params.encoder_weights).is_file():
         raise PathNotFoundError(f"encoder weights file {params.encoder_weights} does not exist")
-    fm = _feature_map(params)  # weights present and loadable; built once, the tasks reuse it
+    _feature_map(params)  # weights present and loadable; built once, the tasks reuse it
     if params.cells > 1:  # cells whose fixed-point projections could overflow: refused from public values
-        check_fixed_point_range(params.norm_bound, hyperplane_normals(fm.feature_dim, params.cells, params.cell_seed))
+        cell_normals(params)
 
 
 # Dask. What travels between processes: the ReleaseParams (public) to each worker, and each shard's

@@ -169,6 +169,15 @@ def describe_dataset(params: ReleaseParams) -> dict:
             "image_mode_source": src.image_mode_source, "feature_dim": fm.feature_dim, "encoder": fm.spec}
 
 
+def cell_normals(params: ReleaseParams) -> torch.Tensor:
+    """D x B normals of the release's cells (params.cells > 1), after refusing, from public values only,
+    settings whose fixed-point projections could overflow (mepf_core.cells.check_fixed_point_range).
+    Used by the CLI's preflight and by `cell_split`."""
+    normals = hyperplane_normals(_feature_map(params).feature_dim, params.cells, params.cell_seed)
+    check_fixed_point_range(params.norm_bound, normals)
+    return normals
+
+
 def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int]) -> CellSplit | None:
     """The release's cells (mepf_core.cells) for images of `image_shape` (C, H, W, public), None with one
     cell per class. Reads NO data: normals from params.cell_seed in the encoder's feature space; offsets
@@ -179,8 +188,7 @@ def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int]) -> Cell
     if params.cells == 1:
         return None
     fm = _feature_map(params)
-    normals = hyperplane_normals(fm.feature_dim, params.cells, params.cell_seed)
-    check_fixed_point_range(params.norm_bound, normals)  # public values only, before any data is read
+    normals = cell_normals(params)
     reference = params.resolved_cell_reference
     if reference is None:
         return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.float64),
