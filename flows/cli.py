@@ -71,18 +71,30 @@ def _dataset_available(dataset: str, split: str, root: str | None, labelled: boo
                        limit: int | None = None, *, image_size: int | None = None, channels: int | None = None) -> None:
     """Local checks before Prefect starts: the dataset opens in the image mode asked for (whole: an
     unreadable subfolder or file refuses it; a named dataset's own format only), and a labelled one
-    has >= 2 classes, each non-empty among the records released (the first `limit` with --limit).
+    has >= 2 classes (its structure, not its records).
 
-    These messages go to the custodian's terminal only (the flow repeats the checks with messages
-    that name no record and no class, since its errors reach Prefect)."""
+    A class with no images among the records released (the first `limit` with --limit) is a warning on
+    the custodian's terminal, not a refusal: the release's outcome must not depend on one record (a
+    class's only image decides whether it is empty), so the release goes ahead and that class's row is
+    noise. These messages go to the custodian's terminal only (the flow's errors, which reach Prefect,
+    name no record and no class)."""
     from storage.datasets import DatasetCheckError, labelled_release_problems, open_dataset
 
     # raises DatasetNotFoundError / DatasetCheckError / InvalidArgumentError with a clear message
-    src = open_dataset(dataset, split, root, image_size=image_size, channels=channels)
-    problems = labelled_release_problems(src, limit) if labelled else []
-    if problems:
-        where = f" --limit {limit}" if limit is not None else ""
-        raise DatasetCheckError("; ".join(problems) + f"; see `mepf check-data --dataset {dataset} --labelled{where}`")
+    src = open_dataset(dataset, split, root, image_size=image_size, channels=channels, limit=limit, allow_empty=True)
+    if len(src) == 0:
+        logger.warning("%s holds no images: released anyway, as pure noise (refusing would make whether a release "
+                       "is made depend on the records)", dataset)
+    if not labelled:
+        return
+    where = f" --limit {limit}" if limit is not None else ""
+    hint = f"see `mepf check-data --dataset {dataset} --labelled{where}`"
+    if src.num_classes < 2:
+        raise DatasetCheckError(f"a labelled release needs at least 2 classes, the dataset has {src.num_classes}; "
+                                f"{hint}")
+    for problem in labelled_release_problems(src, limit):
+        logger.warning("%s: released anyway, that row is pure noise (refusing would make whether a release is "
+                       "made depend on one record); %s", problem, hint)
 
 
 # --- inspect / budget -----------------------------------------------------------------------------

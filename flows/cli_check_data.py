@@ -4,7 +4,7 @@ Runs in the custodian's own process, WITHOUT Prefect: its output names files, cl
 which must never reach a Prefect server (the release's own errors only point here). It lists what a
 release would count as records and what it would refuse or skip:
 
-- undecodable image files (a release stops on the first one),
+- undecodable image files (a release counts each as a record with zero features),
 - hidden and tool-made files and folders skipped, at any depth (names starting with `.`, `@`, `$`, `~`:
   `.ipynb_checkpoints/`, AppleDouble `._*`, Synology `@eaDir/`, Windows `$RECYCLE.BIN/`, Office `~$*`;
   `__MACOSX/`, `System Volume Information/`, `lost+found/`, ...: `storage.datasets.is_hidden_name`),
@@ -115,7 +115,8 @@ def check_data(dataset: str, split: str = "train", root: str | None = None, labe
                 "refuses a folder it cannot read whole (fix the permissions or names, or move them out)"] \
         if report["unreadable"] else []
     if report["undecodable"]:
-        problems.append(f"{len(report['undecodable'])} undecodable image file(s): a release stops on the first")
+        problems.append(f"{len(report['undecodable'])} undecodable image file(s): a release counts each as a "
+                        "record with zero features (it carries no information; fix or remove them first)")
     empty = [name for name, c in counts.items() if c == 0]
     released = labels if limit is None else labels[:limit]  # the records a release with --limit reads
     in_window = {name: 0 for name in names}

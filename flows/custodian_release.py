@@ -83,8 +83,8 @@ def extract_sums(params: ReleaseParams, cells=None):
 def custodian_release(params: ReleaseParams) -> dict:
     """Calibrate, check the dataset and the budget, extract in shards, reduce, charge, noise once, write.
 
-    The dataset is described (its image mode resolved, and a labelled release with an empty or single
-    class refused) before the budget check, which may write the ledger's budget line: a refused dataset leaves the ledger as it was.
+    The dataset is described (its image mode resolved, and a labelled release of a single class
+    refused) before the budget check, which may write the ledger's budget line: a refused dataset leaves the ledger as it was.
     Runs unchanged on a Dask cluster: `custodian_release.with_options(task_runner=private_dask_runner(...))`.
     """
     preflight(params)

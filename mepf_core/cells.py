@@ -17,8 +17,8 @@ the size of the batch it is computed in (up to 8e-8 between 15 and 16 images): a
 record, which changed the last batch's size, and moved 10 copies of an image lying near a hyperplane
 to another cell (counts and sums moved by 14.2 against a claimed 1). So the custodian computes every
 batch at exactly `batch_size` images (`mepf_core.features.fixed_batch_features`: zeros pad the tail),
-where a row's features are bitwise independent of its position and of the other rows, at any thread
-count (tests/test_cells.py), and projects in fixed point (`projections`: each product rounded to a
+where a row's features are bitwise independent of its position and of the other rows, and, from
+`MIN_CELL_BATCH` = 16 rows up, of the thread count (tests/test_cells.py), and projects in fixed point (`projections`: each product rounded to a
 multiple of 2^-32 and the integers added, exactly, in any order or thread). Then no record's row
 depends on any other record. (The bits may differ between CPU types, library builds and even encoder
 instances in a process with a different history (2.6e-8 measured): a release uses one encoder instance
@@ -55,6 +55,11 @@ DEFAULT_CELLS = 8  # the default at epsilon >= CELLS_MIN_EPSILON (bench/README.m
 # screens, CNN): epsilon 0.5: 1 / 2 / 4 / 8 cells 73.8 / 77.0 / 77.5 / 77.2%; epsilon 0.2: 8 cells
 # 68.2%, 2 cells 74.9%, against 76.5 +- 0.8% for today's 1 cell at 10,000 steps.
 CELLS_MIN_EPSILON = 0.5
+# Smallest extraction batch with cells. At 16 rows and more a row's features are the same bits at any
+# thread count (tests/test_cells.py, 1-4 threads); below it they are not (a DP review, 1 vs 2 threads:
+# batches of 2-15 rows differ by up to 3.2e-8, 1,888 fixed-point units of a projection; oneDNN and the
+# plain convolution take turns there), so a record on a shard run at another thread count could change cell.
+MIN_CELL_BATCH = 16
 
 # Offsets tabulated once from PUBLIC images, never computed at release time: a release reads no data to
 # place its cells, so no --data-root can make private images set them, and a reader checks a release's
@@ -96,10 +101,11 @@ def validate_cells(cells_per_class: int) -> int:
     return int(cells_per_class)
 
 
-def cells_for_epsilon(target_epsilon: float, labelled: bool) -> int:
+def cells_for_epsilon(target_epsilon: float, labelled: bool, batch_size: int) -> int:
     """The default number of cells per class: DEFAULT_CELLS for a labelled release at target_epsilon >=
-    CELLS_MIN_EPSILON, else 1. Depends on public settings only."""
-    return DEFAULT_CELLS if labelled and target_epsilon >= CELLS_MIN_EPSILON else 1
+    CELLS_MIN_EPSILON extracted in batches of at least MIN_CELL_BATCH, else 1. Depends on public
+    settings only."""
+    return DEFAULT_CELLS if labelled and target_epsilon >= CELLS_MIN_EPSILON and batch_size >= MIN_CELL_BATCH else 1
 
 
 def hyperplane_normals(dim: int, cells_per_class: int, seed: int) -> torch.Tensor:

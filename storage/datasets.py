@@ -79,6 +79,9 @@ class ImageSource:
     _reader: "callable"  # (start, stop) -> uint8 array (stop-start) x C x H x W
     _stream: "callable | None" = None  # (start, stop, batch_size) -> iterator of uint8 arrays
     image_mode_source: str = "dataset-default"  # one of IMAGE_MODE_SOURCES: how image_shape was chosen
+    # (start, stop) -> (uint8 array, bool array: decoded), a record that cannot be decoded all zeros;
+    # None: every record decodes (a named dataset's arrays)
+    _record_reader: "callable | None" = None
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -103,6 +106,28 @@ class ImageSource:
             images = torch.from_numpy(np.array(chunk, dtype=np.float32)).div_(255.0)
             yield images, torch.from_numpy(self._labels[lo:hi].astype(np.int64))
             lo = hi
+
+    def iter_record_batches(self, batch_size: int, start: int = 0,
+                            stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """As `iter_batches`, for a release: (images float32 B x C x H x W in [0, 1], labels int64 B,
+        decoded bool B). A record whose file cannot be decoded (`CorruptImageError`) is an all-zero image
+        with decoded False instead of an error: whether a release is made must not depend on one
+        record's bytes (tasks.custodian.shard_sums gives such a record zero features). Errors of the
+        environment (permission denied, I/O) still raise."""
+        if self._record_reader is None:
+            for images, labels in self.iter_batches(batch_size, start, stop):
+                yield images, labels, torch.ones(len(labels), dtype=torch.bool)
+            return
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        stop = len(self) if stop is None else stop
+        if not 0 <= start <= stop <= len(self):
+            raise ValueError(f"range [{start}, {stop}) is outside [0, {len(self)})")
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            chunk, decoded = self._record_reader(lo, hi)
+            yield (torch.from_numpy(np.array(chunk, dtype=np.float32)).div_(255.0),
+                   torch.from_numpy(self._labels[lo:hi].astype(np.int64)), torch.from_numpy(decoded))
 
     def load_all(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """All (or the first `limit`) images as uint8 N x C x H x W with their labels."""
@@ -548,7 +573,7 @@ def scan_imagefolder(path: str | os.PathLike, split: str = "train") -> FolderSca
 
 
 def _imagefolder(path: str, split: str, image_size: int | None = None, channels: int | None = None,
-                 limit: int | None = None) -> ImageSource:
+                 limit: int | None = None, allow_empty: bool = False) -> ImageSource:
     scan = scan_imagefolder(path, split)
     if scan.unreadable:
         where, why = scan.unreadable[0]
@@ -556,7 +581,7 @@ def _imagefolder(path: str, split: str, image_size: int | None = None, channels:
             f"imagefolder {scan.folder}: {len(scan.unreadable)} folder(s) or file(s) could not be listed or "
             f"examined (first: {where}: {why}); a release refuses a folder it cannot read whole. "
             "Fix the permissions or names, or move them out (`mepf check-data` lists them)")
-    if not scan.files:
+    if not scan.files and not allow_empty:
         raise DatasetNotFoundError(f"imagefolder {scan.folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     files = scan.files
     y = np.asarray(scan.labels, dtype=np.int64)
@@ -565,10 +590,19 @@ def _imagefolder(path: str, split: str, image_size: int | None = None, channels:
     # budget do not cover it), so it must not decide the mode.
     shape, source = resolve_imagefolder_mode(files if limit is None else files[:limit], image_size, channels)
     c, size, _ = shape
+    def decoded_or_blank(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        images, decoded = np.zeros((b - a, c, size, size), dtype=np.uint8), np.ones(b - a, dtype=bool)
+        for j, i in enumerate(range(a, b)):
+            try:
+                images[j] = _decode_image(files[i], size, c)
+            except CorruptImageError:
+                decoded[j] = False
+        return images, decoded
+
     return ImageSource(
         f"imagefolder:{path}", split, scan.class_names, shape, y,
         lambda a, b: np.stack([_decode_image(files[i], size, c) for i in range(a, b)]),
-        image_mode_source=source,
+        image_mode_source=source, _record_reader=decoded_or_blank,
     )
 
 
@@ -630,11 +664,13 @@ def dataset_source(spec: str, split: str = "train", root: str | os.PathLike | No
 
 
 def labelled_release_problems(source: ImageSource, limit: int | None = None) -> list[str]:
-    """Why a labelled release of `source` would be refused (for the custodian's terminal only: the
+    """What is wrong with a labelled release of `source` (for the custodian's terminal only: the
     messages name classes and say which are empty, a fact about the private data).
 
-    A class with no records would be released as pure noise and the generator would still draw a
-    share of its images with that label; one class is not a labelled release at all. The check looks
+    One class is not a labelled release at all (refused: the class list is the dataset's structure). A
+    class with no records is released as pure noise and the generator still draws a share of its images
+    with that label; the CLI warns but does not refuse (whether a release is made must not depend on a
+    class's only record). The check looks
     at the records actually released: with `limit` (replace-one only) the first `limit` records, so a
     class that holds images but none inside the window is empty too.
     """
@@ -651,7 +687,8 @@ def labelled_release_problems(source: ImageSource, limit: int | None = None) -> 
 
 
 def open_dataset(spec: str, split: str = "train", root: str | os.PathLike | None = None, *,
-                 image_size: int | None = None, channels: int | None = None, limit: int | None = None) -> ImageSource:
+                 image_size: int | None = None, channels: int | None = None, limit: int | None = None,
+                 allow_empty: bool = False) -> ImageSource:
     """Open a dataset split by its spec (see module docstring).
 
     image_size / channels: the image mode (None: the default). A named dataset has its public format
@@ -660,12 +697,15 @@ def open_dataset(spec: str, split: str = "train", root: str | os.PathLike | None
     source's `image_mode_source` says how the mode was chosen (IMAGE_MODE_SOURCES). limit: the
     records a release reads are the first `limit` (ReleaseParams.limit); an image folder's inferred
     mode looks at those only. The source still lists every record (callers apply the limit).
+    allow_empty: an image folder with class folders but no image is an empty source instead of
+    DatasetNotFoundError (a release: whether it is made must not depend on its records, and the empty
+    dataset is the neighbour of a one-record one).
     """
     if split not in ("train", "test"):
         raise InvalidArgumentError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root) if root is not None else None
     if spec.startswith("imagefolder:"):
-        return _imagefolder(spec.split(":", 1)[1], split, image_size, channels, limit)
+        return _imagefolder(spec.split(":", 1)[1], split, image_size, channels, limit, allow_empty)
     check_image_mode(spec, image_size, channels)
     if spec == "fashion-mnist":
         src = _fashion_mnist(split, root)

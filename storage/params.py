@@ -58,7 +58,7 @@ class ReleaseParams(BaseModel):
     count_share: float = Field(0.1, strict=True, description="share of the privacy precision spent on the class counts")
     cells_per_class: int | None = Field(None, strict=True, description="within-class cells: released rows per class, "
                                         "1 | 2 | 4 | 8 | 16 (default: 8 for a labelled release at target_epsilon "
-                                        ">= 0.5, else 1; mepf_core.cells)")
+                                        ">= 0.5 with batch_size >= 16, else 1; mepf_core.cells)")
     cell_seed: int = Field(1, strict=True, ge=0, description="seed of the cells' public hyperplane normals (1: the "
                            "seed of the measured setting, bench/README.md)")
     cell_reference: str | None = Field(None, description="public split whose tabulated median projections place "
@@ -195,13 +195,15 @@ class ReleaseParams(BaseModel):
 
     @model_validator(mode="after")
     def _cells_need_labels(self) -> "ReleaseParams":
+        from mepf_core.cells import MIN_CELL_BATCH
+
         if self.cells > 1 and not self.labelled:
             raise ValueError(f"cells_per_class={self.cells} needs a labelled release (cells split each class); "
                              "use cells_per_class=1 for an unlabelled one")
-        if self.cells > 1 and self.batch_size < 2:
-            # a one-row batch's feature norm is a single-output reduction, which torch splits across
-            # threads (rounding with the thread count); with >= 2 rows each row is reduced by one thread
-            raise ValueError(f"cells_per_class={self.cells} needs batch_size >= 2, got {self.batch_size}")
+        if self.cells > 1 and self.batch_size < MIN_CELL_BATCH:
+            raise ValueError(f"cells_per_class={self.cells} needs batch_size >= {MIN_CELL_BATCH} (below it a "
+                             f"record's features, and so its cell, change with the thread count), got "
+                             f"{self.batch_size}")
         return self
 
     @model_validator(mode="after")
@@ -228,7 +230,7 @@ class ReleaseParams(BaseModel):
 
         if self.cells_per_class is not None:
             return self.cells_per_class
-        return cells_for_epsilon(self.target_epsilon, self.labelled)
+        return cells_for_epsilon(self.target_epsilon, self.labelled, self.batch_size)
 
     @property
     def resolved_cell_reference(self) -> str | None:

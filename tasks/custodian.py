@@ -22,8 +22,7 @@ from mepf_core.errors import FileAccessError, InvalidArgumentError
 from mepf_core.encoders import FeatureMap, build_feature_map
 from mepf_core.features import fixed_batch_features
 from mepf_core.privacy.mechanism import ReleaseMechanism, design_mechanism
-from storage.datasets import (CorruptImageError, DatasetCheckError, ExtractionError, ImageSource,
-                              labelled_release_problems, open_dataset)
+from storage.datasets import DatasetCheckError, ExtractionError, ImageSource, open_dataset
 from storage.ledger import BudgetLedger
 from storage.params import ReleaseParams
 from storage.release import (PartRecord, ReleaseMetadata, check_metadata, check_room_for_release,
@@ -35,8 +34,9 @@ _PRIVATE = dict(persist_result=False, cache_policy=NO_CACHE)
 
 
 def _source(params: ReleaseParams) -> ImageSource:
+    # the mode is inferred from released records only; no image at all is a dataset too (the neighbour of one)
     return open_dataset(params.dataset, params.split, params.data_root, image_size=params.image_size,
-                        channels=params.channels, limit=params.limit)  # the mode is inferred from released records only
+                        channels=params.channels, limit=params.limit, allow_empty=True)
 
 
 def check_data_hint(params: ReleaseParams) -> str:
@@ -89,16 +89,18 @@ def sanitize_errors(what: str):
 
 
 def check_labelled(params: ReleaseParams, src: ImageSource) -> None:
-    """Refuse a labelled release with an empty class or fewer than 2 classes (before any budget moves).
+    """Refuse a labelled release of fewer than 2 classes (before any budget moves).
 
-    Looks at the records actually released: with `limit` (replace-one) only the first `limit`.
-    The message reaches Prefect, so it says only that the check failed: which class is empty is a
-    fact about the private data, printed by `mepf check-data` on the custodian's terminal.
+    The class list is the dataset's structure (a named dataset's classes, an image folder's class
+    subfolders, empty or not), never its records: a check on the records would make the outcome,
+    refused and free or released and charged, a function of one record. An empty class was refused here
+    until a DP review showed that removing a class's only image turned a charged release into a free
+    refusal; it is now released (its row is noise) and the CLI warns the custodian on the terminal.
     """
-    if params.labelled and labelled_release_problems(src, params.limit):
+    if params.labelled and src.num_classes < 2:
         raise _safe(DatasetCheckError(
-            "a labelled release needs at least 2 classes, each holding images among the records released, "
-            f"and this dataset does not pass that check; {check_data_hint(params)}"))
+            f"a labelled release needs at least 2 classes, the dataset has {src.num_classes}; "
+            f"{check_data_hint(params)}"))
 
 
 @functools.lru_cache(maxsize=4)
@@ -157,8 +159,8 @@ def check_budget(params: ReleaseParams, mechanism: ReleaseMechanism) -> None:
 def describe_dataset(params: ReleaseParams) -> dict:
     """Public facts about the dataset's format (classes, image shape); never its size in logs.
 
-    Runs before the budget check: a labelled release with an empty class or a single class is refused
-    here, so nothing is charged or written. Any error is sanitized (`sanitize_errors`).
+    Runs before the budget check: a labelled release of a single class is refused here, so nothing is
+    charged or written (an empty class is not: `check_labelled`). Any error is sanitized (`sanitize_errors`).
     """
     src = _source(params)
     check_labelled(params, src)
@@ -224,11 +226,17 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
     of one file are never records). `limit` keeps the first N of them; ReleaseParams refuses it under
     add-remove and derives why it is sound under replace-one (`_limit_keeps_relation`).
 
+    A record whose file cannot be decoded is not an error: it is released as a record with zero features
+    (its count stays), a function of that record alone (so the sensitivities hold). Refusing the release
+    instead made the outcome (released and charged, or refused and free) a function of one record's bytes,
+    which no epsilon covers (fifth DP review; likewise an empty class, `check_labelled`). `mepf check-data`
+    lists such files for the custodian, locally.
+
     Errors: this runs inside a Prefect task, whose state, logs and exception text a public user of a
-    shared server can read. An error on a record (an undecodable file names its path; a shape or label
-    error prints batch sizes or label values) is replaced by one that names neither the record nor a
-    count, raised outside the `except` block so the original is not chained to it;
-    `mepf check-data` gives the custodian the details locally. Errors outside the batch loop (opening
+    shared server can read. Any other error on a record (an unreadable file: permission denied, an I/O
+    error of the environment; a shape or label error prints batch sizes or label values) is replaced by
+    one that names neither the record nor a count, raised outside the `except` block so the original is
+    not chained to it; `mepf check-data` gives the custodian the details locally. Errors outside the batch loop (opening
     and listing the folder in `_source(params)`, building the encoder) are sanitized the same way by
     `sanitize_errors`.
 
@@ -250,7 +258,6 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
         raise _safe(ValueError(f"the cells given ({cells!r}) are not this release's: {wanted}"))
     sums = FeatureSums.zeros(k * params.cells, fm.feature_dim, params.moments)
     bound2 = params.second_moment_bound if params.moments == 2 else None
-    corrupt = False
     ui = FixedStepProgress(EXTRACTION_PROGRESS_KEY, f"extraction, shard {shard + 1} of {params.shards} "
                            "(fixed 10% steps: no count is shown)") if progress else None
     done = 0
@@ -258,28 +265,27 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
     try:
         with tqdm(total=stop - start, desc=f"extract shard {shard + 1}/{params.shards}", leave=False,
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
-            try:
-                for images, labels in src.iter_batches(params.batch_size, start, stop):
-                    # a fixed batch shape: a record's features (and so its cell) do not depend on its batch
-                    phi1, phi2 = fixed_batch_features(fm, images, params.batch_size, norm_bound=params.norm_bound,
-                                                      second_moment_bound=bound2)
-                    rows = labels if params.labelled else torch.zeros(len(images), dtype=torch.long)
-                    sums.add(phi1, phi2, rows if cells is None else cells.rows(phi1, rows))
-                    bar.update(len(images))
-                    if ui is not None:
-                        done += len(images)
-                        ui.update(done, stop - start)  # sends grid points only, never `done` or the total
-            except CorruptImageError:  # its message names the file: replaced below, outside the except block
-                corrupt = True
+            for images, labels, decoded in src.iter_record_batches(params.batch_size, start, stop):
+                # a fixed batch shape: a record's features (and so its cell) do not depend on its batch
+                phi1, phi2 = fixed_batch_features(fm, images, params.batch_size, norm_bound=params.norm_bound,
+                                                  second_moment_bound=bound2)
+                # A record whose file cannot be decoded has zero features (its count stays): a function of
+                # that record alone, so the sensitivities hold, and the release is made either way.
+                phi1 = torch.where(decoded[:, None], phi1, 0.0)
+                phi2 = None if phi2 is None else torch.where(decoded[:, None], phi2, 0.0)
+                rows = labels if params.labelled else torch.zeros(len(images), dtype=torch.long)
+                sums.add(phi1, phi2, rows if cells is None else cells.rows(phi1, rows))
+                bar.update(len(images))
+                if ui is not None:
+                    done += len(images)
+                    ui.update(done, stop - start)  # sends grid points only, never `done` or the total
     finally:
         # Success or failure, the artifact ends at 100%: a failed shard left at 30% would say where, among
-        # the shard's sorted records, the first corrupt or unreadable one lies (a rank statistic of the
+        # the shard's sorted records, the first unreadable one lies (a rank statistic of the
         # private data, and a release that fails is charged nothing, so it could be probed for free).
         if ui is not None:
             ui.finish()
-    if corrupt:
-        raise _safe(CorruptImageError(f"an image could not be decoded; {check_data_hint(params)}"))
-    return sums  # any other error is replaced by `sanitize_errors`
+    return sums  # any error is replaced by `sanitize_errors`
 
 
 @task(name="extract-shard", **_PRIVATE)

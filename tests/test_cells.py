@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mepf_core.cells import (LITE0_SHA256, PUBLIC_OFFSETS, PUBLIC_TEST_SHA256, CellSplit, cell_of, cells_for_epsilon,
+from mepf_core.cells import (LITE0_SHA256, MIN_CELL_BATCH, PUBLIC_OFFSETS, PUBLIC_TEST_SHA256, CellSplit, cell_of, cells_for_epsilon,
                              draw_rows, hyperplane_normals, median_offsets, projections, row_shares)
 from mepf_core.features import fixed_batch_features
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
@@ -117,6 +117,29 @@ def test_a_records_cell_depends_on_that_record_only(base, cells):
     assert torch.equal(cells.rows(phi.flip(0), labels.flip(0)).flip(0), alone)
 
 
+@pytest.mark.parametrize("batch_size", [MIN_CELL_BATCH, 24])
+def test_features_at_cell_batch_sizes_are_the_same_bits_at_any_thread_count(batch_size):
+    """The fifth DP review: at batches of 2-15 rows, 1 and 2 threads gave features up to 3.2e-8 apart
+    (1,888 fixed-point units of a projection), so a record extracted by a shard at another thread count
+    could change cell: adding one record (which moves the shard boundaries) moved another record's cell,
+    counts and sums by sqrt 3 against a claimed 1. Cells therefore need batches of at least
+    MIN_CELL_BATCH rows, where the bits and the fixed-point projections do not depend on threads."""
+    images, _ = fmnist_subset(batch_size)
+    fm = lite0()
+    normals = hyperplane_normals(fm.feature_dim, M, seed=1)
+    threads = torch.get_num_threads()
+    try:
+        out = {}
+        for n_threads in (1, 2, 3, 4):
+            torch.set_num_threads(n_threads)
+            out[n_threads], _ = fixed_batch_features(fm, images[:batch_size], batch_size, norm_bound=1.0)
+    finally:
+        torch.set_num_threads(threads)
+    for n_threads in (2, 3, 4):
+        assert torch.equal(out[n_threads], out[1]), n_threads
+        assert torch.equal(projections(out[n_threads], normals), projections(out[1], normals)), n_threads
+
+
 def test_adding_a_record_that_changes_the_batch_moves_no_other_record(tmp_path):
     """The DP review's attack, through the release's extraction: a class of 15 images, 10 of them copies of
     one image whose projection lies within 1e-12 of a hyperplane; adding one unrelated image changes the
@@ -178,8 +201,10 @@ def test_cell_bits_and_normals_are_fixed_by_the_seed():
 
 
 def test_default_cells_follow_epsilon_and_labels():
-    assert cells_for_epsilon(10.0, True) == 8 and cells_for_epsilon(0.5, True) == 8
-    assert cells_for_epsilon(0.2, True) == 1 and cells_for_epsilon(10.0, False) == 1
+    assert cells_for_epsilon(10.0, True, 256) == 8 and cells_for_epsilon(0.5, True, MIN_CELL_BATCH) == 8
+    assert cells_for_epsilon(0.2, True, 256) == 1 and cells_for_epsilon(10.0, False, 256) == 1
+    assert cells_for_epsilon(10.0, True, MIN_CELL_BATCH - 1) == 1  # too small a batch for cells: one
+    assert ReleaseParams(target_epsilon=10.0, batch_size=8).cells == 1
     params = ReleaseParams(target_epsilon=10.0)
     assert (params.cells, params.resolved_cell_reference) == (8, "fashion-mnist:test-select")
     assert ReleaseParams(target_epsilon=0.2).resolved_cell_reference is None
@@ -249,7 +274,8 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
     ({"cell_reference": "imagefolder:/data:test"}, "has no tabulated offsets"),
     ({"cell_reference": "fashion-mnist:test-select "}, "has no tabulated offsets"),
     ({"cell_seed": -1}, "cell_seed"),
-    ({"batch_size": 1}, "needs batch_size >= 2"),
+    ({"batch_size": 1}, "needs batch_size >= 16"),
+    ({"batch_size": 15}, "needs batch_size >= 16"),  # the fifth review's thread-count break, below
 ])
 def test_cell_settings_that_could_leak_are_refused(settings, message):
     with pytest.raises(ValidationError, match=message):

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import tasks.artifacts as artifacts
-from storage.datasets import CorruptImageError, open_dataset
+from storage.datasets import ExtractionError, open_dataset
 from storage.params import PipelineParams, ReleaseParams
 
 GRID = [10.0 * j for j in range(11)]  # FixedStepProgress's fixed sequence: 0, 10, ..., 100
@@ -58,14 +58,23 @@ def fake_api(monkeypatch):
     return calls
 
 
-def test_a_failed_shard_leaves_its_progress_on_the_fixed_grid(tmp_path, fake_api):
+def test_a_failed_shard_leaves_its_progress_on_the_fixed_grid(tmp_path, fake_api, monkeypatch):
     from tasks.custodian import shard_sums
 
+    import storage.datasets
+
     data = _grey_folder(tmp_path / "d", per_class=5)
-    (data / "b" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # record 8 of 10: fails at 70%
+    decode = storage.datasets._decode_image
+
+    def unreadable_record_8(path, *args):  # an environment error (a corrupt file no longer fails a release)
+        if path == data / "b" / "2.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return decode(path, *args)
+
+    monkeypatch.setattr(storage.datasets, "_decode_image", unreadable_record_8)  # record 8 of 10: fails at 70%
     params = ReleaseParams(dataset=f"imagefolder:{data}", target_epsilon=1.0, labelled=True, batch_size=1,
-                           cells_per_class=1)  # batches of one image: cells need batch_size >= 2
-    with pytest.raises(CorruptImageError):
+                           cells_per_class=1)  # batches of one image (cells need batch_size >= 16)
+    with pytest.raises(ExtractionError):
         shard_sums(params, 0, progress=True)
     assert fake_api == GRID
 
