@@ -274,8 +274,8 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
     ({"cell_reference": "imagefolder:/data:test"}, "has no tabulated offsets"),
     ({"cell_reference": "fashion-mnist:test-select "}, "has no tabulated offsets"),
     ({"cell_seed": -1}, "cell_seed"),
-    ({"batch_size": 1}, "needs batch_size >= 16"),
-    ({"batch_size": 15}, "needs batch_size >= 16"),  # the fifth review's thread-count break, below
+    ({"batch_size": 1, "cells_per_class": 8}, "needs batch_size >= 16"),
+    ({"batch_size": 15, "cells_per_class": 2}, "needs batch_size >= 16"),  # the fifth review's thread-count break, below
 ])
 def test_cell_settings_that_could_leak_are_refused(settings, message):
     with pytest.raises(ValidationError, match=message):
