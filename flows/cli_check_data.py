@@ -4,13 +4,14 @@ Runs in the custodian's own process, WITHOUT Prefect: its output names files, cl
 which must never reach a Prefect server (the release's own errors only point here). It lists what a
 release would count as records and what it would refuse or skip:
 
-- undecodable image files (a release counts each as a record with zero features),
+- undecodable image files, and files this process may not open (permission denied, ...): a release
+  counts each as a record with zero features,
 - hidden and tool-made files and folders skipped, at any depth (names starting with `.`, `@`, `$`, `~`:
   `.ipynb_checkpoints/`, AppleDouble `._*`, Synology `@eaDir/`, Windows `$RECYCLE.BIN/`, Office `~$*`;
   `__MACOSX/`, `System Volume Information/`, `lost+found/`, ...: `storage.datasets.is_hidden_name`),
   symbolic links skipped, extra hard-link names of one file (counted once),
-- folders and files that could not be listed or examined (permissions, a path too long): a release
-  refuses the dataset rather than skip them,
+- folders that could not be listed, entries that could not be examined, files whose reading failed
+  with an I/O error: a release refuses the dataset rather than skip them,
 - images in nested subfolders of a class folder (a warning: copies made by hand or by tools hide
   there, and each copy is one more record of the same person),
 - duplicate records by content (SHA-256 of the file's bytes, or of the pixels for array datasets):
@@ -46,7 +47,7 @@ def add_check_data_subcommand(sub) -> None:
 
 
 def _imagefolder_report(spec: str, split: str) -> dict:
-    from storage.datasets import CorruptImageError, _decode_image, scan_imagefolder
+    from storage.datasets import RECORD_OPEN_ERRNOS, CorruptImageError, _decode_image, scan_imagefolder
 
     scan = scan_imagefolder(spec.split(":", 1)[1], split)  # unreadable entries are listed, not raised
     undecodable, by_hash = [], defaultdict(list)
@@ -54,8 +55,12 @@ def _imagefolder_report(spec: str, split: str) -> dict:
     for f in scan.files:
         try:
             by_hash[hashlib.sha256(f.read_bytes()).hexdigest()].append(str(f))
-        except OSError as exc:  # e.g. a file without read permission: a release could not decode it
-            unreadable.append({"path": str(f), "error": f"{type(exc).__name__}: {exc.strerror or ''}".rstrip(": ")})
+        except OSError as exc:
+            why = f"{type(exc).__name__}: {exc.strerror or ''}".rstrip(": ")
+            if exc.errno in RECORD_OPEN_ERRNOS:  # e.g. no read permission: a zero-feature record, like undecodable
+                undecodable.append({"file": str(f), "error": f"cannot open image {f}: {why}"})
+            else:  # an I/O error, ...: a release fails on it
+                unreadable.append({"path": str(f), "error": why})
             continue
         try:
             _decode_image(f, 32)

@@ -7,13 +7,13 @@ from pathlib import Path
 from prefect import flow
 
 from mepf_core.errors import MepfError, MissingExtraError, PathNotFoundError
-from storage.datasets import check_image_mode
+from storage.datasets import check_image_mode, declared_image_shape
 from storage.atomic import check_writable_file, check_writable_folder
 from storage.params import ReleaseParams
 from storage.provenance import file_sha256
 from tasks.artifacts import RELEASE_KEY, publish_markdown, release_summary_markdown
-from tasks.custodian import (_feature_map, calibrate, cell_normals, charge_noise_and_release, check_budget,
-                             describe_dataset, extract_shard, place_cells, reduce_sums)
+from tasks.custodian import (_feature_map, calibrate, cell_normals, cell_split, charge_noise_and_release,
+                             check_budget, describe_dataset, extract_shard, place_cells, reduce_sums)
 
 
 class OutputExistsError(MepfError, FileExistsError):
@@ -38,6 +38,9 @@ def preflight(params: ReleaseParams) -> None:
     _feature_map(params)  # weights present and loadable; built once, the tasks reuse it
     if params.cells > 1:  # cells whose fixed-point projections could overflow: refused from public values
         cell_normals(params)
+    if params.resolved_cell_reference is not None:  # its image shape is declared (ReleaseParams), so a missing
+        # tabulated entry is refused here from the settings, never after the budget check
+        cell_split(params, declared_image_shape(params.dataset, params.image_size, params.channels))
 
 
 # Dask. What travels between processes: the ReleaseParams (public) to each worker, and each shard's

@@ -15,6 +15,8 @@ by default 1 channel when every image is grayscale, else 3, and 28 for grayscale
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import gzip
 import logging
 import os
@@ -112,8 +114,9 @@ class ImageSource:
         """As `iter_batches`, for a release: (images float32 B x C x H x W in [0, 1], labels int64 B,
         decoded bool B). A record whose file cannot be decoded (`CorruptImageError`) is an all-zero image
         with decoded False instead of an error: whether a release is made must not depend on one
-        record's bytes (tasks.custodian.shard_sums gives such a record zero features). Errors of the
-        environment (permission denied, I/O) still raise."""
+        record's bytes (tasks.custodian.shard_sums gives such a record zero features). So is a file that
+        cannot be opened for a reason of its own (`UnreadableImageError`: permission denied, ...). Errors
+        of the environment (an I/O error) still raise."""
         if self._record_reader is None:
             for images, labels in self.iter_batches(batch_size, start, stop):
                 yield images, labels, torch.ones(len(labels), dtype=torch.bool)
@@ -300,38 +303,82 @@ def _torchvision_array_source(name: str, cls_name: str, split: str, root: Path |
 
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# The Pillow decoders a record may use: those of IMAGE_EXTENSIONS. Pillow picks a decoder by content,
+# not by name, so without this list a `.png` holding a DDS, IM, PSD, ... header reached a plugin whose
+# errors (NotImplementedError, TypeError, ...) no `except` here expected (sixth DP review).
+PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+# A fixed, public cap on the pixels of one record, checked from the header before any pixel is
+# decoded: it bounds the memory one record can make a release use (about 4 bytes a pixel, 128 MiB, and
+# a few copies), so no record can make a release fail for lack of memory. A 170 KB 16-bit PNG of 9,400 x
+# 9,500 pixels (under Pillow's own 89.5 M bomb limit) decoded to 684 MiB (sixth DP review). 2**25 is
+# 33.5 M pixels (a 6,000 x 5,000 photo); a larger image is an undecodable record: downscale it first.
+MAX_DECODE_PIXELS = 2 ** 25
+# Errors of opening ONE file (its permissions, its name, a file that vanished or changed type since the
+# folder was listed): a property of that record, so it is released as a record with zero features, like
+# an undecodable file, not refused (which would let one record decide whether a release is made). Other
+# errors of the environment (an I/O error, no memory for a file handle, a full table of open files)
+# still raise: they say nothing about one record.
+RECORD_OPEN_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.ELOOP,
+                                errno.ENAMETOOLONG, errno.EISDIR, errno.ENXIO})
+
+
+class UnreadableImageError(CorruptImageError):
+    """An image file that this process may not open (`RECORD_OPEN_ERRNOS`: permission denied, a name
+    too long, a file gone since the folder was listed); a release treats it as an undecodable record."""
+
+
+@functools.cache
+def _quiet_bomb_warnings() -> None:
+    """Pillow warns (DecompressionBombWarning, with the image's size) when it opens an image above its
+    own limit; `MAX_DECODE_PIXELS`, far below that limit, refuses such an image anyway, so the warning
+    only printed a record's size. Set once per process (a `warnings.catch_warnings` block around each
+    decode is not thread-safe)."""
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _decode_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
     """One image file -> uint8 array `channels` x size x size, as a viewer shows it.
 
-    The EXIF orientation is applied first (`ImageOps.exif_transpose`); 16-bit grey keeps its top 8
-    bits; then Pillow's `convert("L")` (channels 1: ITU-R 601 luma) or `convert("RGB")` (channels 3:
-    grey repeated), alpha dropped, and a bilinear resize to size x size (aspect ratio not kept).
-    Raises CorruptImageError naming the file when Pillow cannot decode it (or it is a decompression
-    bomb, or has 32-bit integer or float pixels), InvalidArgumentError for channels not in CHANNELS;
-    an OSError of the environment (permission denied, an I/O error) propagates as itself: the file
-    may be healthy.
+    Decoders: `PIL_FORMATS` only, whatever the file's name. The EXIF orientation is applied first
+    (`ImageOps.exif_transpose`); 16-bit grey keeps its top 8 bits; then Pillow's `convert("L")`
+    (channels 1: ITU-R 601 luma) or `convert("RGB")` (channels 3: grey repeated), alpha dropped, and a
+    bilinear resize to size x size (aspect ratio not kept).
+
+    Raises CorruptImageError naming the file for ANY failure of the file's content: a format outside
+    PIL_FORMATS, more than MAX_DECODE_PIXELS pixels, 32-bit integer or float pixels, and whatever a
+    decoder raises on a damaged or hostile file (OSError, ValueError, SyntaxError, struct.error,
+    NotImplementedError, TypeError, MemoryError, ...): which of these a file provokes is up to its
+    bytes, so none may escape as another error (a release would then refuse, decided by one record).
+    UnreadableImageError (a CorruptImageError) when the file cannot be opened for a reason of its own
+    (`RECORD_OPEN_ERRNOS`). An OSError of the environment (an I/O error, `file_access_error`)
+    propagates as itself: the file may be healthy. InvalidArgumentError for channels not in CHANNELS.
     """
     from PIL import Image, ImageOps
 
     if channels not in CHANNELS:
         raise InvalidArgumentError(f"channels must be 1 or 3, got {channels!r}")
+    _quiet_bomb_warnings()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                # EXIF orientation first: a photo stored rotated decodes to what a viewer shows.
-                img = ImageOps.exif_transpose(img)
-                if img.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits, not a saturated convert
-                    img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
-                elif img.mode in ("I", "F"):
-                    raise ValueError(f"unsupported image mode {img.mode} (32-bit integer or float pixels)")
-                out = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(path, formats=PIL_FORMATS) as img:
+            width, height = img.size
+            if width * height > MAX_DECODE_PIXELS:
+                raise ValueError(f"{width} x {height} pixels is more than the {MAX_DECODE_PIXELS:,} a record "
+                                 "may have (storage.datasets.MAX_DECODE_PIXELS); downscale it")
+            img.load()
+            # EXIF orientation first: a photo stored rotated decodes to what a viewer shows.
+            img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits, not a saturated convert
+                img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
+            elif img.mode in ("I", "F"):
+                raise ValueError(f"unsupported image mode {img.mode} (32-bit integer or float pixels)")
+            out = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+    except Exception as exc:  # noqa: BLE001 - any decoder error on these bytes is the record's, below
+        if isinstance(exc, OSError) and exc.errno in RECORD_OPEN_ERRNOS:
+            raise UnreadableImageError(f"cannot open image {path}: {exc.strerror or exc}") from None
         if isinstance(exc, OSError) and file_access_error(exc) is not None:
-            raise  # permission denied, an I/O error...: the environment, not a damaged image (Pillow sets no errno)
+            raise  # an I/O error, ...: the environment, not a damaged image (Pillow sets no errno)
         raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
     pixels = np.asarray(out, dtype=np.uint8)
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
@@ -342,21 +389,20 @@ GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I
 
 def _is_grayscale_file(path: Path) -> bool | None:
     """Whether Pillow opens `path` as a grayscale image (mode in GRAYSCALE_MODES, or a palette whose
-    every entry is grey), from its header only; None when Pillow cannot open it (decoding will then
-    refuse it by name, so it does not vote)."""
+    every entry is grey), from its header only (decoders `PIL_FORMATS`); None when Pillow cannot open it
+    (it is then an undecodable record, so it does not vote)."""
     from PIL import Image
 
+    _quiet_bomb_warnings()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                if img.mode in GRAYSCALE_MODES:
-                    return True
-                if img.mode in ("P", "PA"):
-                    palette = img.getpalette() or []
-                    return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
-                return False
-    except Exception:  # noqa: BLE001 - an unreadable file is refused by name when it is decoded
+        with Image.open(path, formats=PIL_FORMATS) as img:
+            if img.mode in GRAYSCALE_MODES:
+                return True
+            if img.mode in ("P", "PA"):
+                palette = img.getpalette() or []
+                return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+            return False
+    except Exception:  # noqa: BLE001 - an unopenable file is an undecodable record: no vote
         return None
 
 
@@ -370,6 +416,18 @@ def all_grayscale(files) -> bool:
 def default_image_size(channels: int) -> int:
     """The default side of an image folder's images: 28 for grayscale (the paper's MNIST setting), else 32."""
     return 28 if channels == 1 else 32
+
+
+def declared_image_shape(dataset: str, image_size: int | None, channels: int | None) -> tuple[int, int, int] | None:
+    """(C, S, S) of a release's images from its settings alone: a named dataset's DATASET_SHAPES; an image
+    folder's with `channels` given (S: image_size, else `default_image_size(C)`); None for an image folder
+    without `channels`, whose mode is inferred from the data."""
+    if dataset in DATASET_SHAPES:
+        return DATASET_SHAPES[dataset]
+    if channels is None:
+        return None
+    size = image_size if image_size is not None else default_image_size(channels)
+    return (channels, size, size)
 
 
 def check_image_mode(dataset: str, image_size: int | None, channels: int | None) -> None:

@@ -223,6 +223,21 @@ class ReleaseParams(BaseModel):
                              "use cell_reference 'none' for offsets 0")
         return self
 
+    @model_validator(mode="after")
+    def _cell_reference_needs_a_declared_mode(self) -> "ReleaseParams":
+        """Tabulated offsets exist for one image shape. An image folder's shape without --channels is
+        inferred from the data (one colour image makes it 3 x 32 x 32), so whether the table held an
+        entry, and so whether the release was made, was decided by one record (sixth DP review). With a
+        cell reference, the shape must come from the settings (the preflight then looks the entry up)."""
+        from storage.datasets import declared_image_shape
+
+        if self.resolved_cell_reference is not None and declared_image_shape(
+                self.dataset, self.image_size, self.channels) is None:
+            raise ValueError(f"cell_reference {self.resolved_cell_reference!r} places the cells with offsets "
+                             "tabulated for one image shape: an image folder must then declare its mode with "
+                             "--channels (and --image-size), not leave it to be inferred from the images")
+        return self
+
     @property
     def cells(self) -> int:
         """M, the rows per class: cells_per_class, or its default for this epsilon (mepf_core.cells)."""

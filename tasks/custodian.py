@@ -64,8 +64,8 @@ def sanitize_errors(what: str):
     result), which users of a shared server can read; errors raised on the private data often name a
     record (`PermissionError: ... data/b/scans/<name>.png`, `[Errno 36] File name too long: ...`,
     `cannot decode image ...`) or print a private value (shapes, labels, counts). Any `Exception`
-    becomes one `ExtractionError` naming the task, the original's class name and the `mepf check-data`
-    hint, raised OUTSIDE the `except` block so the original is neither chained (`__cause__`) nor
+    becomes one `ExtractionError` naming the task and the `mepf check-data` hint (not the original's
+    class), raised OUTSIDE the `except` block so the original is neither chained (`__cause__`) nor
     attached as `__context__`. Errors built here with a safe message (`_safe`) pass unchanged. The CLI
     runs the same dataset checks locally before Prefect starts, with the detailed message.
     """
@@ -81,8 +81,8 @@ def sanitize_errors(what: str):
                 params = next((a for a in (*args, *kwargs.values()) if isinstance(a, ReleaseParams)), None)
                 hint = check_data_hint(params) if params is not None else \
                     "run `mepf check-data` on the custodian's machine for details"
-                failure = _safe(ExtractionError(
-                    f"{what} failed on the private dataset ({type(exc).__name__}); {hint}"))
+                # Not even the error's class: which class a record provokes is a function of its bytes.
+                failure = _safe(ExtractionError(f"{what} failed on the private dataset; {hint}"))
             raise failure
         return wrapper
     return decorate
@@ -229,12 +229,14 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
     A record whose file cannot be decoded is not an error: it is released as a record with zero features
     (its count stays), a function of that record alone (so the sensitivities hold). Refusing the release
     instead made the outcome (released and charged, or refused and free) a function of one record's bytes,
-    which no epsilon covers (fifth DP review; likewise an empty class, `check_labelled`). `mepf check-data`
+    which no epsilon covers (fifth DP review; likewise an empty class, `check_labelled`). So is a file that
+    cannot be opened for a reason of its own (permission denied, a name too long: sixth DP review), and
+    any error a decoder raises on a file's bytes (`storage.datasets._decode_image`). `mepf check-data`
     lists such files for the custodian, locally.
 
     Errors: this runs inside a Prefect task, whose state, logs and exception text a public user of a
-    shared server can read. Any other error on a record (an unreadable file: permission denied, an I/O
-    error of the environment; a shape or label error prints batch sizes or label values) is replaced by
+    shared server can read. Any other error on a record (an I/O error of the environment; a shape or
+    label error prints batch sizes or label values) is replaced by
     one that names neither the record nor a count, raised outside the `except` block so the original is
     not chained to it; `mepf check-data` gives the custodian the details locally. Errors outside the batch loop (opening
     and listing the folder in `_source(params)`, building the encoder) are sanitized the same way by

@@ -305,20 +305,170 @@ def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
     assert list(root.iterdir()) == []  # an existing folder stays, emptied of the attempt
 
 
-def test_a_corrupt_image_in_a_release_is_a_record_with_zero_features(tmp_path):
-    """Refusing a release over one undecodable file made whether a release is made (charged) or refused
-    (free) depend on one record's bytes (the fifth DP review). Now such a record has zero features and
-    keeps its count: against the folder without it, the sums are the same and one count moves by 1 (the
-    add-remove sensitivities); nothing names the file (`open_dataset` used locally, above, and `mepf
-    check-data` still do)."""
+def _assert_zero_feature_record(tmp_path: Path, spec: str, target: Path) -> None:
+    """A release of `spec` treats `target` as one record with zero features: against the folder without
+    it, the sums are the same and one count moves by 1 (the add-remove sensitivities); the release is
+    made either way."""
     from storage.params import ReleaseParams
     from tasks.custodian import shard_sums
 
-    spec, target = _folder(tmp_path, "secret-name-7.png", HOSTILE["truncated.png"])
     (tmp_path / "b" / "ok2.png").write_bytes((tmp_path / "b" / "ok.png").read_bytes())
     params = ReleaseParams(dataset=spec, target_epsilon=1.0, labelled=True, batch_size=16, channels=1)
-    with_corrupt = shard_sums(params, 0)
+    with_record = shard_sums(params, 0)
     target.unlink()
     without = shard_sums(params, 0)
-    assert np.array_equal(with_corrupt.moment1, without.moment1)
-    assert np.abs(with_corrupt.counts - without.counts).sum() == 1.0
+    assert np.array_equal(with_record.moment1, without.moment1)
+    assert np.abs(with_record.counts - without.counts).sum() == 1.0
+
+
+def test_a_corrupt_image_in_a_release_is_a_record_with_zero_features(tmp_path):
+    """Refusing a release over one undecodable file made whether a release is made (charged) or refused
+    (free) depend on one record's bytes (the fifth DP review). Now such a record has zero features and
+    keeps its count; nothing names the file (`open_dataset` used locally, above, and `mepf check-data`
+    still do)."""
+    spec, target = _folder(tmp_path, "secret-name-7.png", HOSTILE["truncated.png"])
+    _assert_zero_feature_record(tmp_path, spec, target)
+
+
+# --- sixth DP review: every failure a file's bytes or its own attributes can cause is the record's ----
+
+def _dds(fourcc: bytes) -> bytes:
+    """A DirectDraw Surface header (16 x 16) whose pixel format is the FourCC `fourcc`."""
+    header = struct.pack("<7I", 124, 0x1007, 16, 16, 0, 0, 0) + bytes(44)
+    pixel_format = struct.pack("<2I4s5I", 32, 0x4, fourcc, 0, 0, 0, 0, 0)
+    return b"DDS " + header + pixel_format + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + bytes(1024)
+
+
+# Files named .png whose content another Pillow plugin claims, each raising an error class that the
+# decoder's old `except (OSError, ValueError, SyntaxError)` let escape: the release was refused, free.
+ESCAPING = {
+    "dds-unknown-fourcc.png": _dds(b"ZZZZ"),  # DdsImagePlugin: NotImplementedError
+    "im-fractional-size.png": b"Image type: L image\r\nName: x\r\nImage size (x*y): 1.5*16\r\n\x1a".ljust(1024, b"\0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ESCAPING))
+def test_a_file_another_decoder_claims_is_an_undecodable_record(tmp_path, name):
+    data = ESCAPING[name]
+    with pytest.raises(Exception) as pillow_alone:  # what Pillow raises when it may pick any decoder
+        Image.open(io.BytesIO(data)).load()
+    assert not isinstance(pillow_alone.value, (OSError, ValueError, SyntaxError))
+    spec, target = _folder(tmp_path, name, lambda p: p.write_bytes(data))
+    with pytest.raises(CorruptImageError, match=re.escape(str(target))):
+        open_dataset(spec, channels=1).load_all()
+    from flows.cli_check_data import check_data
+
+    assert [u["file"] for u in check_data(spec)["undecodable"]] == [str(target)]
+    _assert_zero_feature_record(tmp_path, spec, target)
+
+
+@pytest.mark.parametrize("error", [NotImplementedError("x"), TypeError("x"), struct.error("x"), IndexError("x"),
+                                   KeyError("x"), ZeroDivisionError("x"), AttributeError("x"), MemoryError(),
+                                   RecursionError("x"), OSError("decoder error -2")])
+def test_any_error_a_decoder_raises_is_an_undecodable_record(tmp_path, monkeypatch, error):
+    """The kind, not the two examples: whatever a decoder raises on a file's bytes is CorruptImageError."""
+    from PIL import PngImagePlugin
+
+    spec, target = _folder(tmp_path, "x.png", lambda p: Image.new("L", (16, 16), 7).save(p))
+
+    def load(self):
+        if Path(self.filename) == target:
+            raise error
+        return Image.Image.load(self)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", load)
+    with pytest.raises(CorruptImageError, match=re.escape(str(target))):
+        open_dataset(spec, channels=1).load_all()
+
+
+def test_an_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path):
+    """A small file that decodes to a large image (a 170 KB 16-bit PNG of 9,400 x 9,500 pixels took 684 MiB,
+    so a memory limit made the release fail) is undecodable from its header, before any pixel is decoded."""
+    from storage.datasets import MAX_DECODE_PIXELS
+
+    side = int(MAX_DECODE_PIXELS ** 0.5) + 1  # 5,793 x 5,793: one over the cap
+    spec, target = _folder(tmp_path, "wide.png", lambda p: Image.new("1", (side, side)).save(p))
+    assert target.stat().st_size < 100_000
+    with mock.patch.object(Image.Image, "load", side_effect=AssertionError("pixels decoded")):
+        with pytest.raises(CorruptImageError, match=f"{side} x {side} pixels is more than"):
+            open_dataset(spec, channels=1).load_all()
+
+
+def _open_fails_on(monkeypatch, target: Path, code: int) -> None:
+    """PIL.Image.open raises the OSError `code` for `target` (as the OS would: root ignores file modes)."""
+    import errno as errno_names
+
+    real_open = Image.open
+
+    def fake_open(fp, *args, **kwargs):
+        if Path(fp) == target:
+            raise OSError(code, errno_names.errorcode[code], str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", fake_open)
+
+
+@pytest.mark.parametrize("code", sorted(__import__("storage.datasets").datasets.RECORD_OPEN_ERRNOS))
+def test_a_file_that_cannot_be_opened_for_its_own_reasons_is_an_undecodable_record(tmp_path, monkeypatch, code):
+    """Permission denied on ONE file passed the folder scan (lstat only) and then failed the release
+    (sixth DP review): its mode, a record's attribute, decided whether a release was made."""
+    from storage.datasets import UnreadableImageError
+
+    spec, target = _folder(tmp_path, "locked.png", lambda p: Image.new("L", (16, 16), 7).save(p))
+    _open_fails_on(monkeypatch, target, code)
+    with pytest.raises(UnreadableImageError, match=re.escape(str(target))):
+        open_dataset(spec, channels=1).load_all()
+    _assert_zero_feature_record(tmp_path, spec, target)
+
+
+def test_an_io_error_of_the_environment_still_fails_the_release(tmp_path, monkeypatch):
+    """EIO says nothing about one record (a disk is failing): the release fails, sanitized, uncharged."""
+    import errno as errno_names
+
+    from storage.datasets import ExtractionError
+    from storage.params import ReleaseParams
+    from tasks.custodian import shard_sums
+
+    spec, target = _folder(tmp_path, "x.png", lambda p: Image.new("L", (16, 16), 7).save(p))
+    _open_fails_on(monkeypatch, target, errno_names.EIO)
+    params = ReleaseParams(dataset=spec, target_epsilon=1.0, labelled=True, batch_size=16, channels=1)
+    with pytest.raises(ExtractionError) as info:
+        shard_sums(params, 0)
+    assert "x.png" not in str(info.value) and "OSError" not in str(info.value)
+
+
+def test_check_data_lists_a_file_it_may_not_read_as_a_zero_feature_record(tmp_path, monkeypatch):
+    import errno as errno_names
+
+    from flows.cli_check_data import check_data
+
+    spec, target = _folder(tmp_path, "locked.png", lambda p: Image.new("L", (16, 16), 7).save(p))
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self == target:
+            raise PermissionError(errno_names.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    report = check_data(spec)
+    assert [u["file"] for u in report["undecodable"]] == [str(target)] and report["unreadable"] == []
+    assert "Permission denied" in report["undecodable"][0]["error"]
+
+
+def test_a_cell_reference_needs_a_declared_image_mode(tmp_path):
+    """Tabulated cell offsets exist for one image shape; an image folder's inferred shape (one colour
+    image makes it 3 x 32 x 32) decided whether the table had an entry, after the budget check (sixth DP
+    review). Now the mode must be declared, and a missing entry is refused by the preflight."""
+    from flows.custodian_release import preflight
+    from mepf_core.errors import InvalidArgumentError
+
+    spec = f"imagefolder:{tmp_path}"
+    settings_ = dict(dataset=spec, target_epsilon=1.0, cells_per_class=8, cell_reference="fashion-mnist:test-select",
+                     out=str(tmp_path / "r.h5"))
+    with pytest.raises(ValidationError, match="--channels"):
+        ReleaseParams(**settings_)
+    preflight(ReleaseParams(**settings_, channels=1))  # 1 x 28 x 28: tabulated
+    with pytest.raises(InvalidArgumentError, match=r"no tabulated offsets .* shape \[3, 32, 32\]"):
+        preflight(ReleaseParams(**settings_, channels=3))
+    ReleaseParams(**{**settings_, "cell_reference": "none"})  # offsets 0: no shape needed

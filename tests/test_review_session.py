@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -66,9 +68,9 @@ def test_a_failed_shard_leaves_its_progress_on_the_fixed_grid(tmp_path, fake_api
     data = _grey_folder(tmp_path / "d", per_class=5)
     decode = storage.datasets._decode_image
 
-    def unreadable_record_8(path, *args):  # an environment error (a corrupt file no longer fails a release)
+    def unreadable_record_8(path, *args):  # an environment error (a corrupt or unopenable file no longer fails a release)
         if path == data / "b" / "2.png":
-            raise PermissionError(13, "Permission denied", str(path))
+            raise OSError(errno.EIO, "Input/output error", str(path))
         return decode(path, *args)
 
     monkeypatch.setattr(storage.datasets, "_decode_image", unreadable_record_8)  # record 8 of 10: fails at 70%
