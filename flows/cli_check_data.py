@@ -4,14 +4,14 @@ Runs in the custodian's own process, WITHOUT Prefect: its output names files, cl
 which must never reach a Prefect server (the release's own errors only point here). It lists what a
 release would count as records and what it would refuse or skip:
 
-- undecodable image files, and files this process may not open (permission denied, ...): a release
-  counts each as a record with zero features,
+- undecodable image files, files over a decoding limit (storage.datasets: MAX_RECORD_BYTES, ...) and
+  files that cannot be read (permission denied, an I/O error): a release counts each as a record with
+  zero features,
 - hidden and tool-made files and folders skipped, at any depth (names starting with `.`, `@`, `$`, `~`:
   `.ipynb_checkpoints/`, AppleDouble `._*`, Synology `@eaDir/`, Windows `$RECYCLE.BIN/`, Office `~$*`;
   `__MACOSX/`, `System Volume Information/`, `lost+found/`, ...: `storage.datasets.is_hidden_name`),
   symbolic links skipped, extra hard-link names of one file (counted once),
-- folders that could not be listed, entries that could not be examined, files whose reading failed
-  with an I/O error: a release refuses the dataset rather than skip them,
+- folders that could not be listed or examined: a release refuses the dataset rather than skip them,
 - images in nested subfolders of a class folder (a warning: copies made by hand or by tools hide
   there, and each copy is one more record of the same person),
 - duplicate records by content (SHA-256 of the file's bytes, or of the pixels for array datasets):
@@ -47,25 +47,21 @@ def add_check_data_subcommand(sub) -> None:
 
 
 def _imagefolder_report(spec: str, split: str) -> dict:
-    from storage.datasets import RECORD_OPEN_ERRNOS, CorruptImageError, _decode_image, scan_imagefolder
+    from storage.datasets import CorruptImageError, _decode_image, scan_imagefolder
 
     scan = scan_imagefolder(spec.split(":", 1)[1], split)  # unreadable entries are listed, not raised
     undecodable, by_hash = [], defaultdict(list)
     unreadable = [{"path": str(p), "error": why} for p, why in scan.unreadable]
     for f in scan.files:
-        try:
-            by_hash[hashlib.sha256(f.read_bytes()).hexdigest()].append(str(f))
-        except OSError as exc:
-            why = f"{type(exc).__name__}: {exc.strerror or ''}".rstrip(": ")
-            if exc.errno in RECORD_OPEN_ERRNOS:  # e.g. no read permission: a zero-feature record, like undecodable
-                undecodable.append({"file": str(f), "error": f"cannot open image {f}: {why}"})
-            else:  # an I/O error, ...: a release fails on it
-                unreadable.append({"path": str(f), "error": why})
-            continue
-        try:
+        try:  # as a release reads it: any failure is a zero-feature record
             _decode_image(f, 32)
         except CorruptImageError as exc:
             undecodable.append({"file": str(f), "error": str(exc)})
+        try:
+            with open(f, "rb") as fh:
+                by_hash[hashlib.file_digest(fh, "sha256").hexdigest()].append(str(f))
+        except OSError:
+            pass  # listed as undecodable (cannot be read) above
     return {
         "folder": str(scan.folder), "class_names": list(scan.class_names), "labels": list(scan.labels),
         "undecodable": undecodable,
@@ -116,7 +112,7 @@ def check_data(dataset: str, split: str = "train", root: str | None = None, labe
     counts = {name: 0 for name in names}
     for k in labels:
         counts[names[k]] += 1
-    problems = [f"{len(report['unreadable'])} folder(s) or file(s) could not be listed or examined: a release "
+    problems = [f"{len(report['unreadable'])} folder(s) could not be listed or examined: a release "
                 "refuses a folder it cannot read whole (fix the permissions or names, or move them out)"] \
         if report["unreadable"] else []
     if report["undecodable"]:

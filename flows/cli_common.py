@@ -21,10 +21,11 @@ class CliError(MepfError):
 
 
 def _emit(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
-    else:
-        sys.stdout.write(human(result) + "\n")
+    """Print `result` as JSON or as `human` text. A file name that is not valid in the terminal's
+    encoding (bytes Python keeps as surrogates) prints escaped (backslashreplace), never raises."""
+    text = json.dumps(result, indent=2, default=str) if as_json else human(result)
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    sys.stdout.write(text.encode(encoding, "backslashreplace").decode(encoding) + "\n")
 
 
 def _describe_error(e: dict) -> str:

@@ -15,12 +15,13 @@ by default 1 channel when every image is grayscale, else 3, and 28 for grayscale
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import gzip
+import io
 import logging
 import os
 import shutil
+import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mepf_core.errors import InvalidArgumentError, MepfError, MissingExtraError, file_access_error
+from mepf_core.errors import InvalidArgumentError, MepfError, MissingExtraError
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +116,7 @@ class ImageSource:
         decoded bool B). A record whose file cannot be decoded (`CorruptImageError`) is an all-zero image
         with decoded False instead of an error: whether a release is made must not depend on one
         record's bytes (tasks.custodian.shard_sums gives such a record zero features). So is a file that
-        cannot be opened for a reason of its own (`UnreadableImageError`: permission denied, ...). Errors
-        of the environment (an I/O error) still raise."""
+        cannot be read (`UnreadableImageError`, any OSError: permission denied, an I/O error, ...)."""
         if self._record_reader is None:
             for images, labels in self.iter_batches(batch_size, start, stop):
                 yield images, labels, torch.ones(len(labels), dtype=torch.bool)
@@ -303,70 +303,132 @@ def _torchvision_array_source(name: str, cls_name: str, split: str, root: Path |
 
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-# The Pillow decoders a record may use: those of IMAGE_EXTENSIONS. Pillow picks a decoder by content,
-# not by name, so without this list a `.png` holding a DDS, IM, PSD, ... header reached a plugin whose
-# errors (NotImplementedError, TypeError, ...) no `except` here expected (sixth DP review).
+
+# --- decoding one record: every failure and every cost bounded, whatever the file holds -------------
+#
+# Whether a release is made must not depend on one record, so nothing a file's bytes, name or
+# attributes can do may make decoding raise anything but CorruptImageError (a zero-feature record), run
+# out of memory, or take unbounded time. Pillow's own limits bound pixels only; these bound the rest
+# (sixth and seventh DP reviews: a DDS named .png raised NotImplementedError; a 170 KB 16-bit PNG
+# decoded to 684 MiB; a 119 KB progressive JPEG of 1,000 scans took 28 s, growing with its size; a TIFF
+# of 2^22 one-row strips took 56 s and 1.3 GiB in `Image.open` alone). All are public constants.
+
+# The Pillow decoders a record may use: those of IMAGE_EXTENSIONS (Pillow picks a decoder by content).
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
-# A fixed, public cap on the pixels of one record, checked from the header before any pixel is
-# decoded: it bounds the memory one record can make a release use (about 4 bytes a pixel, 128 MiB, and
-# a few copies), so no record can make a release fail for lack of memory. A 170 KB 16-bit PNG of 9,400 x
-# 9,500 pixels (under Pillow's own 89.5 M bomb limit) decoded to 684 MiB (sixth DP review). 2**25 is
-# 33.5 M pixels (a 6,000 x 5,000 photo); a larger image is an undecodable record: downscale it first.
+# Bytes read of one file: a larger file is an undecodable record. Bounds the work of every decoder
+# that is linear in its input (a BMP's run-length codes, PNG chunks, LZW).
+MAX_RECORD_BYTES = 2 ** 25  # 32 MiB
+# Pixels of one image, from its header, before any pixel is decoded: about 4 bytes a pixel (128 MiB)
+# and a few copies. 2**25 is 33.5 M pixels (a 6,000 x 5,000 photo); downscale larger images first.
 MAX_DECODE_PIXELS = 2 ** 25
-# Errors of opening ONE file (its permissions, its name, a file that vanished or changed type since the
-# folder was listed): a property of that record, so it is released as a record with zero features, like
-# an undecodable file, not refused (which would let one record decide whether a release is made). Other
-# errors of the environment (an I/O error, no memory for a file handle, a full table of open files)
-# still raise: they say nothing about one record.
-RECORD_OPEN_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.ELOOP,
-                                errno.ENAMETOOLONG, errno.EISDIR, errno.ENXIO})
+# A progressive JPEG decodes the whole image once per scan, and a scan can take 53 bytes: its cost is
+# scans x pixels. Ordinary JPEGs have 1-3 scans, progressive ones about 10 (markers FF DA, counted in
+# the whole file: entropy-coded data never holds FF DA, so a count can only be too high, never too low).
+MAX_JPEG_SCANS = 100
+# `Image.open` of a TIFF makes one Python object per numeric value of its first directory (strip
+# offsets and byte counts: 8 file bytes per strip, about 300 bytes of memory). 2**18 values is a few
+# times an ordinary TIFF's (a 16-bit colour map has 196,608).
+MAX_TIFF_VALUES = 2 ** 18
+# EXIF is parsed for its orientation the same way: at most the 64 KiB a JPEG segment can hold.
+MAX_EXIF_BYTES = 2 ** 16
+_TIFF_BYTE_TYPES = frozenset({1, 2, 6, 7})  # BYTE, ASCII, SBYTE, UNDEFINED: kept as bytes, not objects
 
 
 class UnreadableImageError(CorruptImageError):
-    """An image file that this process may not open (`RECORD_OPEN_ERRNOS`: permission denied, a name
-    too long, a file gone since the folder was listed); a release treats it as an undecodable record."""
+    """An image file that cannot be read (any OSError: permission denied, a name too long, an I/O
+    error, a file gone since the folder was listed); a release treats it as an undecodable record."""
 
 
 @functools.cache
-def _quiet_bomb_warnings() -> None:
-    """Pillow warns (DecompressionBombWarning, with the image's size) when it opens an image above its
-    own limit; `MAX_DECODE_PIXELS`, far below that limit, refuses such an image anyway, so the warning
-    only printed a record's size. Set once per process (a `warnings.catch_warnings` block around each
-    decode is not thread-safe)."""
+def _quiet_pillow_warnings() -> None:
+    """Pillow warns about a file's contents ("Tag data larger than file", a decompression bomb's size)
+    on stderr: a line per record that says something about it. Ignored once per process (a
+    `warnings.catch_warnings` block around each decode is not thread-safe); every limit that matters
+    is enforced here instead."""
     from PIL import Image
 
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _tiff_first_directory_values(data: bytes) -> int:
+    """The entries of a TIFF's (or BigTIFF's) first directory plus their declared numeric values: what
+    Pillow turns into Python objects when it opens the file. Truncated data counts what is there."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\0", b"\0+")
+    head, entry, count_format = ("Q", 20, "Q") if big else ("H", 12, "I")
+    try:
+        (ifd,) = struct.unpack_from(order + ("Q" if big else "I"), data, 8 if big else 4)
+        (entries,) = struct.unpack_from(order + head, data, ifd)
+    except struct.error:
+        return 0  # no directory: Pillow refuses the file itself
+    start = ifd + struct.calcsize(head)
+    total = entries
+    for pos in range(start, min(start + entries * entry, len(data) - entry + 1), entry):
+        (kind,) = struct.unpack_from(order + "H", data, pos + 2)
+        if kind not in _TIFF_BYTE_TYPES:
+            total += struct.unpack_from(order + count_format, data, pos + 4)[0]
+    return total
+
+
+def _open_record(path: Path):
+    """A PIL image of the file at `path`, opened (header only) from at most MAX_RECORD_BYTES read once,
+    with the decoders PIL_FORMATS, after the structure checks above. Raises UnreadableImageError for
+    any OSError reading the file, CorruptImageError for a file over a limit or one Pillow refuses."""
+    from PIL import Image
+
+    _quiet_pillow_warnings()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECORD_BYTES + 1)
+    except OSError as exc:
+        raise UnreadableImageError(f"cannot read image {path}: {type(exc).__name__}: {exc.strerror or exc}") from None
+    if len(data) > MAX_RECORD_BYTES:
+        raise CorruptImageError(f"cannot decode image {path}: larger than {MAX_RECORD_BYTES:,} bytes "
+                                "(storage.datasets.MAX_RECORD_BYTES)")
+    if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise CorruptImageError(f"cannot decode image {path}: {scans} JPEG scans, more than {MAX_JPEG_SCANS} "
+                                "(storage.datasets.MAX_JPEG_SCANS)")
+    if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+") and \
+            (values := _tiff_first_directory_values(data)) > MAX_TIFF_VALUES:
+        raise CorruptImageError(f"cannot decode image {path}: {values:,} TIFF directory values, more than "
+                                f"{MAX_TIFF_VALUES:,} (storage.datasets.MAX_TIFF_VALUES)")
+    try:
+        return Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on these bytes is the record's
+        raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
 
 
 def _decode_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
     """One image file -> uint8 array `channels` x size x size, as a viewer shows it.
 
-    Decoders: `PIL_FORMATS` only, whatever the file's name. The EXIF orientation is applied first
-    (`ImageOps.exif_transpose`); 16-bit grey keeps its top 8 bits; then Pillow's `convert("L")`
+    Opened by `_open_record` (bytes, decoders and structure bounded). The EXIF orientation is applied
+    first (`ImageOps.exif_transpose`); 16-bit grey keeps its top 8 bits; then Pillow's `convert("L")`
     (channels 1: ITU-R 601 luma) or `convert("RGB")` (channels 3: grey repeated), alpha dropped, and a
     bilinear resize to size x size (aspect ratio not kept).
 
-    Raises CorruptImageError naming the file for ANY failure of the file's content: a format outside
-    PIL_FORMATS, more than MAX_DECODE_PIXELS pixels, 32-bit integer or float pixels, and whatever a
-    decoder raises on a damaged or hostile file (OSError, ValueError, SyntaxError, struct.error,
-    NotImplementedError, TypeError, MemoryError, ...): which of these a file provokes is up to its
-    bytes, so none may escape as another error (a release would then refuse, decided by one record).
-    UnreadableImageError (a CorruptImageError) when the file cannot be opened for a reason of its own
-    (`RECORD_OPEN_ERRNOS`). An OSError of the environment (an I/O error, `file_access_error`)
-    propagates as itself: the file may be healthy. InvalidArgumentError for channels not in CHANNELS.
+    Raises CorruptImageError naming the file for ANY failure of the file's content: a limit above
+    (MAX_RECORD_BYTES, MAX_DECODE_PIXELS, MAX_JPEG_SCANS, MAX_TIFF_VALUES, MAX_EXIF_BYTES), a format
+    outside PIL_FORMATS, 32-bit integer or float pixels, and whatever a decoder raises on a damaged or
+    hostile file (OSError, ValueError, SyntaxError, struct.error, NotImplementedError, TypeError,
+    MemoryError, ...): which of these a file provokes is up to its bytes, so none may escape as another
+    error (a release would then refuse, decided by one record). UnreadableImageError (a
+    CorruptImageError) for any OSError reading it. InvalidArgumentError for channels not in CHANNELS.
     """
     from PIL import Image, ImageOps
 
     if channels not in CHANNELS:
         raise InvalidArgumentError(f"channels must be 1 or 3, got {channels!r}")
-    _quiet_bomb_warnings()
-    try:
-        with Image.open(path, formats=PIL_FORMATS) as img:
+    with _open_record(path) as img:
+        try:
             width, height = img.size
             if width * height > MAX_DECODE_PIXELS:
                 raise ValueError(f"{width} x {height} pixels is more than the {MAX_DECODE_PIXELS:,} a record "
                                  "may have (storage.datasets.MAX_DECODE_PIXELS); downscale it")
             img.load()
+            exif = img.info.get("exif") or b""
+            if len(exif) > MAX_EXIF_BYTES or len(img.info.get("Raw profile type exif") or "") > 3 * MAX_EXIF_BYTES:
+                raise ValueError(f"EXIF data over {MAX_EXIF_BYTES:,} bytes (storage.datasets.MAX_EXIF_BYTES)")
             # EXIF orientation first: a photo stored rotated decodes to what a viewer shows.
             img = ImageOps.exif_transpose(img)
             if img.mode.startswith("I;16"):  # 16-bit grey: keep the top 8 bits, not a saturated convert
@@ -374,12 +436,8 @@ def _decode_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
             elif img.mode in ("I", "F"):
                 raise ValueError(f"unsupported image mode {img.mode} (32-bit integer or float pixels)")
             out = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-    except Exception as exc:  # noqa: BLE001 - any decoder error on these bytes is the record's, below
-        if isinstance(exc, OSError) and exc.errno in RECORD_OPEN_ERRNOS:
-            raise UnreadableImageError(f"cannot open image {path}: {exc.strerror or exc}") from None
-        if isinstance(exc, OSError) and file_access_error(exc) is not None:
-            raise  # an I/O error, ...: the environment, not a damaged image (Pillow sets no errno)
-        raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder error on these bytes is the record's
+            raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
     pixels = np.asarray(out, dtype=np.uint8)
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
@@ -389,13 +447,10 @@ GRAYSCALE_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I
 
 def _is_grayscale_file(path: Path) -> bool | None:
     """Whether Pillow opens `path` as a grayscale image (mode in GRAYSCALE_MODES, or a palette whose
-    every entry is grey), from its header only (decoders `PIL_FORMATS`); None when Pillow cannot open it
+    every entry is grey), from its header only (`_open_record`); None when Pillow cannot open it
     (it is then an undecodable record, so it does not vote)."""
-    from PIL import Image
-
-    _quiet_bomb_warnings()
     try:
-        with Image.open(path, formats=PIL_FORMATS) as img:
+        with _open_record(path) as img:
             if img.mode in GRAYSCALE_MODES:
                 return True
             if img.mode in ("P", "PA"):
@@ -521,7 +576,7 @@ class FolderScan:
     symlinks: tuple[Path, ...] = ()  # symbolic links skipped
     hard_links: tuple[tuple[Path, Path], ...] = ()  # (skipped name, the record it is another name of)
     other_files: tuple[Path, ...] = ()  # visible files that are not images (by extension)
-    unreadable: tuple[tuple[Path, str], ...] = ()  # (path, error) that could not be listed or examined
+    unreadable: tuple[tuple[Path, str], ...] = ()  # (folder, error): folders that could not be listed or examined
 
     def nested_folders(self) -> dict[Path, int]:
         """Folders below a class folder that hold records (folder -> number of records): copies hide there."""
@@ -608,7 +663,14 @@ def scan_imagefolder(path: str | os.PathLike, split: str = "train") -> FolderSca
                     try:
                         st = f.lstat()
                     except OSError as exc:
-                        unreadable.append((f, _os_error_text(exc)))
+                        # A name that cannot be examined (too long for its path, ...): an image's is a
+                        # record that cannot be read (zero features), never a refusal decided by one
+                        # file (seventh DP review); another name is skipped as not an image.
+                        if f.suffix.lower() in IMAGE_EXTENSIONS:
+                            files.append(f)
+                            labels.append(k)
+                        else:
+                            other.append(f)
                         continue
                     if st_mod.S_ISLNK(st.st_mode):
                         symlinks.append(f)

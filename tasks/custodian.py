@@ -230,17 +230,16 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
     (its count stays), a function of that record alone (so the sensitivities hold). Refusing the release
     instead made the outcome (released and charged, or refused and free) a function of one record's bytes,
     which no epsilon covers (fifth DP review; likewise an empty class, `check_labelled`). So is a file that
-    cannot be opened for a reason of its own (permission denied, a name too long: sixth DP review), and
-    any error a decoder raises on a file's bytes (`storage.datasets._decode_image`). `mepf check-data`
-    lists such files for the custodian, locally.
+    cannot be read (any OS error: permission denied, a name too long, an I/O error; sixth and seventh DP
+    reviews), one over a decoding limit, and any error a decoder raises on a file's bytes
+    (`storage.datasets._decode_image`). `mepf check-data` lists such files for the custodian, locally.
 
     Errors: this runs inside a Prefect task, whose state, logs and exception text a public user of a
-    shared server can read. Any other error on a record (an I/O error of the environment; a shape or
-    label error prints batch sizes or label values) is replaced by
-    one that names neither the record nor a count, raised outside the `except` block so the original is
-    not chained to it; `mepf check-data` gives the custodian the details locally. Errors outside the batch loop (opening
-    and listing the folder in `_source(params)`, building the encoder) are sanitized the same way by
-    `sanitize_errors`.
+    shared server can read. Any other error (a shape or label error prints batch sizes or label values)
+    is replaced by one that names neither the record nor a count, raised outside the `except` block so
+    the original is not chained to it; `mepf check-data` gives the custodian the details locally. Errors
+    outside the batch loop (opening and listing the folder in `_source(params)`, building the encoder)
+    are sanitized the same way by `sanitize_errors`.
 
     Each shard opens (and so lists) the dataset itself and takes its index range of that listing: the
     folder must not change while a release runs (a file added or removed mid-release shifts the

@@ -394,66 +394,174 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header(tmp_path):
             open_dataset(spec, channels=1).load_all()
 
 
-def _open_fails_on(monkeypatch, target: Path, code: int) -> None:
-    """PIL.Image.open raises the OSError `code` for `target` (as the OS would: root ignores file modes)."""
+def _reading_fails_on(monkeypatch, target: Path, code: int) -> None:
+    """Opening `target` raises the OSError `code` where a release or `mepf check-data` reads it (as the
+    OS would; tests run as root, whom file modes do not stop)."""
+    import builtins
     import errno as errno_names
 
-    real_open = Image.open
+    import flows.cli_check_data
+    import storage.datasets
 
-    def fake_open(fp, *args, **kwargs):
-        if Path(fp) == target:
-            raise OSError(code, errno_names.errorcode[code], str(fp))
-        return real_open(fp, *args, **kwargs)
+    def fake_open(file, *args, **kwargs):
+        if isinstance(file, (str, Path)) and Path(file) == target:
+            raise OSError(code, errno_names.errorcode[code], str(file))
+        return builtins.open(file, *args, **kwargs)
 
-    monkeypatch.setattr(Image, "open", fake_open)
-
-
-@pytest.mark.parametrize("code", sorted(__import__("storage.datasets").datasets.RECORD_OPEN_ERRNOS))
-def test_a_file_that_cannot_be_opened_for_its_own_reasons_is_an_undecodable_record(tmp_path, monkeypatch, code):
-    """Permission denied on ONE file passed the folder scan (lstat only) and then failed the release
-    (sixth DP review): its mode, a record's attribute, decided whether a release was made."""
-    from storage.datasets import UnreadableImageError
-
-    spec, target = _folder(tmp_path, "locked.png", lambda p: Image.new("L", (16, 16), 7).save(p))
-    _open_fails_on(monkeypatch, target, code)
-    with pytest.raises(UnreadableImageError, match=re.escape(str(target))):
-        open_dataset(spec, channels=1).load_all()
-    _assert_zero_feature_record(tmp_path, spec, target)
+    for module in (storage.datasets, flows.cli_check_data):
+        monkeypatch.setattr(module, "open", fake_open, raising=False)
 
 
-def test_an_io_error_of_the_environment_still_fails_the_release(tmp_path, monkeypatch):
-    """EIO says nothing about one record (a disk is failing): the release fails, sanitized, uncharged."""
-    import errno as errno_names
-
-    from storage.datasets import ExtractionError
-    from storage.params import ReleaseParams
-    from tasks.custodian import shard_sums
-
-    spec, target = _folder(tmp_path, "x.png", lambda p: Image.new("L", (16, 16), 7).save(p))
-    _open_fails_on(monkeypatch, target, errno_names.EIO)
-    params = ReleaseParams(dataset=spec, target_epsilon=1.0, labelled=True, batch_size=16, channels=1)
-    with pytest.raises(ExtractionError) as info:
-        shard_sums(params, 0)
-    assert "x.png" not in str(info.value) and "OSError" not in str(info.value)
+# Permission denied on ONE file passed the folder scan (lstat only) and then failed the release (sixth
+# DP review); an I/O error still did (seventh): each decided whether a release was made. Any error
+# reading one file is now that record's: EACCES ... ETIMEDOUT, whatever the errno.
+READ_ERRORS = ("EACCES", "EPERM", "ENOENT", "ENAMETOOLONG", "ELOOP", "EIO", "ESTALE", "EFBIG", "ETXTBSY",
+               "ENOTCONN", "EOVERFLOW", "EINVAL", "ENODEV", "ETIMEDOUT", "EMFILE")
 
 
-def test_check_data_lists_a_file_it_may_not_read_as_a_zero_feature_record(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", READ_ERRORS)
+def test_a_file_that_cannot_be_read_is_an_undecodable_record(tmp_path, monkeypatch, name):
     import errno as errno_names
 
     from flows.cli_check_data import check_data
+    from storage.datasets import UnreadableImageError
 
     spec, target = _folder(tmp_path, "locked.png", lambda p: Image.new("L", (16, 16), 7).save(p))
-    real = Path.read_bytes
-
-    def read_bytes(self):
-        if self == target:
-            raise PermissionError(errno_names.EACCES, "Permission denied", str(self))
-        return real(self)
-
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    report = check_data(spec)
+    _reading_fails_on(monkeypatch, target, getattr(errno_names, name))
+    with pytest.raises(UnreadableImageError, match=re.escape(str(target))):
+        open_dataset(spec, channels=1).load_all()
+    report = check_data(spec)  # the custodian sees it, by name, with the reason
     assert [u["file"] for u in report["undecodable"]] == [str(target)] and report["unreadable"] == []
-    assert "Permission denied" in report["undecodable"][0]["error"]
+    assert errno_names.errorcode[getattr(errno_names, name)] in report["undecodable"][0]["error"]
+    _assert_zero_feature_record(tmp_path, spec, target)
+
+
+def _progressive_jpeg(side: int, scans: int) -> bytes:
+    """A valid grey progressive JPEG of side x side: a DC scan, then `scans` AC scans of all-zero blocks
+    (end-of-band runs), each a few bytes however large the image: its decoding time is scans x pixels."""
+    def segment(marker: int, payload: bytes) -> bytes:
+        return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    def packed(bits: str) -> bytes:
+        bits += "1" * (-len(bits) % 8)
+        out = bytearray()
+        for i in range(0, len(bits), 8):
+            out.append(int(bits[i:i + 8], 2))
+            if out[-1] == 0xFF:
+                out.append(0)  # byte stuffing
+        return bytes(out)
+
+    blocks = ((side + 7) // 8) ** 2
+    assert blocks <= 16384
+    header = (b"\xff\xd8" + segment(0xDB, b"\x00" + b"\x01" * 64)
+              + segment(0xC2, struct.pack(">BHHB", 8, side, side, 1) + b"\x01\x11\x00")
+              + segment(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00")  # DC table: one code, category 0
+              + segment(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\xe0"))  # AC table: one code, EOB run 2^14
+    dc = segment(0xDA, b"\x01\x01\x00\x00\x00\x00") + packed("0" * blocks)
+    ac = segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + packed("0" * 15)  # one EOB run of 2^14 blocks
+    return header + dc + ac * scans + b"\xff\xd9"
+
+
+def test_a_jpeg_with_too_many_scans_is_undecodable_before_decoding(tmp_path):
+    """A progressive JPEG's decoding time is scans x pixels and a scan can take a few bytes: 1,000 scans in
+    119 KB took 28 s, 1 MB would take minutes (seventh DP review). More than MAX_JPEG_SCANS is refused
+    from the file's bytes; as many is decoded."""
+    from storage.datasets import MAX_JPEG_SCANS
+
+    spec, target = _folder(tmp_path, "scans.jpg", lambda p: p.write_bytes(_progressive_jpeg(64, MAX_JPEG_SCANS - 1)))
+    assert Image.open(target).info.get("progressive")
+    assert open_dataset(spec, channels=1).load_all()[0].shape == (2, 1, 28, 28)  # at the limit: decoded
+    target.write_bytes(_progressive_jpeg(64, MAX_JPEG_SCANS))  # one DC scan more than the limit
+    Image.open(target).load()  # Pillow alone decodes it
+    with mock.patch.object(Image.Image, "load", side_effect=AssertionError("pixels decoded")):
+        with pytest.raises(CorruptImageError, match=f"{MAX_JPEG_SCANS + 1} JPEG scans"):
+            open_dataset(spec, channels=1).load_all()
+    _assert_zero_feature_record(tmp_path, spec, target)
+
+
+def _tiff_one_strip_per_row(rows: int) -> bytes:
+    """An uncompressed grey TIFF of 1 x `rows` pixels with one strip per row (all at one offset)."""
+    def tag(code: int, kind: int, count: int, value: int) -> bytes:
+        return struct.pack("<HHII", code, kind, count, value)
+
+    directory_end = 8 + 2 + 9 * 12 + 4
+    offsets = directory_end + 1
+    counts = offsets + 4 * rows
+    entries = [tag(256, 4, 1, 1), tag(257, 4, 1, rows), tag(258, 3, 1, 8), tag(259, 3, 1, 1), tag(262, 3, 1, 1),
+               tag(273, 4, rows, offsets), tag(277, 3, 1, 1), tag(278, 4, 1, 1), tag(279, 4, rows, counts)]
+    return (b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", 9) + b"".join(entries) + bytes(4) + b"\x64"
+            + struct.pack("<I", directory_end) * rows + struct.pack("<I", 1) * rows)
+
+
+def test_a_tiff_with_too_many_directory_values_is_undecodable_before_opening(tmp_path):
+    """`Image.open` of a TIFF with 2^22 one-row strips (34 MB) took 56 s and 1.3 GiB (seventh DP review):
+    the directory's declared values are counted from the bytes first."""
+    from storage.datasets import MAX_TIFF_VALUES, _tiff_first_directory_values
+
+    small = _tiff_one_strip_per_row(64)
+    assert _tiff_first_directory_values(small) == 9 + 7 + 2 * 64  # entries, single values, two arrays
+    spec, target = _folder(tmp_path, "strips.tif", lambda p: p.write_bytes(small))
+    assert open_dataset(spec, channels=1).load_all()[0].shape == (2, 1, 28, 28)
+    rows = MAX_TIFF_VALUES // 2
+    target.write_bytes(_tiff_one_strip_per_row(rows))
+    with mock.patch.object(Image, "open", side_effect=AssertionError("opened")):
+        with pytest.raises(CorruptImageError, match="TIFF directory values, more than"):
+            open_dataset(spec, channels=1).load_all()
+    _assert_zero_feature_record(tmp_path, spec, target)
+
+
+def test_large_exif_and_large_files_are_undecodable(tmp_path, monkeypatch):
+    """EXIF is parsed for its orientation (a PNG eXIf chunk can be as large as the file): over
+    MAX_EXIF_BYTES it is refused. A file over MAX_RECORD_BYTES is not read past the limit."""
+    import storage.datasets
+    from storage.datasets import MAX_EXIF_BYTES
+
+    exif = Image.Exif()
+    exif[0x010E] = "x" * (MAX_EXIF_BYTES + 1)  # ImageDescription
+    spec, target = _folder(tmp_path, "exif.png", lambda p: Image.new("L", (16, 16), 7).save(p, exif=exif))
+    with pytest.raises(CorruptImageError, match="EXIF data over"):
+        open_dataset(spec, channels=1).load_all()
+    Image.new("L", (16, 16), 7).save(target)
+    monkeypatch.setattr(storage.datasets, "MAX_RECORD_BYTES", target.stat().st_size - 1)
+    with pytest.raises(CorruptImageError, match="larger than"):
+        open_dataset(spec, channels=1).load_all()
+
+
+def test_pillow_prints_nothing_about_a_record(tmp_path):
+    """Pillow's warnings name what is wrong with a file ("Tag data larger than file. Skipping tag 270"):
+    a line per record on the custodian's stderr. Decoding prints nothing."""
+    import subprocess
+    import sys
+
+    tiff = (b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", 2) + struct.pack("<HHII", 270, 2, 123456, 4000)
+            + struct.pack("<HHII", 0x0112, 3, 1, 6) + bytes(4))
+    path = tmp_path / "damaged-exif.jpg"
+    Image.new("L", (16, 16), 77).save(path, "JPEG", exif=b"Exif\0\0" + tiff)
+    code = ("import sys; from pathlib import Path; from storage.datasets import _decode_image; "
+            f"print(_decode_image(Path({str(path)!r}), 32, 1).shape)")
+    run = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0 and run.stdout.strip() == "(1, 32, 32)", run.stderr
+    assert run.stderr == ""
+    bare = subprocess.run([sys.executable, "-W", "default", "-c",
+                           f"from PIL import Image, ImageOps; ImageOps.exif_transpose(Image.open({str(path)!r}))"],
+                          capture_output=True, text=True)
+    assert "Skipping tag 270" in bare.stderr  # what Pillow alone prints
+
+
+def test_check_data_prints_a_name_that_is_not_utf8(tmp_path):
+    """A record whose name is not valid UTF-8 crashed `mepf check-data`'s report (seventh DP review)."""
+    import os
+    import subprocess
+    import sys
+
+    spec, _ = _folder(tmp_path, "ok.png", lambda p: Image.new("L", (16, 16), 7).save(p))
+    with open(os.path.join(os.fsencode(tmp_path / "b"), b"bad\xff\xfe.png"), "wb") as f:
+        f.write(b"\x89PNG garbage")
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "check-data", "--dataset", spec], capture_output=True,
+                         env={**os.environ, "PYTHONIOENCODING": "utf-8"}, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 1, run.stderr  # the undecodable file is a problem to fix, not a crash
+    assert b"bad\\udcff\\udcfe.png" in run.stdout and b"Traceback" not in run.stderr
 
 
 def test_a_cell_reference_needs_a_declared_image_mode(tmp_path):

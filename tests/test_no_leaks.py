@@ -303,8 +303,9 @@ FLOW_FAULT_RUNNER = textwrap.dedent("""
 def test_no_error_in_a_custodian_task_names_a_record(private_folder, tmp_path):
     """Before: a PermissionError on an unreadable class subfolder and `[Errno 36] File name too long`
     named the record in describe-dataset's state, Prefect's logs and the flow's exception. Now: the
-    flow (run as deployed, without the CLI's local pre-check) fails with one sanitized error, and the
-    token is nowhere in stdout, stderr, Prefect's home (database, logs), the ledger or the exception."""
+    flow (run as deployed, without the CLI's local pre-check) fails on the unlistable folder with one
+    sanitized error, releases the too-long record as one that cannot be read, and the token is nowhere
+    in stdout, stderr, Prefect's home (database, logs), the ledger, the release or the exception."""
     from tests.test_record_selection import _too_long_record
 
     runs = []
@@ -331,7 +332,11 @@ def test_no_error_in_a_custodian_task_names_a_record(private_folder, tmp_path):
                           env=env, cwd=Path(__file__).resolve().parents[1], timeout=500)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
     results = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    for r in results:
+    # A file whose path is too long is a record that cannot be read (zero features): released. A folder
+    # that cannot be listed refuses the dataset.
+    assert results[1] == {"raised": None}, results[1]
+    assert (tmp_path / "too-long.h5").is_file()
+    for r in results[:1]:
         assert r["raised"] == "ExtractionError", r
         assert "describe-dataset failed on the private dataset;" in r["text"] and "DatasetCheckError" not in r["text"]
         assert "mepf check-data" in r["text"] and r["cause"] == "None" and r["context"] == "None"
@@ -343,7 +348,7 @@ def test_no_error_in_a_custodian_task_names_a_record(private_folder, tmp_path):
     for where, data_bytes in [("stdout", proc.stdout), ("stderr", proc.stderr), *written.items()]:
         assert TOKEN.encode() not in data_bytes, f"the record's name reached {where}"
         assert TOKEN.encode("utf-16-le") not in data_bytes, f"the record's name reached {where}"
-    assert not any(tmp_path.glob("*.h5"))
+    assert not (tmp_path / "unlistable.h5").exists()
 
 
 @pytest.mark.parametrize("fault", [

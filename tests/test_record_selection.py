@@ -307,14 +307,26 @@ def test_a_listing_that_raises_directly_is_recorded_too(tmp_path, monkeypatch):
         open_dataset(f"imagefolder:{d}")
 
 
-def test_a_path_too_long_refuses_the_dataset(tmp_path):
-    """A file whose full path exceeds PATH_MAX (its folders still listable) cannot be examined: refused."""
+def test_a_path_too_long_is_a_record_that_cannot_be_read(tmp_path):
+    """A file whose full path exceeds PATH_MAX (its folders still listable) cannot be examined. It used to
+    refuse the dataset: one file's name decided whether a release was made (seventh DP review). It is
+    now a record with zero features: against the same folder without it, equal sums, one count more."""
+    from tasks.custodian import shard_sums
+
     d = _folder(tmp_path / "d", per_class=2)
     secret = _too_long_record(d / "b", (d / "a" / "001.png").read_bytes(), "zq7tok")
     scan = scan_imagefolder(d)
-    assert len(scan.unreadable) == 1 and "zq7tok" in str(scan.unreadable[0][0]) and len(secret) > 4096
-    with pytest.raises(storage.datasets.DatasetCheckError):
-        open_dataset(f"imagefolder:{d}")
+    assert scan.unreadable == () and len(secret) > 4096 and "zq7tok" in str(scan.files[-1])
+    with pytest.raises(storage.datasets.UnreadableImageError):
+        open_dataset(f"imagefolder:{d}").load_all()
+
+    def sums(folder: Path):
+        return shard_sums(ReleaseParams(dataset=f"imagefolder:{folder}", target_epsilon=1.0, labelled=True,
+                                        batch_size=16, channels=1, cells_per_class=1), 0)
+
+    with_it, without = sums(d), sums(_folder(tmp_path / "e", per_class=2))
+    assert np.array_equal(with_it.moment1, without.moment1)
+    assert (with_it.counts - without.counts).tolist() == [0.0, 1.0]
 
 
 def _too_long_record(folder: Path, data: bytes, token: str) -> str:

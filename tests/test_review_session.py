@@ -68,7 +68,7 @@ def test_a_failed_shard_leaves_its_progress_on_the_fixed_grid(tmp_path, fake_api
     data = _grey_folder(tmp_path / "d", per_class=5)
     decode = storage.datasets._decode_image
 
-    def unreadable_record_8(path, *args):  # an environment error (a corrupt or unopenable file no longer fails a release)
+    def unreadable_record_8(path, *args):  # an error escaping the reader (a bug: no file's bytes or errno can)
         if path == data / "b" / "2.png":
             raise OSError(errno.EIO, "Input/output error", str(path))
         return decode(path, *args)
