@@ -327,7 +327,11 @@ MAX_DECODE_PIXELS = 2 ** 25
 MAX_JPEG_SCANS = 100
 # `Image.open` of a TIFF makes one Python object per numeric value of its first directory (strip
 # offsets and byte counts: 8 file bytes per strip, about 300 bytes of memory). 2**18 values is a few
-# times an ordinary TIFF's (a 16-bit colour map has 196,608).
+# times an ordinary TIFF's (a 16-bit colour map has 196,608). And libtiff decodes each strip (or tile)
+# from the bytes its byte count declares, wherever its offset points: 131,000 strips sharing one 1 MiB
+# LZW run took 186 s (eighth DP review). So the declared byte counts may add up to at most the file's
+# size (the decoder's whole input is then bounded by MAX_RECORD_BYTES), and old-style JPEG compression
+# (6: one JPEG stream addressed by its own tags) is not decoded.
 MAX_TIFF_VALUES = 2 ** 18
 # EXIF is parsed for its orientation the same way: at most the 64 KiB a JPEG segment can hold.
 MAX_EXIF_BYTES = 2 ** 16
@@ -351,24 +355,61 @@ def _quiet_pillow_warnings() -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def _tiff_first_directory_values(data: bytes) -> int:
-    """The entries of a TIFF's (or BigTIFF's) first directory plus their declared numeric values: what
-    Pillow turns into Python objects when it opens the file. Truncated data counts what is there."""
+_TIFF_TYPE_FORMATS = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8: the types of byte counts
+_TIFF_BYTE_COUNTS = (279, 325)  # StripByteCounts, TileByteCounts
+_TIFF_COMPRESSION, _TIFF_OLD_JPEG = 259, 6
+
+
+def _tiff_cost_problem(data: bytes) -> str | None:
+    """Why opening or decoding this TIFF (or BigTIFF) could cost more than its size bounds, from its
+    first directory: more than MAX_TIFF_VALUES entries and declared numeric values, strip or tile byte
+    counts adding up to more than the file, or old-style JPEG compression. None when there is no such
+    problem (or no directory: Pillow then refuses the file itself)."""
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\0", b"\0+")
-    head, entry, count_format = ("Q", 20, "Q") if big else ("H", 12, "I")
+    head, entry, count_format, inline = ("Q", 20, "Q", 8) if big else ("H", 12, "I", 4)
     try:
         (ifd,) = struct.unpack_from(order + ("Q" if big else "I"), data, 8 if big else 4)
         (entries,) = struct.unpack_from(order + head, data, ifd)
     except struct.error:
-        return 0  # no directory: Pillow refuses the file itself
+        return None
+    if entries > MAX_TIFF_VALUES:
+        return f"more than {MAX_TIFF_VALUES:,} TIFF directory entries (storage.datasets.MAX_TIFF_VALUES)"
     start = ifd + struct.calcsize(head)
-    total = entries
+    values, byte_counts = entries, 0
     for pos in range(start, min(start + entries * entry, len(data) - entry + 1), entry):
-        (kind,) = struct.unpack_from(order + "H", data, pos + 2)
+        tag, kind = struct.unpack_from(order + "HH", data, pos)
+        (count,) = struct.unpack_from(order + count_format, data, pos + 4)
         if kind not in _TIFF_BYTE_TYPES:
-            total += struct.unpack_from(order + count_format, data, pos + 4)[0]
-    return total
+            values += count
+        if values > MAX_TIFF_VALUES:
+            return f"more than {MAX_TIFF_VALUES:,} TIFF directory values (storage.datasets.MAX_TIFF_VALUES)"
+        if tag == _TIFF_COMPRESSION and kind == 3 and struct.unpack_from(order + "H", data, pos + 4 + inline)[0] \
+                == _TIFF_OLD_JPEG:
+            return "old-style JPEG compression in a TIFF (compression 6) is not decoded"
+        if tag in _TIFF_BYTE_COUNTS and kind in _TIFF_TYPE_FORMATS:
+            item = _TIFF_TYPE_FORMATS[kind]
+            size = count * struct.calcsize(item)
+            where = pos + 4 + inline if size <= inline else \
+                struct.unpack_from(order + ("Q" if big else "I"), data, pos + 4 + inline)[0]
+            if where + size > len(data):
+                return "TIFF byte counts outside the file"
+            byte_counts += sum(struct.unpack_from(f"{order}{count}{item}", data, where))
+            if byte_counts > len(data):
+                return (f"TIFF strips or tiles declaring {byte_counts:,} bytes, more than the file's "
+                        f"{len(data):,} (their data would be decoded more than once)")
+    return None
+
+
+def _cost_problem(data: bytes) -> str | None:
+    """Why decoding a file of these bytes could cost more than the limits above allow, or None."""
+    if len(data) > MAX_RECORD_BYTES:
+        return f"larger than {MAX_RECORD_BYTES:,} bytes (storage.datasets.MAX_RECORD_BYTES)"
+    if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        return f"{scans} JPEG scans, more than {MAX_JPEG_SCANS} (storage.datasets.MAX_JPEG_SCANS)"
+    if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return _tiff_cost_problem(data)
+    return None
 
 
 def _open_record(path: Path):
@@ -383,20 +424,14 @@ def _open_record(path: Path):
             data = f.read(MAX_RECORD_BYTES + 1)
     except OSError as exc:
         raise UnreadableImageError(f"cannot read image {path}: {type(exc).__name__}: {exc.strerror or exc}") from None
-    if len(data) > MAX_RECORD_BYTES:
-        raise CorruptImageError(f"cannot decode image {path}: larger than {MAX_RECORD_BYTES:,} bytes "
-                                "(storage.datasets.MAX_RECORD_BYTES)")
-    if data[:2] == b"\xff\xd8" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-        raise CorruptImageError(f"cannot decode image {path}: {scans} JPEG scans, more than {MAX_JPEG_SCANS} "
-                                "(storage.datasets.MAX_JPEG_SCANS)")
-    if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+") and \
-            (values := _tiff_first_directory_values(data)) > MAX_TIFF_VALUES:
-        raise CorruptImageError(f"cannot decode image {path}: {values:,} TIFF directory values, more than "
-                                f"{MAX_TIFF_VALUES:,} (storage.datasets.MAX_TIFF_VALUES)")
     try:
-        return Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        problem = _cost_problem(data)
+        image = None if problem else Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on these bytes is the record's
         raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
+    if problem:
+        raise CorruptImageError(f"cannot decode image {path}: {problem}")
+    return image
 
 
 def _decode_image(path: Path, size: int, channels: int = 3) -> np.ndarray:

@@ -479,34 +479,40 @@ def test_a_jpeg_with_too_many_scans_is_undecodable_before_decoding(tmp_path):
     _assert_zero_feature_record(tmp_path, spec, target)
 
 
-def _tiff_one_strip_per_row(rows: int) -> bytes:
-    """An uncompressed grey TIFF of 1 x `rows` pixels with one strip per row (all at one offset)."""
+def _tiff_one_strip_per_row(rows: int, width: int = 1, compression: int = 1) -> bytes:
+    """A grey TIFF of width x `rows` pixels with one strip per row, every strip at the same offset (the
+    file holds one row of pixels, whatever `rows` is)."""
     def tag(code: int, kind: int, count: int, value: int) -> bytes:
         return struct.pack("<HHII", code, kind, count, value)
 
     directory_end = 8 + 2 + 9 * 12 + 4
-    offsets = directory_end + 1
+    offsets = directory_end + width
     counts = offsets + 4 * rows
-    entries = [tag(256, 4, 1, 1), tag(257, 4, 1, rows), tag(258, 3, 1, 8), tag(259, 3, 1, 1), tag(262, 3, 1, 1),
-               tag(273, 4, rows, offsets), tag(277, 3, 1, 1), tag(278, 4, 1, 1), tag(279, 4, rows, counts)]
-    return (b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", 9) + b"".join(entries) + bytes(4) + b"\x64"
-            + struct.pack("<I", directory_end) * rows + struct.pack("<I", 1) * rows)
+    entries = [tag(256, 4, 1, width), tag(257, 4, 1, rows), tag(258, 3, 1, 8), tag(259, 3, 1, compression),
+               tag(262, 3, 1, 1), tag(273, 4, rows, offsets), tag(277, 3, 1, 1), tag(278, 4, 1, 1),
+               tag(279, 4, rows, counts)]
+    return (b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", 9) + b"".join(entries) + bytes(4) + b"\x64" * width
+            + struct.pack("<I", directory_end) * rows + struct.pack("<I", width) * rows)
 
 
-def test_a_tiff_with_too_many_directory_values_is_undecodable_before_opening(tmp_path):
-    """`Image.open` of a TIFF with 2^22 one-row strips (34 MB) took 56 s and 1.3 GiB (seventh DP review):
-    the directory's declared values are counted from the bytes first."""
-    from storage.datasets import MAX_TIFF_VALUES, _tiff_first_directory_values
+def test_a_costly_tiff_is_undecodable_before_opening(tmp_path):
+    """`Image.open` of a TIFF with 2^22 one-row strips (34 MB) took 56 s and 1.3 GiB (seventh DP review);
+    131,000 strips sharing one 1 MiB LZW run took 186 s to decode in a 2 MB file (eighth): libtiff decodes
+    a strip from the bytes its byte count declares, wherever it points. The first directory is read from
+    the bytes first: its values counted, its byte counts summed against the file's size."""
+    from storage.datasets import MAX_TIFF_VALUES, _tiff_cost_problem
 
-    small = _tiff_one_strip_per_row(64)
-    assert _tiff_first_directory_values(small) == 9 + 7 + 2 * 64  # entries, single values, two arrays
-    spec, target = _folder(tmp_path, "strips.tif", lambda p: p.write_bytes(small))
+    assert _tiff_cost_problem(_tiff_one_strip_per_row(64)) is None  # 64 strips of 1 byte: shared, but 64 bytes
+    spec, target = _folder(tmp_path, "strips.tif", lambda p: p.write_bytes(_tiff_one_strip_per_row(64)))
     assert open_dataset(spec, channels=1).load_all()[0].shape == (2, 1, 28, 28)
-    rows = MAX_TIFF_VALUES // 2
-    target.write_bytes(_tiff_one_strip_per_row(rows))
-    with mock.patch.object(Image, "open", side_effect=AssertionError("opened")):
-        with pytest.raises(CorruptImageError, match="TIFF directory values, more than"):
-            open_dataset(spec, channels=1).load_all()
+    costly = {"TIFF directory values": _tiff_one_strip_per_row(MAX_TIFF_VALUES // 2),  # 2^18 + 16 values
+              "more than the file's": _tiff_one_strip_per_row(64, width=1000),  # 64,000 bytes declared in 2 KB
+              "old-style JPEG": _tiff_one_strip_per_row(4, compression=6)}
+    for why, data in costly.items():
+        target.write_bytes(data)
+        with mock.patch.object(Image, "open", side_effect=AssertionError("opened")):
+            with pytest.raises(CorruptImageError, match=why):
+                open_dataset(spec, channels=1).load_all()
     _assert_zero_feature_record(tmp_path, spec, target)
 
 
