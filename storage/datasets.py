@@ -318,8 +318,9 @@ PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 # Bytes read of one file: a larger file is an undecodable record. Bounds the work of every decoder
 # that is linear in its input (a BMP's run-length codes, PNG chunks, LZW).
 MAX_RECORD_BYTES = 2 ** 25  # 32 MiB
-# Pixels of one image, from its header, before any pixel is decoded: about 4 bytes a pixel (128 MiB)
-# and a few copies. 2**25 is 33.5 M pixels (a 6,000 x 5,000 photo); downscale larger images first.
+# Pixels of one image, from its header, before any pixel is decoded: 4-8 bytes a pixel and a few
+# copies (the worst file found, an animated WebP of this canvas, took 0.55 GiB). 2**25 is 33.5 M pixels
+# (a 6,000 x 5,000 photo); downscale larger images first.
 MAX_DECODE_PIXELS = 2 ** 25
 # A progressive JPEG decodes the whole image once per scan, and a scan can take 53 bytes: its cost is
 # scans x pixels. Ordinary JPEGs have 1-3 scans, progressive ones about 10 (markers FF DA, counted in
@@ -335,7 +336,6 @@ MAX_JPEG_SCANS = 100
 MAX_TIFF_VALUES = 2 ** 18
 # EXIF is parsed for its orientation the same way: at most the 64 KiB a JPEG segment can hold.
 MAX_EXIF_BYTES = 2 ** 16
-_TIFF_BYTE_TYPES = frozenset({1, 2, 6, 7})  # BYTE, ASCII, SBYTE, UNDEFINED: kept as bytes, not objects
 
 
 class UnreadableImageError(CorruptImageError):
@@ -355,6 +355,7 @@ def _quiet_pillow_warnings() -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+_TIFF_BYTE_TYPES = frozenset({1, 2, 6, 7})  # BYTE, ASCII, SBYTE, UNDEFINED: kept as bytes, not objects
 _TIFF_TYPE_FORMATS = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8: the types of byte counts
 _TIFF_BYTE_COUNTS = (279, 325)  # StripByteCounts, TileByteCounts
 _TIFF_COMPRESSION, _TIFF_OLD_JPEG = 259, 6
@@ -697,7 +698,7 @@ def scan_imagefolder(path: str | os.PathLike, split: str = "train") -> FolderSca
                         continue
                     try:
                         st = f.lstat()
-                    except OSError as exc:
+                    except OSError:
                         # A name that cannot be examined (too long for its path, ...): an image's is a
                         # record that cannot be read (zero features), never a refusal decided by one
                         # file (seventh DP review); another name is skipped as not an image.
