@@ -64,7 +64,7 @@ class ReleaseParams(BaseModel):
     cell_reference: str | None = Field(None, description="public split whose tabulated median projections place "
                                        "the cells' hyperplanes (mepf_core.cells.PUBLIC_OFFSETS), or 'none' for "
                                        "offsets 0 (default: fashion-mnist:test-select when releasing fashion-mnist's "
-                                       "train split, else none)")
+                                       "train split, else none; with an image folder it needs channels)")
     dataset_id: str | None = Field(None, description="ledger key for this dataset (default: canonical id, "
                                    "see storage.datasets.canonical_dataset_id)")
     ledger: str | None = Field(None, description="budget ledger file (JSON lines)")
