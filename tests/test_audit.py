@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
@@ -105,10 +106,10 @@ def test_membership_statistics():
 def test_replace_one_audit_stays_within_the_sensitivity():
     report = run_audit(draws=300, relation=Neighbouring.REPLACE_ONE, labelled=True, moments=2, broken=False)
     assert 0 < report["shift"] <= report["shift_bound"] * (1 + 1e-9)
-    # the strongest swap changes the label: C in one class's sum, C in the other's, one count each
-    # (the pool's grey PNGs decode to 1 x 28 x 28 since issue 13, as a default release reads them: that
-    # moved the strongest pair from record 2 / candidate 11 at 3 x 32 x 32)
-    assert report["neighbours"] == "replace-one: record 8 of D replaced by candidate 18 with label 0"
+    # the strongest swap changes the label: C in one class's sum, C in the other's, one count each.
+    # Which pair that is depends on the last float bits of the encoder's features (record 8 / candidate
+    # 18 on one host, 5 / 14 on another: several label-changing swaps tie at sqrt 2), so it is not pinned.
+    assert re.fullmatch(r"replace-one: record \d+ of D replaced by candidate \d+ with label \d", report["neighbours"])
     moved = {k: m["moved"] for k, m in report["movement"].items()}
     assert moved == pytest.approx({"moment1": math.sqrt(2), "moment2": math.sqrt(2), "counts": math.sqrt(2)})
     assert report["within_sensitivity"] and report["movement"]["moment1"]["sensitivity"] == 2.0
