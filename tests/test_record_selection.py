@@ -330,16 +330,19 @@ def test_a_path_too_long_is_a_record_that_cannot_be_read(tmp_path):
 
 
 def _too_long_record(folder: Path, data: bytes, token: str) -> str:
-    """Write `data` to a file under `folder` whose full path is longer than PATH_MAX; returns that path."""
+    """Write `data` to a file under `folder` whose full path is longer than PATH_MAX (4,096 with its NUL)
+    while its folder's path (3,870 to 3,880 characters) is not, whatever the length of `folder`: the folder can
+    be listed, the file cannot be examined by path. Returns that path."""
     fd = os.open(folder, os.O_RDONLY)
     path = str(folder)
     try:
-        while len(path) < 4000:
-            os.mkdir("d" * 200, dir_fd=fd)
-            new = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+        while len(path) < 3870:
+            name = "d" * min(200, 3880 - len(path) - 1)
+            os.mkdir(name, dir_fd=fd)
+            new = os.open(name, os.O_RDONLY, dir_fd=fd)
             os.close(fd)
-            fd, path = new, path + "/" + "d" * 200
-        name = f"{token}_" + "x" * 200 + ".png"
+            fd, path = new, path + "/" + name
+        name = f"{token}_" + "x" * (250 - len(token) - 5) + ".png"  # >= 3,870 + 1 + 250 > 4,096
         out = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
         os.write(out, data)
         os.close(out)
