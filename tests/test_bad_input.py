@@ -8,6 +8,7 @@ invalid value that got past validation would fail the test at once instead of st
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
 import re
@@ -398,14 +399,13 @@ def _reading_fails_on(monkeypatch, target: Path, code: int) -> None:
     """Opening `target` raises the OSError `code` where a release or `mepf check-data` reads it (as the
     OS would; tests run as root, whom file modes do not stop)."""
     import builtins
-    import errno as errno_names
 
     import flows.cli_check_data
     import storage.datasets
 
     def fake_open(file, *args, **kwargs):
         if isinstance(file, (str, Path)) and Path(file) == target:
-            raise OSError(code, errno_names.errorcode[code], str(file))
+            raise OSError(code, errno.errorcode[code], str(file))
         return builtins.open(file, *args, **kwargs)
 
     for module in (storage.datasets, flows.cli_check_data):
@@ -421,18 +421,16 @@ READ_ERRORS = ("EACCES", "EPERM", "ENOENT", "ENAMETOOLONG", "ELOOP", "EIO", "EST
 
 @pytest.mark.parametrize("name", READ_ERRORS)
 def test_a_file_that_cannot_be_read_is_an_undecodable_record(tmp_path, monkeypatch, name):
-    import errno as errno_names
-
     from flows.cli_check_data import check_data
     from storage.datasets import UnreadableImageError
 
     spec, target = _folder(tmp_path, "locked.png", lambda p: Image.new("L", (16, 16), 7).save(p))
-    _reading_fails_on(monkeypatch, target, getattr(errno_names, name))
+    _reading_fails_on(monkeypatch, target, getattr(errno, name))
     with pytest.raises(UnreadableImageError, match=re.escape(str(target))):
         open_dataset(spec, channels=1).load_all()
     report = check_data(spec)  # the custodian sees it, by name, with the reason
     assert [u["file"] for u in report["undecodable"]] == [str(target)] and report["unreadable"] == []
-    assert errno_names.errorcode[getattr(errno_names, name)] in report["undecodable"][0]["error"]
+    assert errno.errorcode[getattr(errno, name)] in report["undecodable"][0]["error"]
     _assert_zero_feature_record(tmp_path, spec, target)
 
 
