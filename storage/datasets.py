@@ -368,9 +368,12 @@ def _tiff_cost_problem(data: bytes) -> str | None:
     problem (or no directory: Pillow then refuses the file itself)."""
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\0", b"\0+")
-    head, entry, count_format, inline = ("Q", 20, "Q", 8) if big else ("H", 12, "I", 4)
+    # head: the entry count; word: an offset, a count or an inline value (entry: tag, type, count, value)
+    head, word = ("Q", "Q") if big else ("H", "I")
+    inline = struct.calcsize(word)
+    entry = 4 + 2 * inline
     try:
-        (ifd,) = struct.unpack_from(order + ("Q" if big else "I"), data, 8 if big else 4)
+        (ifd,) = struct.unpack_from(order + word, data, inline)  # at 4 (TIFF) or 8 (BigTIFF)
         (entries,) = struct.unpack_from(order + head, data, ifd)
     except struct.error:
         return None
@@ -380,7 +383,7 @@ def _tiff_cost_problem(data: bytes) -> str | None:
     values, byte_counts = entries, 0
     for pos in range(start, min(start + entries * entry, len(data) - entry + 1), entry):
         tag, kind = struct.unpack_from(order + "HH", data, pos)
-        (count,) = struct.unpack_from(order + count_format, data, pos + 4)
+        (count,) = struct.unpack_from(order + word, data, pos + 4)
         if kind not in _TIFF_BYTE_TYPES:
             values += count
         if values > MAX_TIFF_VALUES:
@@ -391,8 +394,7 @@ def _tiff_cost_problem(data: bytes) -> str | None:
         if tag in _TIFF_BYTE_COUNTS and kind in _TIFF_TYPE_FORMATS:
             item = _TIFF_TYPE_FORMATS[kind]
             size = count * struct.calcsize(item)
-            where = pos + 4 + inline if size <= inline else \
-                struct.unpack_from(order + ("Q" if big else "I"), data, pos + 4 + inline)[0]
+            where = pos + 4 + inline if size <= inline else struct.unpack_from(order + word, data, pos + 4 + inline)[0]
             if where + size > len(data):
                 return "TIFF byte counts outside the file"
             byte_counts += sum(struct.unpack_from(f"{order}{count}{item}", data, where))
@@ -413,6 +415,11 @@ def _cost_problem(data: bytes) -> str | None:
     return None
 
 
+def _undecodable(path: Path, exc: Exception) -> CorruptImageError:
+    """The CorruptImageError for whatever a decoder raised on the file at `path`: its bytes chose it."""
+    return CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}")
+
+
 def _open_record(path: Path):
     """A PIL image of the file at `path`, opened (header only) from at most MAX_RECORD_BYTES read once,
     with the decoders PIL_FORMATS, after the structure checks above. Raises UnreadableImageError for
@@ -429,7 +436,7 @@ def _open_record(path: Path):
         problem = _cost_problem(data)
         image = None if problem else Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except Exception as exc:  # noqa: BLE001 - whatever a decoder raises on these bytes is the record's
-        raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
+        raise _undecodable(path, exc) from None
     if problem:
         raise CorruptImageError(f"cannot decode image {path}: {problem}")
     return image
@@ -473,7 +480,7 @@ def _decode_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
                 raise ValueError(f"unsupported image mode {img.mode} (32-bit integer or float pixels)")
             out = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
         except Exception as exc:  # noqa: BLE001 - any decoder error on these bytes is the record's
-            raise CorruptImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
+            raise _undecodable(path, exc) from None
     pixels = np.asarray(out, dtype=np.uint8)
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 

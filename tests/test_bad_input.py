@@ -493,6 +493,21 @@ def _tiff_one_strip_per_row(rows: int, width: int = 1, compression: int = 1) -> 
             + struct.pack("<I", directory_end) * rows + struct.pack("<I", width) * rows)
 
 
+def _bigtiff_declaring(strip_bytes: int) -> bytes:
+    """A BigTIFF (Pillow's, 64 x 300 grey, one strip) whose StripByteCounts entry is set to `strip_bytes`."""
+    out = io.BytesIO()
+    Image.new("L", (64, 300), 9).save(out, "TIFF", big_tiff=True)
+    data = bytearray(out.getvalue())
+    (ifd,) = struct.unpack_from("<Q", data, 8)
+    (entries,) = struct.unpack_from("<Q", data, ifd)
+    for pos in range(ifd + 8, ifd + 8 + 20 * entries, 20):
+        tag, kind, count = struct.unpack_from("<HHQ", data, pos)
+        if tag == 279:
+            assert count == 1
+            struct.pack_into("<I" if kind == 4 else "<Q", data, pos + 12, strip_bytes)
+    return bytes(data)
+
+
 def test_a_costly_tiff_is_undecodable_before_opening(tmp_path):
     """`Image.open` of a TIFF with 2^22 one-row strips (34 MB) took 56 s and 1.3 GiB (seventh DP review);
     131,000 strips sharing one 1 MiB LZW run took 186 s to decode in a 2 MB file (eighth): libtiff decodes
@@ -501,11 +516,13 @@ def test_a_costly_tiff_is_undecodable_before_opening(tmp_path):
     from storage.datasets import MAX_TIFF_VALUES, _tiff_cost_problem
 
     assert _tiff_cost_problem(_tiff_one_strip_per_row(64)) is None  # 64 strips of 1 byte: shared, but 64 bytes
+    assert _tiff_cost_problem(_bigtiff_declaring(64 * 300)) is None  # BigTIFF, its own byte count
     spec, target = _folder(tmp_path, "strips.tif", lambda p: p.write_bytes(_tiff_one_strip_per_row(64)))
     assert open_dataset(spec, channels=1).load_all()[0].shape == (2, 1, 28, 28)
     costly = {"TIFF directory values": _tiff_one_strip_per_row(MAX_TIFF_VALUES // 2),  # 2^18 + 16 values
               "more than the file's": _tiff_one_strip_per_row(64, width=1000),  # 64,000 bytes declared in 2 KB
-              "old-style JPEG": _tiff_one_strip_per_row(4, compression=6)}
+              "old-style JPEG": _tiff_one_strip_per_row(4, compression=6),
+              "declaring 1,000,000 bytes": _bigtiff_declaring(10 ** 6)}  # a BigTIFF's counts are checked too
     for why, data in costly.items():
         target.write_bytes(data)
         with mock.patch.object(Image, "open", side_effect=AssertionError("opened")):
