@@ -319,7 +319,7 @@ PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 # that is linear in its input (a BMP's run-length codes, PNG chunks, LZW).
 MAX_RECORD_BYTES = 2 ** 25  # 32 MiB
 # Pixels of one image, from its header, before any pixel is decoded: 4-8 bytes a pixel and a few
-# copies (the worst file found, an animated WebP of this canvas, took 0.55 GiB). 2**25 is 33.5 M pixels
+# copies (the worst file found, an animated WebP of this canvas, took 526 MiB: bench/bench_decode_limits.py). 2**25 is 33.5 M pixels
 # (a 6,000 x 5,000 photo); downscale larger images first.
 MAX_DECODE_PIXELS = 2 ** 25
 # A progressive JPEG decodes the whole image once per scan, and a scan can take 53 bytes: its cost is

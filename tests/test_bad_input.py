@@ -434,42 +434,17 @@ def test_a_file_that_cannot_be_read_is_an_undecodable_record(tmp_path, monkeypat
     _assert_zero_feature_record(tmp_path, spec, target)
 
 
-def _progressive_jpeg(side: int, scans: int) -> bytes:
-    """A valid grey progressive JPEG of side x side: a DC scan, then `scans` AC scans of all-zero blocks
-    (end-of-band runs), each a few bytes however large the image: its decoding time is scans x pixels."""
-    def segment(marker: int, payload: bytes) -> bytes:
-        return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
-
-    def packed(bits: str) -> bytes:
-        bits += "1" * (-len(bits) % 8)
-        out = bytearray()
-        for i in range(0, len(bits), 8):
-            out.append(int(bits[i:i + 8], 2))
-            if out[-1] == 0xFF:
-                out.append(0)  # byte stuffing
-        return bytes(out)
-
-    blocks = ((side + 7) // 8) ** 2
-    assert blocks <= 16384
-    header = (b"\xff\xd8" + segment(0xDB, b"\x00" + b"\x01" * 64)
-              + segment(0xC2, struct.pack(">BHHB", 8, side, side, 1) + b"\x01\x11\x00")
-              + segment(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00")  # DC table: one code, category 0
-              + segment(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\xe0"))  # AC table: one code, EOB run 2^14
-    dc = segment(0xDA, b"\x01\x01\x00\x00\x00\x00") + packed("0" * blocks)
-    ac = segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + packed("0" * 15)  # one EOB run of 2^14 blocks
-    return header + dc + ac * scans + b"\xff\xd9"
-
-
 def test_a_jpeg_with_too_many_scans_is_undecodable_before_decoding(tmp_path):
     """A progressive JPEG's decoding time is scans x pixels and a scan can take a few bytes: 1,000 scans in
     119 KB took 28 s, 1 MB would take minutes (seventh DP review). More than MAX_JPEG_SCANS is refused
     from the file's bytes; as many is decoded."""
+    from bench.bench_decode_limits import progressive_jpeg
     from storage.datasets import MAX_JPEG_SCANS
 
-    spec, target = _folder(tmp_path, "scans.jpg", lambda p: p.write_bytes(_progressive_jpeg(64, MAX_JPEG_SCANS - 1)))
+    spec, target = _folder(tmp_path, "scans.jpg", lambda p: p.write_bytes(progressive_jpeg(64, MAX_JPEG_SCANS)))
     assert Image.open(target).info.get("progressive")
     assert open_dataset(spec, channels=1).load_all()[0].shape == (2, 1, 28, 28)  # at the limit: decoded
-    target.write_bytes(_progressive_jpeg(64, MAX_JPEG_SCANS))  # one DC scan more than the limit
+    target.write_bytes(progressive_jpeg(64, MAX_JPEG_SCANS + 1))  # one scan more than the limit
     Image.open(target).load()  # Pillow alone decodes it
     with mock.patch.object(Image.Image, "load", side_effect=AssertionError("pixels decoded")):
         with pytest.raises(CorruptImageError, match=f"{MAX_JPEG_SCANS + 1} JPEG scans"):
