@@ -452,18 +452,20 @@ def test_a_jpeg_with_too_many_scans_is_undecodable_before_decoding(tmp_path):
     _assert_zero_feature_record(tmp_path, spec, target)
 
 
-def _tiff_one_strip_per_row(rows: int, width: int = 1, compression: int = 1) -> bytes:
+def _tiff_one_strip_per_row(rows: int, width: int = 1, compression: int = 1, compression_type: int = 3,
+                            count_type: int = 4) -> bytes:
     """A grey TIFF of width x `rows` pixels with one strip per row, every strip at the same offset (the
-    file holds one row of pixels, whatever `rows` is)."""
+    file holds one row of pixels, whatever `rows` is); its Compression and StripByteCounts stored as the
+    TIFF types given (3 SHORT, 4 LONG, 9 SLONG, ...)."""
     def tag(code: int, kind: int, count: int, value: int) -> bytes:
         return struct.pack("<HHII", code, kind, count, value)
 
     directory_end = 8 + 2 + 9 * 12 + 4
     offsets = directory_end + width
     counts = offsets + 4 * rows
-    entries = [tag(256, 4, 1, width), tag(257, 4, 1, rows), tag(258, 3, 1, 8), tag(259, 3, 1, compression),
-               tag(262, 3, 1, 1), tag(273, 4, rows, offsets), tag(277, 3, 1, 1), tag(278, 4, 1, 1),
-               tag(279, 4, rows, counts)]
+    entries = [tag(256, 4, 1, width), tag(257, 4, 1, rows), tag(258, 3, 1, 8),
+               tag(259, compression_type, 1, compression), tag(262, 3, 1, 1), tag(273, 4, rows, offsets),
+               tag(277, 3, 1, 1), tag(278, 4, 1, 1), tag(279, count_type, rows, counts)]
     return (b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", 9) + b"".join(entries) + bytes(4) + b"\x64" * width
             + struct.pack("<I", directory_end) * rows + struct.pack("<I", width) * rows)
 
@@ -485,7 +487,8 @@ def _bigtiff_declaring(strip_bytes: int) -> bytes:
 
 def test_a_costly_tiff_is_undecodable_before_opening(tmp_path):
     """`Image.open` of a TIFF with 2^22 one-row strips (34 MB) took 56 s and 1.3 GiB (seventh DP review);
-    131,000 strips sharing one 1 MiB LZW run took 186 s to decode in a 2 MB file (eighth): libtiff decodes
+    131,000 strips sharing one 1 MiB LZW run took 186 s to decode in a 2 MB file (eighth; 168 s again
+    with the byte counts stored as SLONG, ninth): libtiff decodes
     a strip from the bytes its byte count declares, wherever it points. The first directory is read from
     the bytes first: its values counted, its byte counts summed against the file's size."""
     from storage.datasets import MAX_TIFF_VALUES, _tiff_cost_problem
@@ -497,6 +500,9 @@ def test_a_costly_tiff_is_undecodable_before_opening(tmp_path):
     costly = {"TIFF directory values": _tiff_one_strip_per_row(MAX_TIFF_VALUES // 2),  # 2^18 + 16 values
               "more than the file's": _tiff_one_strip_per_row(64, width=1000),  # 64,000 bytes declared in 2 KB
               "old-style JPEG": _tiff_one_strip_per_row(4, compression=6),
+              # ninth DP review: libtiff reads these tags from other integer types too
+              "old-style JPEG compression": _tiff_one_strip_per_row(4, compression=6, compression_type=4),
+              "tag 279 stored as type 9": _tiff_one_strip_per_row(64, width=1000, count_type=9),
               "declaring 1,000,000 bytes": _bigtiff_declaring(10 ** 6)}  # a BigTIFF's counts are checked too
     for why, data in costly.items():
         target.write_bytes(data)
