@@ -171,6 +171,22 @@ def spread(rows: list[dict]) -> list[dict]:
     return out
 
 
+def add_resnet(run_dirs: list[Path]) -> None:
+    """Add `resnet_row` to the rows of quality_split.json whose commands name each finished run's folder."""
+    path = RESULTS / f"{RESULT}.json"
+    data = json.loads(path.read_text())
+    for d in run_dirs:
+        mine = [r for r in data["rows"] if any(str(d / "release.h5") in c for c in r.get("commands", []))]
+        if len(mine) != 1:
+            raise SystemExit(f"{d}: {len(mine)} rows of {path} name {d / 'release.h5'} in their commands, need exactly 1")
+        mine[0].update(resnet_row(d / "run" / "synthetic.h5"))
+        mine[0]["commands"].append("python " + shlex.join(sys.argv) + "  (resnet: mepf_core.classifiers.resnet_select)")
+        data["spread"] = spread(data["rows"])
+        write_result(RESULT, data)
+        print(d, {k: mine[0][k] for k in ("epsilon", "seed", "tag", "acc_cnn", "acc_resnet", "resnet_choice",
+                                          "resnet_minutes")}, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epsilons", type=float, nargs="*", default=[0.2, 1.0, 10.0])
@@ -189,9 +205,14 @@ def main() -> None:
     ap.add_argument("--fid-floor", type=int, metavar="N", help="FID of N real training images (needs --fid-reference)")
     ap.add_argument("--tag", default="defaults", help="configuration label; rows merge by (epsilon, seed, tag)")
     ap.add_argument("--workdir", default="runs/bench-quality")
+    ap.add_argument("--add-resnet", type=Path, nargs="+", metavar="DIR",
+                    help="add the --resnet classifier to the existing rows of finished runs of this script "
+                         "(DIR: a run's folder, eps<E>-seed<S>, named in the row's commands); runs nothing else")
     args = ap.parse_args()
     if args.fid_floor and not args.fid_reference:
         ap.error("--fid-floor needs --fid-reference (the reference the synthetic FIDs use)")
+    if args.add_resnet:
+        return add_resnet(args.add_resnet)
     work = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
     rows = [{**pipeline_row(args.from_run), "tag": args.tag}] if args.from_run else []
     for eps in args.epsilons:

@@ -72,6 +72,7 @@ NORMS = ("joint", "layer")
 NORM_BOUND = 1.0
 COV_SEED = 0  # the projection of -covK variants: public, from this seed, the same at extraction and training
 LSH_SEED = 1  # the hyperplanes of -lshB variants: public, from this seed
+VOR_DIM = 64  # dimension of the projection -vorKp variants cluster in
 COV_SHARE = 0.5  # share of the squared norm bound given to the second-moment sketch (the rest to phi)
 
 
@@ -79,7 +80,7 @@ def parse_variant(name: str) -> tuple[list[int], str, int]:
     """(stage indices, norm, K of the covariance sketch or 0) of a variant name STAGES-NORM[-covK][-lshB]."""
     stages, _, rest = name.partition("-")
     norm, _, cov = rest.partition("-")
-    cov = "" if cov.startswith("lsh") else cov.partition("-")[0]
+    cov = "" if cov.startswith(("lsh", "vor")) else cov.partition("-")[0]
     cov_dim = int(cov[3:]) if cov.startswith("cov") and cov[3:].isdigit() and int(cov[3:]) > 0 else None
     if stages not in STAGE_SETS or norm not in NORMS or (cov and cov_dim is None) or lsh_bits(name) is None:
         raise SystemExit(f"variant must be STAGES-NORM[-covK][-lshB] with STAGES in {sorted(STAGE_SETS)}, NORM in "
@@ -89,10 +90,64 @@ def parse_variant(name: str) -> tuple[list[int], str, int]:
 
 def lsh_bits(name: str) -> int | None:
     """B of a variant's -lshB[z] suffix (0 without one; None when malformed)."""
+    if "-vor" in name:
+        return 0 if vor_cells(name) else None
     if "-lsh" not in name:
         return 0
     bits = name.rpartition("-lsh")[2].removesuffix("z")
     return int(bits) if bits.isdigit() and 0 < int(bits) <= 4 else None
+
+
+def vor_cells(name: str) -> int:
+    """K of a variant's -vorK[p] suffix (0 without one or when malformed)."""
+    k = name.rpartition("-vor")[2].removesuffix("p") if "-vor" in name else ""
+    return int(k) if k.isdigit() and 1 < int(k) <= 64 else 0
+
+
+def vor_projection(dim: int) -> torch.Tensor:
+    """D x VOR_DIM float64 Gaussian projection from LSH_SEED scaled 1/sqrt(VOR_DIM) (public): -vorKp variants
+    place their centroids and cells in phi P instead of phi."""
+    g = torch.Generator().manual_seed(LSH_SEED)
+    return torch.randn(dim, VOR_DIM, generator=g, dtype=torch.float64) / math.sqrt(VOR_DIM)
+
+
+def cells_per_class(name: str) -> int:
+    """Rows per class of a variant: K with -vorK, 2^B with -lshB, else 1."""
+    return vor_cells(name) or 2 ** lsh_bits(name)
+
+
+def public_centroids(m: "VariantMap", k: int, projected: bool = False) -> torch.Tensor:
+    """10 x K x D float64: per class, K k-means centroids (scikit-learn, seeded) of the bounded features of
+    the selection half's public test images of that class (-vorK variants: public data only).
+
+    A record (x, y) goes to cell argmin_j ||phi(x) - c_{y,j}||, a function of that record alone, and adds
+    its bounded vector to exactly one (class, cell) sum and 1 to its count: the per-class release's
+    sensitivities (C and 1, add-remove), so the mechanism is unchanged."""
+    from sklearn.cluster import KMeans
+
+    images, labels = test_halves()["select"]
+    x = sanitize_images(torch.as_tensor(images, dtype=torch.float32) / 255.0)
+    with torch.no_grad():
+        phi = torch.cat([m.features([o.double() for o in m.stage_outputs(x[i : i + 500])]) for i in range(0, len(x), 500)])
+    if projected:  # centroids c' in R^VOR_DIM; nearest in phi P <=> argmax phi . (P c') - ||c'||^2 / 2
+        phi = phi @ vor_projection(phi.shape[1])
+    out = []
+    for c in range(10):
+        km = KMeans(n_clusters=k, n_init=4, random_state=0).fit(phi[torch.as_tensor(labels) == c].numpy())
+        out.append(torch.as_tensor(km.cluster_centers_, dtype=torch.float64))
+    centroids = torch.stack(out)
+    if not projected:
+        return centroids
+    p = vor_projection(m.features([o.double() for o in m.stage_outputs(torch.zeros(1, 1, 28, 28))]).shape[1])
+    return centroids @ p.T, 0.5 * (centroids * centroids).sum(dim=2)  # directions P c' and offsets ||c'||^2 / 2
+
+
+def voronoi_cells(phi: torch.Tensor, labels: torch.Tensor, centroids) -> torch.Tensor:
+    """(N,) int64: each row's nearest centroid of its own class (centroids 10 x K x D), i.e. the argmax over
+    j of phi . c_j - ||c_j||^2 / 2; projected (-vorKp): centroids = (directions 10 x K x D, offsets 10 x K)."""
+    directions, offsets = centroids if isinstance(centroids, tuple) else (centroids, 0.5 * (centroids * centroids).sum(dim=2))
+    scores = torch.einsum("nd,nkd->nk", phi.double(), directions[labels.long()]) - offsets[labels.long()]
+    return scores.argmax(dim=1)
 
 
 def lsh_planes(dim: int, bits: int) -> torch.Tensor:
@@ -208,8 +263,9 @@ def extract(args) -> None:
     src = open_dataset("fashion-mnist", "train")
     n = len(src) if args.limit is None else args.limit
     sums: dict[str, FeatureSums] = {}  # variant -> class sums, sized by its first batch
-    cells = {v: 2 ** lsh_bits(v) for v in variants}  # rows per class: 1 without -lshB
-    planes = {v: public_lsh_planes(m, lsh_bits(v), zero=v.endswith("z")) for v, m in variants.items() if cells[v] > 1}
+    cells = {v: cells_per_class(v) for v in variants}  # rows per class: 1 without -lshB / -vorK
+    planes = {v: public_lsh_planes(m, lsh_bits(v), zero=v.endswith("z")) for v, m in variants.items() if lsh_bits(v)}
+    centroids = {v: public_centroids(m, vor_cells(v), v.endswith("p")) for v, m in variants.items() if vor_cells(v)}
     start = time.perf_counter()
     with torch.no_grad():
         for images, labels in src.iter_batches(500, 0, n):
@@ -219,18 +275,26 @@ def extract(args) -> None:
                 feats = m.features([outs[i] for i in m.stages])
                 if v not in sums:
                     sums[v] = FeatureSums.zeros(10 * cells[v], feats.shape[1], 1)
-                rows = labels.long() * cells[v] + lsh_cells(feats, *planes[v]) if v in planes else labels
+                if v in planes:
+                    rows = labels.long() * cells[v] + lsh_cells(feats, *planes[v])
+                elif v in centroids:
+                    rows = labels.long() * cells[v] + voronoi_cells(feats, labels, centroids[v])
+                else:
+                    rows = labels
                 sums[v].add(feats, None, rows)
-    mech = design_mechanism(target_epsilon=args.epsilon, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
-                            labelled=True, moments=1, norm_bound=NORM_BOUND, second_moment_bound=1.0)
-    out = OUT / f"eps{args.epsilon:g}"
-    out.mkdir(parents=True, exist_ok=True)
-    for v, s in sums.items():
-        noisy = sums_to_noisy_parts(s, mech)
-        means = mean_embeddings(noisy)
-        np.savez(out / f"{v}.npz", moment1=means["moment1"], counts=noisy["counts"], epsilon=mech.epsilon,
-                 image_size=args.image_size)
-        print(v, "D =", s.moment1.shape[1], "sigma =", {p.name: round(p.sigma, 4) for p in mech.parts}, flush=True)
+    for epsilon in args.epsilon:  # one pass over the data, one noisy embedding per epsilon
+        mech = design_mechanism(target_epsilon=epsilon, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
+                                labelled=True, moments=1, norm_bound=NORM_BOUND, second_moment_bound=1.0)
+        out = OUT / f"eps{epsilon:g}"
+        out.mkdir(parents=True, exist_ok=True)
+        for v, s in sums.items():
+            noisy = sums_to_noisy_parts(s, mech)
+            means = mean_embeddings(noisy)
+            np.savez(out / f"{v}.npz", moment1=means["moment1"], counts=noisy["counts"], epsilon=mech.epsilon,
+                     image_size=args.image_size)
+            print(v, "D =", s.moment1.shape[1], "sigma =", {p.name: round(p.sigma, 4) for p in mech.parts}, flush=True)
+            if cells[v] > 1:  # noisy counts per (class, cell): how evenly the cells split each class
+                print(np.round(noisy["counts"].reshape(10, cells[v])).astype(int), flush=True)
     print(f"extraction {time.perf_counter() - start:.0f} s for {n} images", flush=True)
 
 
@@ -246,7 +310,7 @@ def train(args) -> None:
     start = time.perf_counter()
     trainer.train(progress=args.progress)
     train_s = time.perf_counter() - start
-    cells = 2 ** lsh_bits(args.variant)
+    cells = cells_per_class(args.variant)
     drawn = cell_labels(args.n, saved["counts"], cells) if cells > 1 else balanced_labels(args.n, 10)
     images = quantise(generate(trainer.generator, drawn, seed=0))
     labels = drawn // cells  # a (class, cell) label's class
@@ -276,7 +340,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("extract")
-    e.add_argument("--epsilon", type=float, default=10.0)
+    e.add_argument("--epsilon", type=float, nargs="+", default=[10.0])
     e.add_argument("--variants", nargs="+", default=["base6-joint", "base6-layer", "all16-joint", "all16-layer"])
     e.add_argument("--image-size", type=int, default=32)
     e.add_argument("--limit", type=int)

@@ -98,7 +98,7 @@ def custodian_release(params: ReleaseParams) -> dict:
     # inferred channels are not inferred again per shard); the release records how it was chosen.
     channels, size, _ = info["image_shape"]
     resolved = params.model_copy(update={"channels": channels, "image_size": size})
-    cells = place_cells(resolved, info["image_shape"])  # public; every shard uses it; recorded in the release
+    cells = place_cells(resolved, info["image_shape"], len(info["class_names"]))  # public; every shard uses it; recorded in the release
     sums = extract_sums(resolved, cells)
     released = charge_noise_and_release(params, mechanism, sums, info, cells)
     publish_release_summary(released)

@@ -41,8 +41,10 @@ M-fold, so at small epsilon cells hurt and `cells_for_epsilon` chooses M from th
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 import torch
@@ -226,3 +228,131 @@ class CellSplit:
         """(N,) int64 release row label * M + cell(phi1) of each record (phi1: N x D bounded features from
         `mepf_core.features.fixed_batch_features`; labels: (N,) class indices, zeros when unlabelled)."""
         return labels.to(torch.long) * self.cells_per_class + cell_of(phi1, self.normals, self.offsets)
+
+
+# ---- Voronoi cells: each class split by its own public centroids ------------------------------------------
+#
+# Hyperplanes shared by all classes split some classes into a few large and several nearly empty cells
+# (epsilon 10, 8 cells: a class's smallest cell held 29-417 of its ~6,000 records, its largest 989-3,233),
+# and a nearly empty cell's mean is mostly noise. Class y's records are instead split among the M public
+# centroids c_{y,1..M} of that class, record (x, y) going to the nearest in a public projection:
+#
+#     cell(x, y) = argmin_j ||phi1(x) P - c_{y,j}||^2 = argmax_j  phi1(x) . (P c_{y,j}) - ||c_{y,j}||^2 / 2
+#
+# (the ||phi1 P||^2 term is the same for every j). P is a D x CENTROID_DIM Gaussian matrix from the recorded
+# cell_seed (`centroid_projection`); the centroids are k-means centroids of a public split's projected
+# features, per class, tabulated once (`PUBLIC_CENTROIDS`, files in mepf_core/cell_tables, SHA-256 pinned).
+# A record's cell is a function of that record alone: the scores phi1 . w_{y,j} are `projections` (exact
+# fixed point) onto directions w_{y,j} = P c_{y,j}, computed from public constants only, minus the fixed-point
+# offsets; ties go to the lowest j. So the rows, the sums and the counts move exactly as with hyperplane cells,
+# and the sensitivities above hold unchanged. Measured (bench/README.md, Voronoi cells): epsilon 10, 8 cells,
+# 3,000 steps, CNN selection half 82.7% against 79.7-79.9% with hyperplanes.
+
+CENTROID_DIM = 64  # dimension of the public projection the centroids live in
+CENTROID_KMEANS_INIT = 4  # k-means restarts (scikit-learn's n_init) when a table is made
+_CENTROID_FILES = {m: f"fashion-mnist-test-select_efficientnet-lite0_1x28x28_c1_seed1_m{m}.npy" for m in (2, 4, 8, 16)}
+# Key: as PUBLIC_OFFSETS; value: (file in mepf_core/cell_tables, its SHA-256). Each file holds a float64
+# array K x M x CENTROID_DIM made by `public_centroids` from the same features as PUBLIC_OFFSETS
+# (tests/test_cells.py recomputes every one from the pinned official test file).
+PUBLIC_CENTROIDS: dict[tuple, tuple[str, str]] = {
+    (*_FMNIST, 2): (_CENTROID_FILES[2], "b5342361ffd8657847315460e046a5d6e560eac4d49574062571a79138da2168"),
+    (*_FMNIST, 4): (_CENTROID_FILES[4], "f08e0dd3b08018a269e620226b08d460c034f99852b3b568227cb93e19a0b8fa"),
+    (*_FMNIST, 8): (_CENTROID_FILES[8], "cdd983ce1f6fa06e1f22e104d3429b362dd7e3a41f5f8e36f984889007d19503"),
+    (*_FMNIST, 16): (_CENTROID_FILES[16], "fd585ff06e2f0baf2fddbfd145604a2f3e1b679acdb571421189f7de25ba8c05"),
+}
+
+
+def centroid_projection(dim: int, seed: int) -> torch.Tensor:
+    """D x CENTROID_DIM float64 P ~ N(0, 1/CENTROID_DIM) from torch's CPU generator at `seed` (the same on
+    every machine for the same arguments; E||phi P||^2 = ||phi||^2). InvalidArgumentError for dim < 1 or a
+    seed outside [0, 2^63)."""
+    if dim < 1:
+        raise InvalidArgumentError(f"dim must be >= 1, got {dim}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidArgumentError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, CENTROID_DIM, generator=g, dtype=torch.float64) / math.sqrt(CENTROID_DIM)
+
+
+def public_centroids(phi: torch.Tensor, labels: torch.Tensor, num_classes: int, cells_per_class: int,
+                     projection: torch.Tensor) -> np.ndarray:
+    """K x M x CENTROID_DIM float64: per class, the M k-means centroids (scikit-learn `KMeans`, random_state
+    0, CENTROID_KMEANS_INIT restarts) of PUBLIC images' projected features phi P (phi: N x D bounded
+    features, labels (N,) in [0, K)): how `PUBLIC_CENTROIDS` was made. Never call it on private features:
+    the centroids define the release's cells unprotected. InvalidArgumentError when a class has fewer than M
+    images."""
+    from sklearn.cluster import KMeans
+
+    m = validate_cells(cells_per_class)
+    z = (phi.detach().to(torch.float64) @ projection).numpy()
+    labels = np.asarray(labels)
+    out = np.empty((num_classes, m, projection.shape[1]))
+    for c in range(num_classes):
+        members = z[labels == c]
+        if len(members) < m:
+            raise InvalidArgumentError(f"class {c} has {len(members)} public images, fewer than {m} centroids")
+        out[c] = KMeans(n_clusters=m, n_init=CENTROID_KMEANS_INIT, random_state=0).fit(members).cluster_centers_
+    return out
+
+
+def tabulated_centroids(reference: str, encoder: str, encoder_sha256: str, image_shape, norm_bound: float,
+                        seed: int, cells_per_class: int) -> tuple[np.ndarray, str] | None:
+    """(K x M x CENTROID_DIM float64 centroids, their file's SHA-256) of the `PUBLIC_CENTROIDS` entry for
+    these settings, None when there is none. Raises RuntimeError when the packaged file's bytes are not the
+    pinned ones (a damaged or altered installation)."""
+    key = (reference, encoder, encoder_sha256, tuple(int(v) for v in image_shape), float(norm_bound), int(seed),
+           int(cells_per_class))
+    if key not in PUBLIC_CENTROIDS:
+        return None
+    name, sha256 = PUBLIC_CENTROIDS[key]
+    data = resources.files("mepf_core").joinpath("cell_tables", name).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise RuntimeError(f"mepf_core/cell_tables/{name} is not the pinned file (SHA-256 {sha256[:12]}...): "
+                           "reinstall dp-mepf")
+    import io
+
+    return np.load(io.BytesIO(data), allow_pickle=False), sha256
+
+
+@dataclass(frozen=True, repr=False)
+class VoronoiSplit:
+    """The public definition of a release's Voronoi cells: M = cells_per_class, the projection's seed, the
+    reference whose tabulated centroids they are and that table's SHA-256. directions: K x M x D float64
+    (w_{y,j} = P c_{y,j}, `voronoi_directions`); offsets: K x M float64 (||c_{y,j}||^2 / 2)."""
+
+    cells_per_class: int
+    seed: int
+    directions: torch.Tensor
+    offsets: torch.Tensor
+    reference: str
+    centroids_sha256: str
+
+    def __repr__(self) -> str:
+        return (f"VoronoiSplit(cells_per_class={self.cells_per_class}, seed={self.seed}, reference={self.reference!r}, "
+                f"centroids_sha256={self.centroids_sha256[:12]!r})")
+
+    def rows(self, phi1: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) int64 release row y * M + cell(x, y) of each record (phi1: N x D bounded features from
+        `mepf_core.features.fixed_batch_features`; labels: (N,) class indices < K, the table's classes)."""
+        labels = labels.to(torch.long)
+        cells = torch.zeros(len(labels), dtype=torch.long)
+        for c in labels.unique().tolist():  # only the record's own class's M scores: N x M x D products
+            members = labels == c
+            scores = projections(phi1[members], self.directions[c].T) - fixed_point(self.offsets[c])
+            cells[members] = scores.argmax(dim=1)  # the first maximum on a tie (torch.argmax)
+        return labels * self.cells_per_class + cells
+
+
+def voronoi_directions(projection: torch.Tensor, centroids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K x M x D directions P c_{y,j}, K x M offsets ||c_{y,j}||^2 / 2), float64, from public values only.
+    Each direction is accumulated over the CENTROID_DIM columns in a fixed order with elementwise float64
+    operations (correctly rounded, no reduction split across threads), so it is the same bits in every
+    process, shard and thread count of a release."""
+    c = torch.as_tensor(centroids, dtype=torch.float64)
+    directions = torch.zeros(c.shape[0], c.shape[1], projection.shape[0], dtype=torch.float64)
+    for k in range(c.shape[2]):
+        directions += c[:, :, k, None] * projection[:, k]
+    offsets = torch.zeros(c.shape[:2], dtype=torch.float64)
+    for k in range(c.shape[2]):
+        offsets += c[:, :, k] * c[:, :, k]
+    return directions, offsets / 2

@@ -46,7 +46,7 @@ import h5py
 import numpy as np
 
 from mepf_core import __version__
-from mepf_core.cells import CELLS_PER_CLASS, tabulated_offsets
+from mepf_core.cells import CELLS_PER_CLASS, tabulated_centroids, tabulated_offsets
 from mepf_core.embedding import mean_embeddings
 from mepf_core.encoders import EncoderSpec
 from mepf_core.errors import DiskFullError, InvalidArgumentError, MepfError, PathNotFoundError, file_access_error
@@ -155,13 +155,16 @@ class ReleaseMetadata:
     # without --channels: 1 channel iff every image is grayscale, a data-dependent bit the custodian
     # declares public); None in releases written before it was recorded. storage.datasets.IMAGE_MODE_SOURCES
     image_mode_source: str | None = None
-    # within-class cells (mepf_core.cells): M rows per class; the seed of the hyperplane normals, their
-    # B = log2 M offsets and the public split that placed them (None: offsets 0). M = 1: no cells, the
-    # three others None (releases written before cells were recorded read as M = 1).
+    # within-class cells (mepf_core.cells): M rows per class and the public split that placed them. Voronoi
+    # cells: the SHA-256 of that split's tabulated centroids and the seed of their projection. Hyperplane
+    # cells: the seed of the normals and their B = log2 M offsets (reference None: offsets 0). M = 1: no
+    # cells, the others None (releases written before cells were recorded read as M = 1; before Voronoi
+    # cells, as hyperplane cells).
     cells_per_class: int = 1
     cell_seed: int | None = None
     cell_offsets: tuple[float, ...] | None = None
     cell_reference: str | None = None
+    cell_centroids_sha256: str | None = None
     release_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     code_version: str = __version__
@@ -315,23 +318,37 @@ def _check_shapes(meta: ReleaseMetadata) -> None:
 
 def _check_cells(meta: ReleaseMetadata) -> None:
     """The cells' record is complete and consistent (ReleaseSchemaError): M in CELLS_PER_CLASS; with M = 1
-    no seed, offsets or reference; with M > 1 a labelled release, a seed in [0, 2^63) and log2 M finite
-    offsets: all 0 without a reference, else exactly the constants tabulated for that reference, encoder
-    weights, image shape, norm bound, seed and M (mepf_core.cells.PUBLIC_OFFSETS): no free number."""
+    nothing else; with M > 1 a labelled release and a seed in [0, 2^63), then either Voronoi cells (a
+    reference and exactly the SHA-256 of the centroids tabulated for it, the encoder weights, image shape,
+    norm bound, seed and M, for as many classes as the release has; no offsets) or hyperplane cells (log2 M
+    finite offsets: all 0 without a reference, else exactly the tabulated ones): no free number."""
     m = meta.cells_per_class
     if not _is_int(m) or m not in CELLS_PER_CLASS:
         raise ReleaseSchemaError(f"cells_per_class must be one of {list(CELLS_PER_CLASS)}, got {m!r}")
-    cells = (meta.cell_seed, meta.cell_offsets, meta.cell_reference)
+    cells = (meta.cell_seed, meta.cell_offsets, meta.cell_reference, meta.cell_centroids_sha256)
     if m == 1:
         if any(v is not None for v in cells):
-            raise ReleaseSchemaError("a release with one cell per class records no cell_seed, cell_offsets or "
-                                     f"cell_reference, got {list(cells)}")
+            raise ReleaseSchemaError("a release with one cell per class records no cell_seed, cell_offsets, "
+                                     f"cell_reference or cell_centroids_sha256, got {list(cells)}")
         return
     if not meta.labelled:
         raise ReleaseSchemaError(f"cells_per_class {m} needs a labelled release")
     if not _is_int(meta.cell_seed) or not 0 <= meta.cell_seed < 2**63:
         raise ReleaseSchemaError(f"cell_seed must be an integer in [0, 2^63), got {meta.cell_seed!r}")
     bits, offsets, ref = int(math.log2(m)), meta.cell_offsets, meta.cell_reference
+    tabulated_at = (ref, meta.encoder.name, meta.encoder.weights_sha256, meta.image_shape, meta.norm_bound,
+                    meta.cell_seed, m)
+    where = (f"cell_reference {ref!r}, encoder {meta.encoder.name}, image shape {list(meta.image_shape)}, "
+             f"norm_bound {meta.norm_bound!r}, cell_seed {meta.cell_seed} and {m} cells")
+    known = isinstance(ref, str) and isinstance(meta.norm_bound, (int, float))
+    if meta.cell_centroids_sha256 is not None:
+        table = tabulated_centroids(*tabulated_at) if known else None
+        if offsets is not None or table is None or table[1] != meta.cell_centroids_sha256 \
+                or table[0].shape[0] != meta.num_classes:
+            raise ReleaseSchemaError(f"cell_centroids_sha256 {meta.cell_centroids_sha256!r} (cell_offsets {offsets!r}) "
+                                     f"is not the table of centroids for {where} and {meta.num_classes} classes "
+                                     "(mepf_core.cells.PUBLIC_CENTROIDS; Voronoi cells record no offsets)")
+        return
     if not isinstance(offsets, (list, tuple)) or len(offsets) != bits or not all(
             isinstance(b, float) and math.isfinite(b) for b in offsets):
         raise ReleaseSchemaError(f"cell_offsets must be {bits} finite numbers for {m} cells, got {offsets!r}")
@@ -340,14 +357,9 @@ def _check_cells(meta: ReleaseMetadata) -> None:
             raise ReleaseSchemaError(f"cell_offsets {list(offsets)} without a cell_reference: offsets are 0 unless "
                                      "tabulated for a public split")
         return
-    tabulated = None
-    if isinstance(ref, str) and isinstance(meta.norm_bound, (int, float)):
-        tabulated = tabulated_offsets(ref, meta.encoder.name, meta.encoder.weights_sha256, meta.image_shape,
-                                      meta.norm_bound, meta.cell_seed, m)
+    tabulated = tabulated_offsets(*tabulated_at) if known else None
     if tabulated is None or tuple(offsets) != tabulated:
-        raise ReleaseSchemaError(f"cell_offsets {list(offsets)} are not the offsets tabulated for cell_reference "
-                                 f"{ref!r}, encoder {meta.encoder.name}, image shape {list(meta.image_shape)}, "
-                                 f"norm_bound {meta.norm_bound!r}, cell_seed {meta.cell_seed} and {m} cells "
+        raise ReleaseSchemaError(f"cell_offsets {list(offsets)} are not the offsets tabulated for {where} "
                                  "(mepf_core.cells.PUBLIC_OFFSETS)")
 
 

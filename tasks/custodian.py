@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 import torch
 
-from mepf_core.cells import CellSplit, check_fixed_point_range, hyperplane_normals, tabulated_offsets
+from mepf_core.cells import (CellSplit, VoronoiSplit, centroid_projection, check_fixed_point_range, hyperplane_normals,
+                             tabulated_centroids, tabulated_offsets, voronoi_directions)
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.errors import FileAccessError, InvalidArgumentError
 from mepf_core.encoders import FeatureMap, build_feature_map
@@ -180,23 +181,36 @@ def cell_normals(params: ReleaseParams) -> torch.Tensor:
     return normals
 
 
-def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int]) -> CellSplit | None:
+def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int],
+               num_classes: int | None = None) -> CellSplit | VoronoiSplit | None:
     """The release's cells (mepf_core.cells) for images of `image_shape` (C, H, W, public), None with one
-    cell per class. Reads NO data: normals from params.cell_seed in the encoder's feature space; offsets
-    the constants tabulated for `params.resolved_cell_reference`, this encoder, image shape and norm bound
-    (`mepf_core.cells.PUBLIC_OFFSETS`, made once from a public test split), or 0 without a reference.
-    Raises InvalidArgumentError when the table has no such entry (ReleaseParams checked the reference,
-    seed and cells; the encoder's weights and the image shape are known only now)."""
+    cell per class. Reads NO data. With a reference whose centroids are tabulated
+    (`mepf_core.cells.PUBLIC_CENTROIDS`, made once from a public test split): Voronoi cells, each class
+    split by its own centroids in the projection from params.cell_seed. Otherwise hyperplanes from
+    params.cell_seed with the offsets tabulated for the reference (`PUBLIC_OFFSETS`), or 0 without one.
+    num_classes (public: the dataset's class list) must be the table's when given.
+    Raises InvalidArgumentError when the tables have no entry for the encoder's weights, the image shape and
+    the norm bound (ReleaseParams checked the reference, seed and cells; the rest is known only now)."""
     if params.cells == 1:
         return None
     fm = _feature_map(params)
-    normals = cell_normals(params)
     reference = params.resolved_cell_reference
+    key = (reference, fm.spec.name, fm.spec.weights_sha256, image_shape, params.norm_bound, params.cell_seed,
+           params.cells)
+    table = tabulated_centroids(*key) if reference is not None else None
+    if table is not None:
+        centroids, sha256 = table
+        if num_classes is not None and num_classes != centroids.shape[0]:
+            raise InvalidArgumentError(f"cell_reference {reference!r} has centroids for {centroids.shape[0]} classes, "
+                                       f"the dataset has {num_classes}: use --cell-reference none")
+        directions, offsets = voronoi_directions(centroid_projection(fm.feature_dim, params.cell_seed), centroids)
+        check_fixed_point_range(params.norm_bound, directions.reshape(-1, fm.feature_dim).T)
+        return VoronoiSplit(params.cells, params.cell_seed, directions, offsets, reference, sha256)
+    normals = cell_normals(params)
     if reference is None:
         return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.float64),
                          None)
-    offsets = tabulated_offsets(reference, fm.spec.name, fm.spec.weights_sha256, image_shape, params.norm_bound,
-                                params.cell_seed, params.cells)
+    offsets = tabulated_offsets(*key)
     if offsets is None:
         raise InvalidArgumentError(
             f"cell_reference {reference!r} has no tabulated offsets for encoder {fm.spec.name} (weights "
@@ -206,13 +220,14 @@ def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int]) -> Cell
 
 
 @task(name="place-cells", persist_result=False)
-def place_cells(params: ReleaseParams, image_shape: tuple[int, int, int]) -> CellSplit | None:
+def place_cells(params: ReleaseParams, image_shape: tuple[int, int, int],
+                num_classes: int | None = None) -> CellSplit | VoronoiSplit | None:
     """`cell_split` as a task: public settings only (no data is read), so its errors are shown as raised."""
-    return cell_split(params, tuple(image_shape))
+    return cell_split(params, tuple(image_shape), num_classes)
 
 
 @sanitize_errors("extraction")
-def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells: CellSplit | None = None) -> FeatureSums:
+def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells: CellSplit | VoronoiSplit | None = None) -> FeatureSums:
     """The release's extraction of one shard: records chosen by `open_dataset`, bounded features, float64 sums.
 
     `progress`: inside a Prefect run, show the shard's progress as a progress artifact that reports only
@@ -252,7 +267,7 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
     fm = _feature_map(params)
     k = src.num_classes if params.labelled else 1
     if cells is None:
-        cells = cell_split(params, src.image_shape)
+        cells = cell_split(params, src.image_shape, src.num_classes)
     given = (1, None, None) if cells is None else (cells.cells_per_class, cells.seed, cells.reference)
     wanted = (params.cells, params.cell_seed if params.cells > 1 else None, params.resolved_cell_reference)
     if given != wanted:
@@ -290,7 +305,7 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
 
 
 @task(name="extract-shard", **_PRIVATE)
-def extract_shard(params: ReleaseParams, shard: int, cells: CellSplit | None = None) -> FeatureSums:
+def extract_shard(params: ReleaseParams, shard: int, cells: CellSplit | VoronoiSplit | None = None) -> FeatureSums:
     """One streaming pass over a shard: bounded features added into float64 per-row sums (rows: classes,
     or (class, cell) pairs with `cells`)."""
     return shard_sums(params, shard, progress=True, cells=cells)
@@ -314,7 +329,7 @@ def _noisy_parts(params: ReleaseParams, sums: FeatureSums, mechanism: ReleaseMec
 # retries=0, stated on purpose: see the docstring. Never give this task retries (nor with_options).
 @task(name="charge-noise-release", persist_result=False, cache_policy=NO_CACHE, retries=0)
 def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism, sums: FeatureSums,
-                             info: dict, cells: CellSplit | None = None) -> dict:
+                             info: dict, cells: CellSplit | VoronoiSplit | None = None) -> dict:
     """Charge the ledger (fsynced), then draw noise once, then write the release atomically and exclusively
     (signed when params.signing_key is set); a name taken meanwhile raises ReleaseExistsError, charge kept.
 
@@ -343,7 +358,8 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
         encoder=info["encoder"], parts=parts, n_public=n_public, image_mode_source=info.get("image_mode_source"),
         **({} if cells is None else dict(
             cells_per_class=cells.cells_per_class, cell_seed=cells.seed, cell_reference=cells.reference,
-            cell_offsets=tuple(float(b) for b in cells.offsets))),
+            **(dict(cell_centroids_sha256=cells.centroids_sha256) if isinstance(cells, VoronoiSplit) else dict(
+                cell_offsets=tuple(float(b) for b in cells.offsets))))),
     )
     # Before the charge: a key that cannot sign, or metadata whose claim the reader would refuse,
     # must not cost budget (the key is loaded here, never passed through Prefect).

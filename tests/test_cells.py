@@ -12,8 +12,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mepf_core.cells import (LITE0_SHA256, MIN_CELL_BATCH, PUBLIC_OFFSETS, PUBLIC_TEST_SHA256, CellSplit, cell_of, cells_for_epsilon,
-                             draw_rows, hyperplane_normals, median_offsets, projections, row_shares)
+from mepf_core.cells import (CENTROID_DIM, LITE0_SHA256, MIN_CELL_BATCH, PUBLIC_CENTROIDS, PUBLIC_OFFSETS,
+                             PUBLIC_TEST_SHA256, CellSplit, VoronoiSplit, cell_of, cells_for_epsilon,
+                             centroid_projection, draw_rows, hyperplane_normals, median_offsets, projections,
+                             public_centroids, row_shares, tabulated_centroids, voronoi_directions)
 from mepf_core.features import fixed_batch_features
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.privacy.mechanism import design_mechanism
@@ -30,11 +32,20 @@ K, M = 4, 8
 SLACK = 1 + 1e-6
 
 
-@pytest.fixture(scope="module")
-def cells() -> CellSplit:
-    """8 cells from seed 1, offsets at the median projections of 64 PUBLIC test images (as PUBLIC_OFFSETS)."""
-    from storage.datasets import open_dataset
+FMNIST_KEY = ("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (1, 28, 28), 1.0, 1)
 
+
+@pytest.fixture(scope="module", params=["hyperplanes", "voronoi"])
+def cells(request) -> CellSplit | VoronoiSplit:
+    """8 cells per class. hyperplanes: from seed 1, offsets at the median projections of 64 PUBLIC test
+    images (as PUBLIC_OFFSETS); voronoi: the production default, the tabulated centroids of the public half."""
+    from storage.datasets import open_dataset
+    from tasks.custodian import cell_split
+
+    if request.param == "voronoi":
+        split = cell_split(ReleaseParams(target_epsilon=10.0), (1, 28, 28), 10)
+        assert isinstance(split, VoronoiSplit) and split.cells_per_class == M
+        return split
     images, _ = next(open_dataset("fashion-mnist", "test").iter_batches(64))
     phi, _ = fixed_batch_features(lite0(), images, 64, norm_bound=1.0)
     normals = hyperplane_normals(phi.shape[1], M, seed=1)
@@ -215,26 +226,80 @@ def test_default_cells_follow_epsilon_and_labels():
     assert ReleaseParams(target_epsilon=10.0, dataset="mnist").resolved_cell_reference is None
 
 
-def test_tabulated_offsets_are_the_medians_of_the_official_public_half():
-    """Every PUBLIC_OFFSETS entry, recomputed from the official Fashion-MNIST test file (its decompressed
-    SHA-256 pinned) with the production functions: the table holds no other number (to 1e-6: the encoder's
-    float32 last bits differ between CPU types and, measured, between a fresh process and one that ran the
-    rest of the suite, by 2.6e-8 here; the release reads the table, never a recomputation)."""
+@pytest.fixture(scope="module")
+def public_half():
+    """(5,000 x D bounded Lite0 features, labels) of the official Fashion-MNIST test split's selection half,
+    computed with the production functions (batches of 256), its decompressed SHA-256 checked first."""
     from storage.datasets import dataset_source, open_dataset
     from storage.references import reference_records
 
     assert dataset_source("fashion-mnist", "test") == "idx:sha256:" + PUBLIC_TEST_SHA256["fashion-mnist"]
     fm = lite0()
     assert fm.spec.weights_sha256 == LITE0_SHA256
-    images, _ = reference_records(open_dataset("fashion-mnist", "test"), "fashion-mnist:test-select")
+    images, labels = reference_records(open_dataset("fashion-mnist", "test"), "fashion-mnist:test-select")
     x = torch.from_numpy(images).float().div(255)
     phi = torch.cat([fixed_batch_features(fm, x[i : i + 256], 256, norm_bound=1.0)[0] for i in range(0, len(x), 256)])
-    assert len(images) == 5000 and len(PUBLIC_OFFSETS) == 4
+    assert len(images) == 5000
+    return phi, labels
+
+
+def test_tabulated_offsets_are_the_medians_of_the_official_public_half(public_half):
+    """Every PUBLIC_OFFSETS entry, recomputed from the official Fashion-MNIST test file (its decompressed
+    SHA-256 pinned) with the production functions: the table holds no other number (to 1e-6: the encoder's
+    float32 last bits differ between CPU types and, measured, between a fresh process and one that ran the
+    rest of the suite, by 2.6e-8 here; the release reads the table, never a recomputation)."""
+    phi, _ = public_half
+    assert len(PUBLIC_OFFSETS) == 4
     for (reference, name, sha, shape, bound, seed, m), offsets in PUBLIC_OFFSETS.items():
-        assert (reference, name, sha, shape, bound) == ("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256,
-                                                        (1, 28, 28), 1.0)
+        assert (reference, name, sha, shape, bound, seed) == FMNIST_KEY
         recomputed = median_offsets(phi, hyperplane_normals(phi.shape[1], m, seed)).tolist()
         assert recomputed == pytest.approx(list(offsets), abs=1e-6)
+
+
+def test_tabulated_centroids_are_the_kmeans_of_the_official_public_half(public_half):
+    """Every PUBLIC_CENTROIDS file: its pinned SHA-256, K x M x CENTROID_DIM, and equal (to 1e-5; k-means
+    sums in floats, measured 1e-16 apart between 1 and 2 threads) to `public_centroids` recomputed from
+    the official public half, the way scripts/make_cell_centroids.py made it: public images only."""
+    phi, labels = public_half
+    projection = centroid_projection(phi.shape[1], 1)
+    assert sorted(key[6] for key in PUBLIC_CENTROIDS) == [2, 4, 8, 16]
+    for key in PUBLIC_CENTROIDS:
+        assert key[:6] == FMNIST_KEY
+        table, sha256 = tabulated_centroids(*key)
+        assert sha256 == PUBLIC_CENTROIDS[key][1] and table.shape == (10, key[6], CENTROID_DIM)
+        recomputed = public_centroids(phi, labels, 10, key[6], projection)
+        assert np.abs(recomputed - table).max() < 1e-5, key
+
+
+def test_voronoi_cells_go_to_the_nearest_centroid_of_the_records_class():
+    """Toy cells in 2-D (projection = identity): each record's own class's centroids decide, the nearest
+    wins, an exact tie goes to the lowest cell, and the scores are the fixed-point projections."""
+    centroids = np.array([[[1.0, 0.0], [0.0, 1.0]], [[-1.0, 0.0], [0.0, -1.0]]])  # K = 2 classes x M = 2
+    directions, offsets = voronoi_directions(torch.eye(2, dtype=torch.float64), centroids)
+    assert torch.equal(directions, torch.as_tensor(centroids)) and offsets.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    split = VoronoiSplit(2, 1, directions, offsets, "toy", "0" * 64)
+    phi = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.5, 0.5], [0.9, 0.1], [-0.1, -0.9]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    # class 0: nearest (1, 0) -> cell 0, (0, 1) -> cell 1, the tie -> 0; class 1 uses its own centroids
+    assert split.rows(phi, labels).tolist() == [0, 1, 0, 2 + 1, 2 + 1]
+    assert split.rows(phi.flip(0), labels.flip(0)).flip(0).tolist() == [0, 1, 0, 3, 3]
+
+
+def test_voronoi_directions_are_the_same_bits_at_any_thread_count():
+    """The directions P c are computed from public constants in every process and shard of a release: with
+    elementwise float64 operations in a fixed order they are the same bits at any thread count."""
+    centroids, _ = tabulated_centroids(*FMNIST_KEY, 8)
+    projection = centroid_projection(16_960, 1)
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            out.append(voronoi_directions(projection, centroids))
+    finally:
+        torch.set_num_threads(threads)
+    for directions, offsets in out[1:]:
+        assert torch.equal(directions, out[0][0]) and torch.equal(offsets, out[0][1])
 
 
 def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_path):
@@ -250,9 +315,13 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
     monkeypatch.setattr(tasks.custodian, "open_dataset", tripwire)
     params = ReleaseParams(target_epsilon=10.0, data_root=str(tmp_path))
     split = tasks.custodian.cell_split(params, (1, 28, 28))
-    assert split.reference == "fashion-mnist:test-select"
-    assert tuple(split.offsets.tolist()) == PUBLIC_OFFSETS[("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (1, 28, 28),
-                                                            1.0, 1, 8)]
+    assert isinstance(split, VoronoiSplit) and split.reference == "fashion-mnist:test-select"
+    assert split.centroids_sha256 == PUBLIC_CENTROIDS[(*FMNIST_KEY, 8)][1]
+    centroids, _ = tabulated_centroids(*FMNIST_KEY, 8)
+    directions, offsets = voronoi_directions(centroid_projection(split.directions.shape[2], 1), centroids)
+    assert torch.equal(split.directions, directions) and torch.equal(split.offsets, offsets)
+    with pytest.raises(ValueError, match="has centroids for 10 classes, the dataset has 3"):
+        tasks.custodian.cell_split(params, (1, 28, 28), 3)
     with pytest.raises(ValueError, match="no tabulated offsets for encoder efficientnet-lite0"):
         tasks.custodian.cell_split(params, (3, 32, 32))
     with pytest.raises(ValueError, match="no tabulated offsets"):
@@ -282,27 +351,60 @@ def test_cell_settings_that_could_leak_are_refused(settings, message):
         ReleaseParams(target_epsilon=1.0, **settings)
 
 
-def _cells_metadata(relation=Neighbouring.ADD_REMOVE, labelled=True, m=M):
-    """Honest metadata of a release with m cells per class, the rows and counts as the custodian makes them."""
-    meta, noisy = honest_metadata(relation=relation, labelled=labelled, k=3 * m if labelled else m)
-    k = 3 if labelled else 1
+def _cells_metadata(relation=Neighbouring.ADD_REMOVE, labelled=True, m=M, voronoi=False):
+    """Honest metadata of a release with m cells per class, the rows and counts as the custodian makes them:
+    hyperplane cells of 3 classes with the tabulated offsets, or Voronoi cells of the table's 10 classes."""
+    classes = 10 if voronoi else 3
+    meta, noisy = honest_metadata(relation=relation, labelled=labelled, k=classes * m if labelled else m)
+    k = classes if labelled else 1
     mech = design_mechanism(target_epsilon=1.0, target_delta=1e-5, relation=relation, labelled=labelled, moments=1,
                             norm_bound=1.0, second_moment_bound=1.0, cells_per_class=m)
     noisy = sums_to_noisy_parts(FeatureSums(np.zeros((k * m, 50)), None, np.full(k * m, 5.0)), mech)
     parts = tuple(dataclasses.replace(p, shape=noisy[p.name].shape, sensitivity=mp.sensitivity, sigma=mp.sigma,
                                       noise_multiplier=mp.noise_multiplier if mp.noised else None)
                   for p, mp in zip(meta.parts, mech.parts))
-    return dataclasses.replace(meta, class_names=("a", "b", "c") if labelled else ("all",), parts=parts,
+    cells = (dict(cell_centroids_sha256=PUBLIC_CENTROIDS[(*FMNIST_KEY, m)][1]) if voronoi
+             else dict(cell_offsets=PUBLIC_OFFSETS[(*FMNIST_KEY, m)]))
+    return dataclasses.replace(meta, class_names=tuple("abcdefghij"[:classes]) if labelled else ("all",), parts=parts,
                                epsilon=mech.epsilon, n_public=None, cells_per_class=m, cell_seed=1,
                                encoder=dataclasses.replace(meta.encoder, weights_sha256=LITE0_SHA256),
-                               cell_offsets=PUBLIC_OFFSETS[("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (1, 28, 28),
-                                                            1.0, 1, m)],
-                               cell_reference="fashion-mnist:test-select")
+                               cell_reference="fashion-mnist:test-select", **cells)
 
 
 def test_honest_cells_metadata_verifies():
     meta = _cells_metadata()
     assert check_metadata(meta) == pytest.approx(meta.epsilon) and meta.rows == 24
+    voronoi = _cells_metadata(voronoi=True)
+    assert check_metadata(voronoi) == pytest.approx(voronoi.epsilon) and voronoi.rows == 80
+
+
+@pytest.mark.parametrize("forge, message", [
+    (lambda m: dataclasses.replace(m, cell_centroids_sha256="0" * 64), "is not the table of centroids"),
+    (lambda m: dataclasses.replace(m, cell_centroids_sha256=m.cell_centroids_sha256.upper()), "not the table"),
+    (lambda m: dataclasses.replace(m, cell_centroids_sha256=PUBLIC_CENTROIDS[(*FMNIST_KEY, 4)][1]), "not the table"),
+    (lambda m: dataclasses.replace(m, cell_offsets=PUBLIC_OFFSETS[(*FMNIST_KEY, 8)]), "Voronoi cells record no offsets"),
+    (lambda m: dataclasses.replace(m, cell_offsets=()), "Voronoi cells record no offsets"),  # a free field
+    (lambda m: dataclasses.replace(m, cell_reference=None), "not the table of centroids"),
+    (lambda m: dataclasses.replace(m, cell_reference="mnist:test-select"), "not the table of centroids"),
+    (lambda m: dataclasses.replace(m, cell_seed=2), "not the table of centroids"),
+    (lambda m: dataclasses.replace(m, norm_bound=2.0), "not the table of centroids"),
+    (lambda m: dataclasses.replace(m, image_shape=(3, 32, 32)), "not the table of centroids"),
+    (lambda m: dataclasses.replace(m, encoder=dataclasses.replace(m.encoder, name="vgg19")), "not the table"),
+    (lambda m: dataclasses.replace(m, cells_per_class=1), "one cell per class records no cell_seed"),
+    (lambda m: dataclasses.replace(m, labelled=False), "1 class"),
+])
+def test_forged_voronoi_metadata_is_refused(forge, message):
+    """Voronoi cells are named by the SHA-256 of a table the reader holds: no free number, no free bit."""
+    with pytest.raises(ReleaseSchemaError, match=message):
+        check_metadata(forge(_cells_metadata(voronoi=True)))
+
+
+def test_voronoi_metadata_for_another_number_of_classes_is_refused():
+    """The table's centroids are per class: a release of 3 classes cannot claim the 10-class table."""
+    meta = _cells_metadata()
+    forged = dataclasses.replace(meta, cell_offsets=None, cell_centroids_sha256=PUBLIC_CENTROIDS[(*FMNIST_KEY, M)][1])
+    with pytest.raises(ReleaseSchemaError, match="for .* and 3 classes"):
+        check_metadata(forged)
 
 
 def _exact_counts(meta):
