@@ -6,7 +6,8 @@ release would count as records and what it would refuse or skip:
 
 - undecodable image files, files over a decoding limit (storage.datasets: MAX_RECORD_BYTES, ...) and
   files that cannot be read (permission denied, an I/O error): a release counts each as a record with
-  zero features,
+  zero features; so does a labelled release with a record whose label is outside the classes (a damaged
+  idx label byte), in the first class,
 - hidden and tool-made files and folders skipped, at any depth (names starting with `.`, `@`, `$`, `~`:
   `.ipynb_checkpoints/`, AppleDouble `._*`, Synology `@eaDir/`, Windows `$RECYCLE.BIN/`, Office `~$*`;
   `__MACOSX/`, `System Volume Information/`, `lost+found/`, ...: `storage.datasets.is_hidden_name`),
@@ -107,22 +108,30 @@ def check_data(dataset: str, split: str = "train", root: str | None = None, labe
         report = _imagefolder_report(dataset, split)
     else:
         report = _array_report(dataset, split, root)
-    labels = report.pop("labels")
     names = report["class_names"]
+    all_labels = report.pop("labels")
+    unknown = [i for i, k in enumerate(all_labels) if not 0 <= k < len(names)]  # a damaged idx label byte
+    labels = [k if 0 <= k < len(names) else None for k in all_labels]
+    report["unknown_labels"] = [f"record {i}" for i in unknown]
     counts = {name: 0 for name in names}
     for k in labels:
-        counts[names[k]] += 1
+        if k is not None:
+            counts[names[k]] += 1
     problems = [f"{len(report['unreadable'])} folder(s) could not be listed or examined: a release "
                 "refuses a folder it cannot read whole (fix the permissions or names, or move them out)"] \
         if report["unreadable"] else []
     if report["undecodable"]:
         problems.append(f"{len(report['undecodable'])} undecodable image file(s): a release counts each as a "
                         "record with zero features (it carries no information; fix or remove them first)")
+    if labelled and unknown:
+        problems.append(f"{len(unknown)} record(s) with a label outside the {len(names)} classes: a labelled "
+                        "release counts each as a record of the first class with zero features")
     empty = [name for name, c in counts.items() if c == 0]
     released = labels if limit is None else labels[:limit]  # the records a release with --limit reads
     in_window = {name: 0 for name in names}
     for k in released:
-        in_window[names[k]] += 1
+        if k is not None:
+            in_window[names[k]] += 1
     empty_released = [name for name, c in in_window.items() if c == 0]
     if labelled:
         if len(names) < 2:
@@ -150,6 +159,7 @@ def _human(r: dict) -> str:
     lines += [f"  hard link, counted once: {h['file']} (same file as {h['same_file_as']})"
               for h in r["hard_links_counted_once"]]
     lines += [f"  undecodable: {u['file']}: {u['error']}" for u in r["undecodable"]]
+    lines += [f"  label outside the classes: {u}" for u in r["unknown_labels"]]
     lines += [f"  warning: {w}" for w in r["warnings"]]
     lines += [f"  problem: {p}" for p in r["problems"]]
     lines.append("  OK: a release would accept this dataset" if r["ok"] else "  REFUSED: a release would refuse this dataset")

@@ -12,7 +12,7 @@ from storage.atomic import check_writable_file, check_writable_folder
 from storage.params import ReleaseParams
 from storage.provenance import file_sha256
 from tasks.artifacts import RELEASE_KEY, publish_markdown, release_summary_markdown
-from tasks.custodian import (_feature_map, calibrate, cell_normals, cell_split, charge_noise_and_release,
+from tasks.custodian import (_feature_map, calibrate, cell_split, charge_noise_and_release,
                              check_budget, describe_dataset, extract_shard, place_cells, reduce_sums)
 
 
@@ -36,10 +36,9 @@ def preflight(params: ReleaseParams) -> None:
     if params.encoder_weights is not None and not Path(params.encoder_weights).is_file():
         raise PathNotFoundError(f"encoder weights file {params.encoder_weights} does not exist")
     _feature_map(params)  # weights present and loadable; built once, the tasks reuse it
-    if params.cells > 1:  # cells whose fixed-point projections could overflow: refused from public values
-        cell_normals(params)
-    if params.resolved_cell_reference is not None:  # its image shape is declared (ReleaseParams), so a missing
-        # tabulated entry is refused here from the settings, never after the budget check
+    if params.cells > 1:  # refused here from the settings, never after the budget check: cells whose fixed-point
+        # projections could overflow, or a reference without tabulated centroids for the declared image shape
+        # (ReleaseParams makes a reference need a declared shape)
         cell_split(params, declared_image_shape(params.dataset, params.image_size, params.channels))
 
 
@@ -77,7 +76,7 @@ def private_dask_runner(**cluster_kwargs):
 
 def extract_sums(params: ReleaseParams, cells=None):
     """Fan out one extraction task per shard (on whatever task runner the flow has), then reduce.
-    `cells`: the release's `mepf_core.cells.CellSplit` (None: computed where needed, or one cell)."""
+    `cells`: the release's `mepf_core.cells.VoronoiSplit` or `CellSplit` (None: computed where needed, or one cell)."""
     partials = [extract_shard.submit(params, shard, cells) for shard in range(params.shards)]
     return reduce_sums([p.result() for p in partials])
 

@@ -1,13 +1,16 @@
-"""Within-class cells: each class's records split by public hyperplanes, one released row per (class, cell).
+"""Within-class cells: each class's records split by public constants, one released row per (class, cell).
 
 A release with M = 2^B cells per class holds K x M rows instead of K: record i goes to row
-
-    r(x_i, y_i) = y_i * M + cell(x_i),   cell(x) = sum_j 2^j [phi1(x) . w_j > b_j]
-
-with phi1(x) the record's bounded first-moment features (norm <= C1, the ones its sums hold), w_1..w_B
-in R^D public Gaussian normals drawn from a recorded seed (`hyperplane_normals`), and b_1..b_B public
-offsets: 0, or constants tabulated in `PUBLIC_OFFSETS` (the median projections of a public split's
-images, made once; a release reads no data to place its cells). The release's rows are then
+r(x_i, y_i) = y_i * M + cell(x_i, y_i). Two public rules place the cells (a release reads no data to
+place them):
+- Voronoi cells (the default with a cell reference, `VoronoiSplit`, at the end of this module): class y's
+  own M centroids, tabulated once from a public split's images (`PUBLIC_CENTROIDS`); the nearest wins.
+- Hyperplanes (without a reference, and releases made before Voronoi cells): cell(x) = sum_j 2^j
+  [phi1(x) . w_j > b_j], w_1..w_B in R^D public Gaussian normals drawn from a recorded seed
+  (`hyperplane_normals`), b_1..b_B public offsets: 0, or (older releases) the constants in `PUBLIC_OFFSETS`
+  (median projections of a public split's images, made once).
+phi1(x) is the record's bounded first-moment features (norm <= C1, the ones its sums hold). The release's
+rows are then
 
     S1[r] = sum_{i: r(x_i, y_i) = r} phi1(x_i)   (K M x D),   N[r] = #{i: r(x_i, y_i) = r}   (K M,)
 
@@ -91,8 +94,9 @@ def tabulated_offsets(reference: str, encoder: str, encoder_sha256: str, image_s
 
 
 def tabulated_references(seed: int, cells_per_class: int) -> list[str]:
-    """The references `PUBLIC_OFFSETS` holds offsets of for this seed and number of cells."""
-    return sorted({k[0] for k in PUBLIC_OFFSETS if (k[5], k[6]) == (seed, cells_per_class)})
+    """The references `PUBLIC_CENTROIDS` holds centroids of for this seed and number of cells (a new release's
+    cell reference; `PUBLIC_OFFSETS` only verifies releases made with hyperplane cells before)."""
+    return sorted({k[0] for k in PUBLIC_CENTROIDS if (k[5], k[6]) == (seed, cells_per_class)})
 
 
 def validate_cells(cells_per_class: int) -> int:

@@ -59,12 +59,13 @@ class ReleaseParams(BaseModel):
     cells_per_class: int | None = Field(None, strict=True, description="within-class cells: released rows per class, "
                                         "1 | 2 | 4 | 8 | 16 (default: 8 for a labelled release at target_epsilon "
                                         ">= 0.5 with batch_size >= 16, else 1; mepf_core.cells)")
-    cell_seed: int = Field(1, strict=True, ge=0, description="seed of the cells' public hyperplane normals (1: the "
-                           "seed of the measured setting, bench/README.md)")
-    cell_reference: str | None = Field(None, description="public split whose tabulated median projections place "
-                                       "the cells' hyperplanes (mepf_core.cells.PUBLIC_OFFSETS), or 'none' for "
-                                       "offsets 0 (default: fashion-mnist:test-select when releasing fashion-mnist's "
-                                       "train split, else none; with an image folder it needs channels)")
+    cell_seed: int = Field(1, strict=True, ge=0, description="seed of the cells' public projection (Voronoi cells) "
+                           "or hyperplane normals (1: the seed of the measured setting, bench/README.md)")
+    cell_reference: str | None = Field(None, description="public split whose tabulated constants place the cells: "
+                                       "its k-means centroids per class (Voronoi cells, mepf_core.cells."
+                                       "PUBLIC_CENTROIDS), or 'none' for hyperplanes through 0 (default: "
+                                       "fashion-mnist:test-select when releasing fashion-mnist's train split, else "
+                                       "none; with an image folder it needs channels)")
     dataset_id: str | None = Field(None, description="ledger key for this dataset (default: canonical id, "
                                    "see storage.datasets.canonical_dataset_id)")
     ledger: str | None = Field(None, description="budget ledger file (JSON lines)")
@@ -208,7 +209,7 @@ class ReleaseParams(BaseModel):
 
     @model_validator(mode="after")
     def _cell_reference_tabulated(self) -> "ReleaseParams":
-        """A cell reference names constants made once from public images (mepf_core.cells.PUBLIC_OFFSETS):
+        """A cell reference names constants made once from public images (mepf_core.cells.PUBLIC_CENTROIDS):
         the release reads no data to place its cells, so it must be one the table holds for this seed and
         number of cells."""
         ref = self.cell_reference
@@ -218,9 +219,9 @@ class ReleaseParams(BaseModel):
 
         known = tabulated_references(self.cell_seed, self.cells)
         if ref not in known:
-            raise ValueError(f"cell_reference {ref!r} has no tabulated offsets for cell_seed {self.cell_seed} and "
+            raise ValueError(f"cell_reference {ref!r} has no tabulated centroids for cell_seed {self.cell_seed} and "
                              f"{self.cells} cells per class (tabulated: {', '.join(known) or 'none'}); "
-                             "use cell_reference 'none' for offsets 0")
+                             "use cell_reference 'none' for hyperplanes through 0")
         return self
 
     @model_validator(mode="after")
@@ -249,7 +250,7 @@ class ReleaseParams(BaseModel):
 
     @property
     def resolved_cell_reference(self) -> str | None:
-        """The public split whose tabulated offsets place the cells, None for offsets 0 (and with one cell):
+        """The public split whose tabulated centroids place the cells, None for hyperplanes through 0 (and with one cell):
         cell_reference, else fashion-mnist:test-select for fashion-mnist's train split when tabulated."""
         if self.cells == 1 or self.cell_reference == "none":
             return None

@@ -17,7 +17,7 @@ from tqdm import tqdm
 import torch
 
 from mepf_core.cells import (CellSplit, VoronoiSplit, centroid_projection, check_fixed_point_range, hyperplane_normals,
-                             tabulated_centroids, tabulated_offsets, voronoi_directions)
+                             tabulated_centroids, voronoi_directions)
 from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
 from mepf_core.errors import FileAccessError, InvalidArgumentError
 from mepf_core.encoders import FeatureMap, build_feature_map
@@ -172,51 +172,39 @@ def describe_dataset(params: ReleaseParams) -> dict:
             "image_mode_source": src.image_mode_source, "feature_dim": fm.feature_dim, "encoder": fm.spec}
 
 
-def cell_normals(params: ReleaseParams) -> torch.Tensor:
-    """D x B normals of the release's cells (params.cells > 1), after refusing, from public values only,
-    settings whose fixed-point projections could overflow (mepf_core.cells.check_fixed_point_range).
-    Used by the CLI's preflight and by `cell_split`."""
-    normals = hyperplane_normals(_feature_map(params).feature_dim, params.cells, params.cell_seed)
-    check_fixed_point_range(params.norm_bound, normals)
-    return normals
-
-
 def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int],
                num_classes: int | None = None) -> CellSplit | VoronoiSplit | None:
     """The release's cells (mepf_core.cells) for images of `image_shape` (C, H, W, public), None with one
-    cell per class. Reads NO data. With a reference whose centroids are tabulated
-    (`mepf_core.cells.PUBLIC_CENTROIDS`, made once from a public test split): Voronoi cells, each class
-    split by its own centroids in the projection from params.cell_seed. Otherwise hyperplanes from
-    params.cell_seed with the offsets tabulated for the reference (`PUBLIC_OFFSETS`), or 0 without one.
+    cell per class. Reads NO data. With a reference (`params.resolved_cell_reference`): Voronoi cells, each
+    class split by its own centroids, tabulated once from that public split (`PUBLIC_CENTROIDS`), in the
+    projection from params.cell_seed; without one: hyperplanes through 0 from params.cell_seed.
     num_classes (public: the dataset's class list) must be the table's when given.
-    Raises InvalidArgumentError when the tables have no entry for the encoder's weights, the image shape and
-    the norm bound (ReleaseParams checked the reference, seed and cells; the rest is known only now)."""
+    Raises InvalidArgumentError when the table has no entry for the encoder's weights, the image shape and
+    the norm bound (ReleaseParams checked the reference, seed and cells; the rest is known only now), or
+    for settings whose fixed-point projections could overflow."""
     if params.cells == 1:
         return None
     fm = _feature_map(params)
     reference = params.resolved_cell_reference
-    key = (reference, fm.spec.name, fm.spec.weights_sha256, image_shape, params.norm_bound, params.cell_seed,
-           params.cells)
-    table = tabulated_centroids(*key) if reference is not None else None
-    if table is not None:
-        centroids, sha256 = table
-        if num_classes is not None and num_classes != centroids.shape[0]:
-            raise InvalidArgumentError(f"cell_reference {reference!r} has centroids for {centroids.shape[0]} classes, "
-                                       f"the dataset has {num_classes}: use --cell-reference none")
-        directions, offsets = voronoi_directions(centroid_projection(fm.feature_dim, params.cell_seed), centroids)
-        check_fixed_point_range(params.norm_bound, directions.reshape(-1, fm.feature_dim).T)
-        return VoronoiSplit(params.cells, params.cell_seed, directions, offsets, reference, sha256)
-    normals = cell_normals(params)
     if reference is None:
+        normals = hyperplane_normals(fm.feature_dim, params.cells, params.cell_seed)
+        check_fixed_point_range(params.norm_bound, normals)
         return CellSplit(params.cells, params.cell_seed, normals, torch.zeros(normals.shape[1], dtype=torch.float64),
                          None)
-    offsets = tabulated_offsets(*key)
-    if offsets is None:
+    table = tabulated_centroids(reference, fm.spec.name, fm.spec.weights_sha256, image_shape, params.norm_bound,
+                                params.cell_seed, params.cells)
+    if table is None:
         raise InvalidArgumentError(
-            f"cell_reference {reference!r} has no tabulated offsets for encoder {fm.spec.name} (weights "
+            f"cell_reference {reference!r} has no tabulated centroids for encoder {fm.spec.name} (weights "
             f"{fm.spec.weights_sha256[:12]}...), images of shape {list(image_shape)} and norm_bound "
-            f"{params.norm_bound}: use --cell-reference none (offsets 0)")
-    return CellSplit(params.cells, params.cell_seed, normals, torch.tensor(offsets, dtype=torch.float64), reference)
+            f"{params.norm_bound}: use --cell-reference none (hyperplanes through 0)")
+    centroids, sha256 = table
+    if num_classes is not None and num_classes != centroids.shape[0]:
+        raise InvalidArgumentError(f"cell_reference {reference!r} has centroids for {centroids.shape[0]} classes, "
+                                   f"the dataset has {num_classes}: use --cell-reference none")
+    directions, offsets = voronoi_directions(centroid_projection(fm.feature_dim, params.cell_seed), centroids)
+    check_fixed_point_range(params.norm_bound, directions.reshape(-1, fm.feature_dim).T)
+    return VoronoiSplit(params.cells, params.cell_seed, directions, offsets, reference, sha256)
 
 
 @task(name="place-cells", persist_result=False)
@@ -286,10 +274,16 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
                 phi1, phi2 = fixed_batch_features(fm, images, params.batch_size, norm_bound=params.norm_bound,
                                                   second_moment_bound=bound2)
                 # A record whose file cannot be decoded has zero features (its count stays): a function of
-                # that record alone, so the sensitivities hold, and the release is made either way.
+                # that record alone, so the sensitivities hold, and the release is made either way. So has
+                # a labelled record whose label is outside the K classes (a damaged idx label byte, a DP
+                # review: it made the release fail, uncharged); it counts in class 0.
+                if params.labelled:
+                    known = (labels >= 0) & (labels < k)
+                    decoded, rows = decoded & known, torch.where(known, labels, 0)
+                else:
+                    rows = torch.zeros(len(images), dtype=torch.long)
                 phi1 = torch.where(decoded[:, None], phi1, 0.0)
                 phi2 = None if phi2 is None else torch.where(decoded[:, None], phi2, 0.0)
-                rows = labels if params.labelled else torch.zeros(len(images), dtype=torch.long)
                 sums.add(phi1, phi2, rows if cells is None else cells.rows(phi1, rows))
                 bar.update(len(images))
                 if ui is not None:

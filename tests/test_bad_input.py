@@ -579,6 +579,46 @@ def test_a_cell_reference_needs_a_declared_image_mode(tmp_path):
     with pytest.raises(ValidationError, match="--channels"):
         ReleaseParams(**settings_)
     preflight(ReleaseParams(**settings_, channels=1))  # 1 x 28 x 28: tabulated
-    with pytest.raises(InvalidArgumentError, match=r"no tabulated offsets .* shape \[3, 32, 32\]"):
+    with pytest.raises(InvalidArgumentError, match=r"no tabulated centroids .* shape \[3, 32, 32\]"):
         preflight(ReleaseParams(**settings_, channels=3))
     ReleaseParams(**{**settings_, "cell_reference": "none"})  # offsets 0: no shape needed
+
+
+def _idx_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> str:
+    """A Fashion-MNIST-format train split (uncompressed idx files) of uint8 N x 28 x 28 images and labels."""
+    root.mkdir(parents=True)
+    n = len(images)
+    (root / "train-images-idx3-ubyte").write_bytes(
+        b"".join(v.to_bytes(4, "big") for v in (2051, n, 28, 28)) + images.astype(np.uint8).tobytes())
+    (root / "train-labels-idx1-ubyte").write_bytes(
+        b"".join(v.to_bytes(4, "big") for v in (2049, n)) + labels.astype(np.uint8).tobytes())
+    return str(root)
+
+
+@pytest.mark.parametrize("cells", [8, 1])
+@pytest.mark.parametrize("bad_label", [10, 255])
+def test_a_label_outside_the_classes_is_a_zero_feature_record_of_the_first_class(tmp_path, cells, bad_label):
+    """A DP review: one record's idx label byte set to 10 made the release fail (an IndexError in the cells,
+    a refused label without them), uncharged, and `mepf check-data` crashed. The record now counts in
+    class 0 with zero features: the release is the add-remove neighbour's plus one count of class 0."""
+    from flows.cli_check_data import check_data
+    from tasks.custodian import shard_sums
+    from tests.helpers import fmnist_subset, frob
+
+    images, labels = fmnist_subset(40)
+    pixels = (images[:, 0] * 255).round().numpy().astype(np.uint8)
+    forged = labels.numpy().copy()
+    forged[17] = bad_label
+    keep = np.arange(40) != 17
+    settings_ = dict(dataset="fashion-mnist", target_epsilon=10.0, cells_per_class=cells, batch_size=16,
+                     out=str(tmp_path / "r.h5"))
+    with_bad = shard_sums(ReleaseParams(**settings_, data_root=_idx_folder(tmp_path / "bad", pixels, forged)), 0)
+    without = shard_sums(ReleaseParams(**settings_, data_root=_idx_folder(tmp_path / "without", pixels[keep],
+                                                                          labels.numpy()[keep])), 0)
+    assert with_bad.counts.sum() == 40 and frob(with_bad.moment1, without.moment1) < 1e-9
+    moved = np.flatnonzero(with_bad.counts != without.counts)
+    assert len(moved) == 1 and moved[0] < cells and with_bad.counts[moved[0]] - without.counts[moved[0]] == 1
+    report = check_data("fashion-mnist", "train", str(tmp_path / "bad"), labelled=True)
+    assert report["unknown_labels"] == ["record 17"] and sum(report["class_counts"].values()) == 39
+    assert any("1 record(s) with a label outside the 10 classes" in p for p in report["problems"])
+    assert check_data("fashion-mnist", "train", str(tmp_path / "bad"))["problems"] == []  # unlabelled: no label

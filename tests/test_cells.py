@@ -322,9 +322,9 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
     assert torch.equal(split.directions, directions) and torch.equal(split.offsets, offsets)
     with pytest.raises(ValueError, match="has centroids for 10 classes, the dataset has 3"):
         tasks.custodian.cell_split(params, (1, 28, 28), 3)
-    with pytest.raises(ValueError, match="no tabulated offsets for encoder efficientnet-lite0"):
+    with pytest.raises(ValueError, match="no tabulated centroids for encoder efficientnet-lite0"):
         tasks.custodian.cell_split(params, (3, 32, 32))
-    with pytest.raises(ValueError, match="no tabulated offsets"):
+    with pytest.raises(ValueError, match="no tabulated centroids"):
         tasks.custodian.cell_split(params.model_copy(update={"norm_bound": 2.0}), (1, 28, 28))
     # the fourth review: a data-dependent overflow check let one record decide whether a release failed
     # (uncharged); the range is now checked on C and the normals alone, before any data is read
@@ -336,12 +336,12 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
     ({"cells_per_class": 3}, "cells_per_class must be one of 1, 2, 4, 8, 16, got 3"),
     ({"cells_per_class": True}, "cells_per_class"),
     ({"cells_per_class": 8, "labelled": False}, "cells_per_class=8 needs a labelled release"),
-    ({"cell_reference": "fashion-mnist:train"}, "has no tabulated offsets"),  # the private split itself
-    ({"cell_reference": "fashion-mnist"}, "has no tabulated offsets"),
-    ({"cell_reference": "mnist:test"}, "has no tabulated offsets"),
-    ({"cell_reference": "fashion-mnist:test-select", "cell_seed": 2}, "has no tabulated offsets for cell_seed 2"),
-    ({"cell_reference": "imagefolder:/data:test"}, "has no tabulated offsets"),
-    ({"cell_reference": "fashion-mnist:test-select "}, "has no tabulated offsets"),
+    ({"cell_reference": "fashion-mnist:train"}, "has no tabulated centroids"),  # the private split itself
+    ({"cell_reference": "fashion-mnist"}, "has no tabulated centroids"),
+    ({"cell_reference": "mnist:test"}, "has no tabulated centroids"),
+    ({"cell_reference": "fashion-mnist:test-select", "cell_seed": 2}, "has no tabulated centroids for cell_seed 2"),
+    ({"cell_reference": "imagefolder:/data:test"}, "has no tabulated centroids"),
+    ({"cell_reference": "fashion-mnist:test-select "}, "has no tabulated centroids"),
     ({"cell_seed": -1}, "cell_seed"),
     ({"batch_size": 1, "cells_per_class": 8}, "needs batch_size >= 16"),
     ({"batch_size": 15, "cells_per_class": 2}, "needs batch_size >= 16"),  # the fifth review's thread-count break, below

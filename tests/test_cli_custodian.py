@@ -5,6 +5,7 @@ import json
 import pytest
 
 from flows.cli import main
+from mepf_core.cells import LITE0_SHA256, PUBLIC_CENTROIDS
 
 
 def _release_args(tmp_path, *extra):
@@ -26,7 +27,10 @@ def test_release_inspect_budget_round_trip(tmp_path, capsys):
     assert meta["release_id"] == out["release_id"] and meta["encoder"]["name"] == "efficientnet-lite0"
     assert meta["n_public"] is None and meta["neighbouring"] == "replace-one"  # labelled: counts noised
     assert meta["cells_per_class"] == 8 and meta["cell_reference"] == "fashion-mnist:test-select"
-    assert meta["cell_seed"] == 1 and len(meta["cell_offsets"]) == 3
+    # Voronoi cells: named by the tabulated centroids' SHA-256, no offsets
+    assert meta["cell_seed"] == 1 and meta["cell_offsets"] is None
+    assert meta["cell_centroids_sha256"] == PUBLIC_CENTROIDS[("fashion-mnist:test-select", "efficientnet-lite0",
+                                                              LITE0_SHA256, (1, 28, 28), 1.0, 1, 8)][1]
 
     assert main(["budget", "--ledger", ledger, "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)["datasets"]
