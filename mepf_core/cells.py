@@ -45,6 +45,7 @@ M-fold, so at small epsilon cells hurt and `cells_for_epsilon` chooses M from th
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -119,12 +120,17 @@ def hyperplane_normals(dim: int, cells_per_class: int, seed: int) -> torch.Tenso
     `seed` (the same on every machine for the same arguments, so the seed recorded in a release defines
     its cells). Raises InvalidArgumentError for dim < 1, a cells_per_class outside CELLS_PER_CLASS, or a
     seed outside [0, 2^63)."""
-    bits = int(math.log2(validate_cells(cells_per_class)))
+    return _seeded_gaussian(dim, int(math.log2(validate_cells(cells_per_class))), seed)
+
+
+def _seeded_gaussian(dim: int, columns: int, seed: int) -> torch.Tensor:
+    """D x columns float64 N(0, 1) entries from torch's CPU generator at `seed`; InvalidArgumentError for
+    dim < 1 or a seed outside [0, 2^63)."""
     if dim < 1:
         raise InvalidArgumentError(f"dim must be >= 1, got {dim}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise InvalidArgumentError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-    return torch.randn(dim, bits, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.randn(dim, columns, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 FIXED_POINT = 2**32  # projections are sums of products rounded to multiples of 2^-32, added as int64
@@ -250,7 +256,7 @@ class CellSplit:
 # fixed point) onto directions w_{y,j} = P c_{y,j}, computed from public constants only, minus the fixed-point
 # offsets; ties go to the lowest j. So the rows, the sums and the counts move exactly as with hyperplane cells,
 # and the sensitivities above hold unchanged. Measured (bench/README.md, Voronoi cells): epsilon 10, 8 cells,
-# 3,000 steps, CNN selection half 82.7% against 79.7-79.9% with hyperplanes.
+# 3,000 steps, CNN on the report half 81.8% against 79.1-79.3% with hyperplanes.
 
 CENTROID_DIM = 64  # dimension of the public projection the centroids live in
 CENTROID_KMEANS_INIT = 4  # k-means restarts (scikit-learn's n_init) when a table is made
@@ -270,12 +276,7 @@ def centroid_projection(dim: int, seed: int) -> torch.Tensor:
     """D x CENTROID_DIM float64 P ~ N(0, 1/CENTROID_DIM) from torch's CPU generator at `seed` (the same on
     every machine for the same arguments; E||phi P||^2 = ||phi||^2). InvalidArgumentError for dim < 1 or a
     seed outside [0, 2^63)."""
-    if dim < 1:
-        raise InvalidArgumentError(f"dim must be >= 1, got {dim}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise InvalidArgumentError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(dim, CENTROID_DIM, generator=g, dtype=torch.float64) / math.sqrt(CENTROID_DIM)
+    return _seeded_gaussian(dim, CENTROID_DIM, seed) / math.sqrt(CENTROID_DIM)
 
 
 def public_centroids(phi: torch.Tensor, labels: torch.Tensor, num_classes: int, cells_per_class: int,
@@ -313,8 +314,6 @@ def tabulated_centroids(reference: str, encoder: str, encoder_sha256: str, image
     if hashlib.sha256(data).hexdigest() != sha256:
         raise RuntimeError(f"mepf_core/cell_tables/{name} is not the pinned file (SHA-256 {sha256[:12]}...): "
                            "reinstall dp-mepf")
-    import io
-
     return np.load(io.BytesIO(data), allow_pickle=False), sha256
 
 
