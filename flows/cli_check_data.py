@@ -109,9 +109,8 @@ def check_data(dataset: str, split: str = "train", root: str | None = None, labe
     else:
         report = _array_report(dataset, split, root)
     names = report["class_names"]
-    all_labels = report.pop("labels")
-    unknown = [i for i, k in enumerate(all_labels) if not 0 <= k < len(names)]  # a damaged idx label byte
-    labels = [k if 0 <= k < len(names) else None for k in all_labels]
+    labels = [k if 0 <= k < len(names) else None for k in report.pop("labels")]  # None: a damaged idx label byte
+    unknown = [i for i, k in enumerate(labels) if k is None]
     report["unknown_labels"] = [f"record {i}" for i in unknown]
     counts = {name: 0 for name in names}
     for k in labels:
