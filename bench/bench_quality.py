@@ -76,7 +76,8 @@ def release_run(eps: float, seed: int, d: Path, args) -> dict:
     """release -> train -> sample -> evaluate at one epsilon and seed; the row with its commands."""
     d.mkdir(parents=True)
     rel, t_rel, c1 = mepf("release", "--dataset", "fashion-mnist", "--labelled", "--target-epsilon", f"{eps:g}",
-                          "--target-delta", "1e-5", "--out", str(d / "release.h5"))
+                          "--target-delta", "1e-5", "--out", str(d / "release.h5"),
+                          *(["--cells-per-class", str(args.cells_per_class)] if args.cells_per_class else []))
     train = ["train", "--release", rel["path"], "--out", str(d / "run"), "--steps", str(args.steps), "--seed", str(seed)]
     if args.ema_decay is not None:
         train += ["--ema-decay", f"{args.ema_decay:g}"]
@@ -195,6 +196,7 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=10_000)
     ap.add_argument("--fid-samples", type=int, default=1000)
     ap.add_argument("--fid-reference", type=int, default=1000, help="report-half images for the FID statistics")
+    ap.add_argument("--cells-per-class", type=int, help="mepf release --cells-per-class (default: release's)")
     ap.add_argument("--ema-decay", type=float, default=None, help="mepf train --ema-decay (default: train's)")
     ap.add_argument("--resnet", action="store_true",
                     help="add the DPImageBench-style classifier (schedule chosen on the selection half)")
