@@ -57,8 +57,9 @@ class ReleaseParams(BaseModel):
     neighbouring: Neighbouring = Neighbouring.ADD_REMOVE
     count_share: float = Field(0.1, strict=True, description="share of the privacy precision spent on the class counts")
     cells_per_class: int | None = Field(None, strict=True, description="within-class cells: released rows per class, "
-                                        "1 | 2 | 4 | 8 | 16 (default: 8 for a labelled release at target_epsilon "
-                                        ">= 0.5 with batch_size >= 16, else 1; mepf_core.cells)")
+                                        "1 | 2 | 4 | 8 | 16 (default for a labelled release with batch_size >= 16: 8 "
+                                        "at target_epsilon >= 0.5, 2 at >= 0.2 with tabulated centroids, else 1; "
+                                        "mepf_core.cells.cells_for_epsilon)")
     cell_seed: int = Field(1, strict=True, ge=0, description="seed of the cells' public projection (Voronoi cells) "
                            "or hyperplane normals (1: the seed of the measured setting, bench/README.md)")
     cell_reference: str | None = Field(None, description="public split whose tabulated constants place the cells: "
@@ -242,11 +243,12 @@ class ReleaseParams(BaseModel):
     @property
     def cells(self) -> int:
         """M, the rows per class: cells_per_class, or its default for this epsilon (mepf_core.cells)."""
-        from mepf_core.cells import cells_for_epsilon
+        from mepf_core.cells import LOW_EPSILON_CELLS, cells_for_epsilon
 
         if self.cells_per_class is not None:
             return self.cells_per_class
-        return cells_for_epsilon(self.target_epsilon, self.labelled, self.batch_size)
+        centroids = self._tabulated_reference(LOW_EPSILON_CELLS) is not None
+        return cells_for_epsilon(self.target_epsilon, self.labelled, self.batch_size, centroids)
 
     @property
     def resolved_cell_reference(self) -> str | None:
@@ -254,15 +256,16 @@ class ReleaseParams(BaseModel):
         cell_reference, else fashion-mnist:test-select for fashion-mnist's train split when tabulated."""
         if self.cells == 1 or self.cell_reference == "none":
             return None
-        if self.cell_reference is not None:
-            return self.cell_reference
+        return self.cell_reference or self._tabulated_reference(self.cells)
+
+    def _tabulated_reference(self, cells: int) -> str | None:
+        """The cell reference (given, or fashion-mnist:test-select for fashion-mnist's train split) when
+        `PUBLIC_CENTROIDS` holds centroids of it for cell_seed and `cells` cells per class, else None."""
         from mepf_core.cells import tabulated_references
 
-        default = "fashion-mnist:test-select"
-        if (self.dataset, self.split) == ("fashion-mnist", "train") and default in tabulated_references(
-                self.cell_seed, self.cells):
-            return default
-        return None
+        reference = self.cell_reference or (
+            "fashion-mnist:test-select" if (self.dataset, self.split) == ("fashion-mnist", "train") else None)
+        return reference if reference in tabulated_references(self.cell_seed, cells) else None
 
     @model_validator(mode="after")
     def _signer_needs_key(self) -> "ReleaseParams":

@@ -212,13 +212,24 @@ def test_cell_bits_and_normals_are_fixed_by_the_seed():
 
 
 def test_default_cells_follow_epsilon_and_labels():
-    assert cells_for_epsilon(10.0, True, 256) == 8 and cells_for_epsilon(0.5, True, MIN_CELL_BATCH) == 8
-    assert cells_for_epsilon(0.2, True, 256) == 1 and cells_for_epsilon(10.0, False, 256) == 1
-    assert cells_for_epsilon(10.0, True, MIN_CELL_BATCH - 1) == 1  # too small a batch for cells: one
+    for centroids in (False, True):
+        assert cells_for_epsilon(10.0, True, 256, centroids) == 8
+        assert cells_for_epsilon(0.5, True, MIN_CELL_BATCH, centroids) == 8
+        assert cells_for_epsilon(10.0, False, 256, centroids) == 1
+        assert cells_for_epsilon(10.0, True, MIN_CELL_BATCH - 1, centroids) == 1  # too small a batch for cells: one
+        assert cells_for_epsilon(0.1, True, 256, centroids) == 1  # below the measured range: one
+    # between 0.2 and 0.5, two cells only where centroids place them (hyperplane cells lose there)
+    assert cells_for_epsilon(0.2, True, 256, True) == 2 and cells_for_epsilon(0.49, True, 256, True) == 2
+    assert cells_for_epsilon(0.2, True, 256, False) == 1 and cells_for_epsilon(0.2, False, 256, True) == 1
     assert ReleaseParams(target_epsilon=10.0, batch_size=8).cells == 1
     params = ReleaseParams(target_epsilon=10.0)
     assert (params.cells, params.resolved_cell_reference) == (8, "fashion-mnist:test-select")
-    assert ReleaseParams(target_epsilon=0.2).resolved_cell_reference is None
+    params = ReleaseParams(target_epsilon=0.2)
+    assert (params.cells, params.resolved_cell_reference) == (2, "fashion-mnist:test-select")
+    for hyperplanes in ({"cell_reference": "none"}, {"dataset": "imagefolder:/x"}, {"cell_seed": 2},
+                        {"split": "test"}, {"labelled": False}):
+        assert ReleaseParams(target_epsilon=0.2, **hyperplanes).cells == 1, hyperplanes
+    assert ReleaseParams(target_epsilon=0.1).cells == 1
     assert ReleaseParams(target_epsilon=10.0, cells_per_class=2, cell_reference="none").resolved_cell_reference is None
     assert ReleaseParams(target_epsilon=10.0, dataset="imagefolder:/x").resolved_cell_reference is None
     assert ReleaseParams(target_epsilon=10.0, cell_seed=2).resolved_cell_reference is None  # not tabulated: offsets 0
