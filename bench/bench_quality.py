@@ -13,8 +13,9 @@ training images: the non-private ceiling. Every number in the result file comes 
 that produced it.
 
     python bench/bench_quality.py [--epsilons 0.2 1 10] [--seeds 0 1 2] [--steps 10000] [--n-samples 10000]
-        [--fid-samples 1000] [--fid-reference 1000] [--ema-decay D] [--resnet] [--ceiling] [--fid-floor N]
-        [--tag NAME]
+        [--fid-samples 1000] [--fid-reference 1000] [--ema-decay D] [--cells-per-class M] [--resnet]
+        [--resnet-samples 60000] [--ceiling] [--fid-floor N] [--tag NAME]
+    python bench/bench_quality.py --add-resnet DIR... [--resnet-samples 60000]   # finished runs' rows
 
 Rows merge into bench/results/quality_split.json by (epsilon, seed, tag): a new row replaces an old
 one with the same key. bench/results/quality.json holds the rows measured before the split (chosen
@@ -54,13 +55,16 @@ def mepf(*args: str) -> tuple[dict, float, str]:
     return json.loads(text[text.index("{"):]), time.perf_counter() - start, "mepf " + shlex.join(cmd[1:])
 
 
-def resnet_row(synthetic: Path) -> dict:
-    """DPImageBench-style classifier: `resnet_select` on all images of `synthetic`, the schedule's
-    (lr, epoch) chosen on the selection half, the accuracy of that choice on the report half."""
+def resnet_row(run_dir: Path, n: int) -> dict:
+    """DPImageBench-style classifier: `resnet_select` on n images sampled from the finished `mepf train`
+    run `run_dir` (DPImageBench: 60,000), the schedule's (lr, epoch) chosen on the selection half, the
+    accuracy of that choice on the report half. The row's update includes the `mepf sample` command."""
     from mepf_core.classifiers import resnet_select
     from storage.synthetic import read_synthetic
     from tasks.evaluation import load_reference
 
+    synthetic = run_dir / f"synthetic-resnet-{n}.h5"
+    _, _, sample_cmd = mepf("sample", "--run", str(run_dir), "--n", str(n), "--out", str(synthetic))
     images, labels, _ = read_synthetic(synthetic)
     select_x, select_y = load_reference.fn(SELECT)
     report_x, report_y = load_reference.fn(REPORT)
@@ -69,7 +73,8 @@ def resnet_row(synthetic: Path) -> dict:
     return {"acc_resnet": round(float((chosen.predictions == report_y).mean()), 4),
             "resnet_choice": {"lr": chosen.lr, "epoch": chosen.epoch,
                               "select_acc": round(chosen.select_accuracy[(chosen.lr, chosen.epoch)], 4)},
-            "resnet_train_images": len(images), "resnet_minutes": round((time.perf_counter() - start) / 60, 1)}
+            "resnet_train_images": len(images), "resnet_minutes": round((time.perf_counter() - start) / 60, 1),
+            "resnet_commands": [sample_cmd, "python " + shlex.join(sys.argv) + "  (mepf_core.classifiers.resnet_select)"]}
 
 
 def release_run(eps: float, seed: int, d: Path, args) -> dict:
@@ -96,8 +101,7 @@ def release_run(eps: float, seed: int, d: Path, args) -> dict:
            "train_minutes": round(t_train / 60, 1), "release_minutes": round(t_rel / 60, 1),
            **{k: round(v, 4) for k, v in ev["metrics"].items()}, "commands": [c1, c2, c3, c4]}
     if args.resnet:
-        row.update(resnet_row(d / "run" / "synthetic.h5"))
-        row["commands"].append("python " + shlex.join(sys.argv) + "  (resnet: mepf_core.classifiers.resnet_select)")
+        row.update(resnet_row(d / "run", args.resnet_samples))
     return row
 
 
@@ -172,7 +176,7 @@ def spread(rows: list[dict]) -> list[dict]:
     return out
 
 
-def add_resnet(run_dirs: list[Path]) -> None:
+def add_resnet(run_dirs: list[Path], n: int) -> None:
     """Add `resnet_row` to the rows of quality_split.json whose commands name each finished run's folder."""
     path = RESULTS / f"{RESULT}.json"
     data = json.loads(path.read_text())
@@ -180,8 +184,7 @@ def add_resnet(run_dirs: list[Path]) -> None:
         mine = [r for r in data["rows"] if any(str(d / "release.h5") in c for c in r.get("commands", []))]
         if len(mine) != 1:
             raise SystemExit(f"{d}: {len(mine)} rows of {path} name {d / 'release.h5'} in their commands, need exactly 1")
-        mine[0].update(resnet_row(d / "run" / "synthetic.h5"))
-        mine[0]["commands"].append("python " + shlex.join(sys.argv) + "  (resnet: mepf_core.classifiers.resnet_select)")
+        mine[0].update(resnet_row(d / "run", n))
         data["spread"] = spread(data["rows"])
         write_result(RESULT, data)
         print(d, {k: mine[0][k] for k in ("epsilon", "seed", "tag", "acc_cnn", "acc_resnet", "resnet_choice",
@@ -207,6 +210,8 @@ def main() -> None:
     ap.add_argument("--fid-floor", type=int, metavar="N", help="FID of N real training images (needs --fid-reference)")
     ap.add_argument("--tag", default="defaults", help="configuration label; rows merge by (epsilon, seed, tag)")
     ap.add_argument("--workdir", default="runs/bench-quality")
+    ap.add_argument("--resnet-samples", type=int, default=60_000,
+                    help="synthetic images the --resnet classifier trains on (DPImageBench: 60,000)")
     ap.add_argument("--add-resnet", type=Path, nargs="+", metavar="DIR",
                     help="add the --resnet classifier to the existing rows of finished runs of this script "
                          "(DIR: a run's folder, eps<E>-seed<S>, named in the row's commands); runs nothing else")
@@ -214,7 +219,7 @@ def main() -> None:
     if args.fid_floor and not args.fid_reference:
         ap.error("--fid-floor needs --fid-reference (the reference the synthetic FIDs use)")
     if args.add_resnet:
-        return add_resnet(args.add_resnet)
+        return add_resnet(args.add_resnet, args.resnet_samples)
     work = Path(args.workdir) / time.strftime("%Y%m%d-%H%M%S")
     rows = [{**pipeline_row(args.from_run), "tag": args.tag}] if args.from_run else []
     for eps in args.epsilons:
