@@ -57,6 +57,7 @@ from mepf_core.embedding import FeatureSums, mean_embeddings, sums_to_noisy_part
 from mepf_core.encoders import run_stages  # noqa: E402
 from mepf_core.features import sanitize_images  # noqa: E402
 from mepf_core.fused_encoder import fuse_feature_map  # noqa: E402
+from mepf_core import cells  # noqa: E402
 from mepf_core.privacy.mechanism import design_mechanism  # noqa: E402
 from mepf_core.privacy.sensitivity import Neighbouring  # noqa: E402
 from mepf_core.lean_autograd import stage_means  # noqa: E402
@@ -72,7 +73,6 @@ NORMS = ("joint", "layer")
 NORM_BOUND = 1.0
 COV_SEED = 0  # the projection of -covK variants: public, from this seed, the same at extraction and training
 LSH_SEED = 1  # the hyperplanes of -lshB variants: public, from this seed
-VOR_DIM = 64  # dimension of the projection -vorKp variants cluster in
 COV_SHARE = 0.5  # share of the squared norm bound given to the second-moment sketch (the rest to phi)
 
 
@@ -104,21 +104,16 @@ def vor_cells(name: str) -> int:
     return int(k) if k.isdigit() and 1 < int(k) <= 64 else 0
 
 
-def vor_projection(dim: int) -> torch.Tensor:
-    """D x VOR_DIM float64 Gaussian projection from LSH_SEED scaled 1/sqrt(VOR_DIM) (public): -vorKp variants
-    place their centroids and cells in phi P instead of phi."""
-    g = torch.Generator().manual_seed(LSH_SEED)
-    return torch.randn(dim, VOR_DIM, generator=g, dtype=torch.float64) / math.sqrt(VOR_DIM)
-
-
 def cells_per_class(name: str) -> int:
     """Rows per class of a variant: K with -vorK, 2^B with -lshB, else 1."""
     return vor_cells(name) or 2 ** lsh_bits(name)
 
 
 def public_centroids(m: "VariantMap", k: int, projected: bool = False) -> torch.Tensor:
-    """10 x K x D float64: per class, K k-means centroids (scikit-learn, seeded) of the bounded features of
-    the selection half's public test images of that class (-vorK variants: public data only).
+    """Per class, K k-means centroids (scikit-learn, seeded) of the bounded features of the selection
+    half's public test images of that class (-vorK variants: public data only): 10 x K x D float64; with
+    `projected` (-vorKp) production's rule (`mepf_core.cells`: the centroids of phi P, P from LSH_SEED), as
+    (directions P c 10 x K x D, offsets ||c||^2 / 2 10 x K).
 
     A record (x, y) goes to cell argmin_j ||phi(x) - c_{y,j}||, a function of that record alone, and adds
     its bounded vector to exactly one (class, cell) sum and 1 to its count: the per-class release's
@@ -129,17 +124,14 @@ def public_centroids(m: "VariantMap", k: int, projected: bool = False) -> torch.
     x = sanitize_images(torch.as_tensor(images, dtype=torch.float32) / 255.0)
     with torch.no_grad():
         phi = torch.cat([m.features([o.double() for o in m.stage_outputs(x[i : i + 500])]) for i in range(0, len(x), 500)])
-    if projected:  # centroids c' in R^VOR_DIM; nearest in phi P <=> argmax phi . (P c') - ||c'||^2 / 2
-        phi = phi @ vor_projection(phi.shape[1])
+    if projected:
+        projection = cells.centroid_projection(phi.shape[1], LSH_SEED)
+        return cells.voronoi_directions(projection, cells.public_centroids(phi, labels, 10, k, projection))
     out = []
     for c in range(10):
         km = KMeans(n_clusters=k, n_init=4, random_state=0).fit(phi[torch.as_tensor(labels) == c].numpy())
         out.append(torch.as_tensor(km.cluster_centers_, dtype=torch.float64))
-    centroids = torch.stack(out)
-    if not projected:
-        return centroids
-    p = vor_projection(m.features([o.double() for o in m.stage_outputs(torch.zeros(1, 1, 28, 28))]).shape[1])
-    return centroids @ p.T, 0.5 * (centroids * centroids).sum(dim=2)  # directions P c' and offsets ||c'||^2 / 2
+    return torch.stack(out)
 
 
 def voronoi_cells(phi: torch.Tensor, labels: torch.Tensor, centroids) -> torch.Tensor:
@@ -151,15 +143,14 @@ def voronoi_cells(phi: torch.Tensor, labels: torch.Tensor, centroids) -> torch.T
 
 
 def lsh_planes(dim: int, bits: int) -> torch.Tensor:
-    """D x B Gaussian hyperplane normals from LSH_SEED (public), splitting each class into 2^B cells
-    (-lshB variants; offsets: `public_lsh_planes`).
+    """D x B Gaussian hyperplane normals from LSH_SEED (public; production's `hyperplane_normals`),
+    splitting each class into 2^B cells (-lshB variants; offsets: `public_lsh_planes`).
 
     A record's cell is a function of that record alone, and it adds its bounded vector (norm <= C) to
     exactly one (class, cell) sum and 1 to that cell's count: the sensitivities are those of the
     per-class release (C and 1, add-remove), so the mechanism is unchanged.
     """
-    g = torch.Generator().manual_seed(LSH_SEED)
-    return torch.randn(dim, bits, generator=g, dtype=torch.float64)
+    return cells.hyperplane_normals(dim, 2**bits, LSH_SEED)
 
 
 def lsh_cells(phi: torch.Tensor, normals: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -263,7 +254,7 @@ def extract(args) -> None:
     src = open_dataset("fashion-mnist", "train")
     n = len(src) if args.limit is None else args.limit
     sums: dict[str, FeatureSums] = {}  # variant -> class sums, sized by its first batch
-    cells = {v: cells_per_class(v) for v in variants}  # rows per class: 1 without -lshB / -vorK
+    per_class = {v: cells_per_class(v) for v in variants}  # rows per class: 1 without -lshB / -vorK
     planes = {v: public_lsh_planes(m, lsh_bits(v), zero=v.endswith("z")) for v, m in variants.items() if lsh_bits(v)}
     centroids = {v: public_centroids(m, vor_cells(v), v.endswith("p")) for v, m in variants.items() if vor_cells(v)}
     start = time.perf_counter()
@@ -274,11 +265,11 @@ def extract(args) -> None:
             for v, m in variants.items():
                 feats = m.features([outs[i] for i in m.stages])
                 if v not in sums:
-                    sums[v] = FeatureSums.zeros(10 * cells[v], feats.shape[1], 1)
+                    sums[v] = FeatureSums.zeros(10 * per_class[v], feats.shape[1], 1)
                 if v in planes:
-                    rows = labels.long() * cells[v] + lsh_cells(feats, *planes[v])
+                    rows = labels.long() * per_class[v] + lsh_cells(feats, *planes[v])
                 elif v in centroids:
-                    rows = labels.long() * cells[v] + voronoi_cells(feats, labels, centroids[v])
+                    rows = labels.long() * per_class[v] + voronoi_cells(feats, labels, centroids[v])
                 else:
                     rows = labels
                 sums[v].add(feats, None, rows)
@@ -293,8 +284,8 @@ def extract(args) -> None:
             np.savez(out / f"{v}.npz", moment1=means["moment1"], counts=noisy["counts"], epsilon=mech.epsilon,
                      image_size=args.image_size)
             print(v, "D =", s.moment1.shape[1], "sigma =", {p.name: round(p.sigma, 4) for p in mech.parts}, flush=True)
-            if cells[v] > 1:  # noisy counts per (class, cell): how evenly the cells split each class
-                print(np.round(noisy["counts"].reshape(10, cells[v])).astype(int), flush=True)
+            if per_class[v] > 1:  # noisy counts per (class, cell): how evenly the cells split each class
+                print(np.round(noisy["counts"].reshape(10, per_class[v])).astype(int), flush=True)
     print(f"extraction {time.perf_counter() - start:.0f} s for {n} images", flush=True)
 
 
