@@ -98,10 +98,14 @@ def tabulated_offsets(reference: str, encoder: str, encoder_sha256: str, image_s
     return PUBLIC_OFFSETS.get(key)
 
 
-def tabulated_references(seed: int, cells_per_class: int) -> list[str]:
+def tabulated_references(seed: int, cells_per_class: int, *, encoder: str | None = None,
+                          image_shape: tuple[int, int, int] | None = None, norm_bound: float | None = None) -> list[str]:
     """The references `PUBLIC_CENTROIDS` holds centroids of for this seed and number of cells (a new release's
-    cell reference; `PUBLIC_OFFSETS` only verifies releases made with hyperplane cells before)."""
-    return sorted({k[0] for k in PUBLIC_CENTROIDS if (k[5], k[6]) == (seed, cells_per_class)})
+    cell reference; `PUBLIC_OFFSETS` only verifies releases made with hyperplane cells before); with
+    encoder (name), image_shape (C, H, W) or norm_bound given, only entries made for those settings."""
+    want = {5: int(seed), 6: int(cells_per_class), 1: encoder, 4: None if norm_bound is None else float(norm_bound),
+            3: None if image_shape is None else tuple(int(v) for v in image_shape)}
+    return sorted({k[0] for k in PUBLIC_CENTROIDS if all(v is None or k[i] == v for i, v in want.items())})
 
 
 def validate_cells(cells_per_class: int) -> int:

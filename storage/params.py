@@ -211,18 +211,23 @@ class ReleaseParams(BaseModel):
     @model_validator(mode="after")
     def _cell_reference_tabulated(self) -> "ReleaseParams":
         """A cell reference names constants made once from public images (mepf_core.cells.PUBLIC_CENTROIDS):
-        the release reads no data to place its cells, so it must be one the table holds for this seed and
-        number of cells."""
+        the release reads no data to place its cells, so it must be one the table holds for this seed (and
+        for this number of cells, when there is more than one), and it must not be drawn from the split
+        being released (its constants would then be an unprotected function of private records)."""
         ref = self.cell_reference
-        if ref is None or ref == "none" or self.cells == 1:
+        if ref is None or ref == "none":
             return self
-        from mepf_core.cells import tabulated_references
+        from mepf_core.cells import CELLS_PER_CLASS, tabulated_references
 
-        known = tabulated_references(self.cell_seed, self.cells)
+        counts = [self.cells] if self.cells > 1 else CELLS_PER_CLASS[1:]
+        known = sorted({r for m in counts for r in tabulated_references(self.cell_seed, m)})
         if ref not in known:
             raise ValueError(f"cell_reference {ref!r} has no tabulated centroids for cell_seed {self.cell_seed} and "
-                             f"{self.cells} cells per class (tabulated: {', '.join(known) or 'none'}); "
-                             "use cell_reference 'none' for hyperplanes through 0")
+                             f"{self.cells if self.cells > 1 else 'any number of'} cells per class (tabulated: "
+                             f"{', '.join(known) or 'none'}); use cell_reference 'none' (no public constants)")
+        if ref.partition(":")[0] == self.dataset and self.split == ref.partition(":")[2].partition("-")[0]:
+            raise ValueError(f"cell_reference {ref!r} is drawn from the {self.dataset} {self.split} split this release "
+                             "protects: its centroids are not public constants for it; use cell_reference 'none'")
         return self
 
     @model_validator(mode="after")
@@ -259,13 +264,21 @@ class ReleaseParams(BaseModel):
         return self.cell_reference or self._tabulated_reference(self.cells)
 
     def _tabulated_reference(self, cells: int) -> str | None:
-        """The cell reference (given, or fashion-mnist:test-select for fashion-mnist's train split) when
-        `PUBLIC_CENTROIDS` holds centroids of it for cell_seed and `cells` cells per class, else None."""
+        """The cell reference when `PUBLIC_CENTROIDS` holds centroids of it for cell_seed and `cells` cells per
+        class, else None: the given one; by default fashion-mnist:test-select for fashion-mnist's train split,
+        only where the table was made for the declared settings (encoder, its packaged weights, image shape,
+        norm bound; the preflight checks the weights' hash), so other settings fall back to no reference."""
         from mepf_core.cells import tabulated_references
+        from storage.datasets import declared_image_shape
 
-        reference = self.cell_reference or (
-            "fashion-mnist:test-select" if (self.dataset, self.split) == ("fashion-mnist", "train") else None)
-        return reference if reference in tabulated_references(self.cell_seed, cells) else None
+        if self.cell_reference is not None:
+            return self.cell_reference if self.cell_reference in tabulated_references(self.cell_seed, cells) else None
+        default = "fashion-mnist:test-select"
+        if (self.dataset, self.split) != ("fashion-mnist", "train") or self.encoder_weights is not None:
+            return None
+        known = tabulated_references(self.cell_seed, cells, encoder=self.encoder, norm_bound=self.norm_bound,
+                                     image_shape=declared_image_shape(self.dataset, self.image_size, self.channels))
+        return default if default in known else None
 
     @model_validator(mode="after")
     def _signer_needs_key(self) -> "ReleaseParams":

@@ -197,7 +197,7 @@ def cell_split(params: ReleaseParams, image_shape: tuple[int, int, int],
         raise InvalidArgumentError(
             f"cell_reference {reference!r} has no tabulated centroids for encoder {fm.spec.name} (weights "
             f"{fm.spec.weights_sha256[:12]}...), images of shape {list(image_shape)} and norm_bound "
-            f"{params.norm_bound}: use --cell-reference none (hyperplanes through 0)")
+            f"{params.norm_bound}: use --cell-reference none (no public constants)")
     centroids, sha256 = table
     if num_classes is not None and num_classes != centroids.shape[0]:
         raise InvalidArgumentError(f"cell_reference {reference!r} has centroids for {centroids.shape[0]} classes, "

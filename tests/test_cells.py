@@ -35,16 +35,18 @@ SLACK = 1 + 1e-6
 FMNIST_KEY = ("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (1, 28, 28), 1.0, 1)
 
 
-@pytest.fixture(scope="module", params=["hyperplanes", "voronoi"])
+@pytest.fixture(scope="module", params=["hyperplanes", "voronoi", "voronoi2"])
 def cells(request) -> CellSplit | VoronoiSplit:
-    """8 cells per class. hyperplanes: from seed 1, offsets at the median projections of 64 PUBLIC test
-    images (as PUBLIC_OFFSETS); voronoi: the production default, the tabulated centroids of the public half."""
+    """hyperplanes: 8 cells per class from seed 1, offsets at the median projections of 64 PUBLIC test
+    images (as PUBLIC_OFFSETS); voronoi, voronoi2: the production defaults at epsilon 10 and 0.3, 8 and 2
+    cells per class by the tabulated centroids of the public half."""
     from storage.datasets import open_dataset
     from tasks.custodian import cell_split
 
-    if request.param == "voronoi":
-        split = cell_split(ReleaseParams(target_epsilon=10.0), (1, 28, 28), 10)
-        assert isinstance(split, VoronoiSplit) and split.cells_per_class == M
+    if request.param.startswith("voronoi"):
+        epsilon, m = (10.0, M) if request.param == "voronoi" else (0.3, 2)
+        split = cell_split(ReleaseParams(target_epsilon=epsilon), (1, 28, 28), 10)
+        assert isinstance(split, VoronoiSplit) and split.cells_per_class == m
         return split
     images, _ = next(open_dataset("fashion-mnist", "test").iter_batches(64))
     phi, _ = fixed_batch_features(lite0(), images, 64, norm_bound=1.0)
@@ -68,11 +70,12 @@ def test_neighbours_move_rows_within_the_sensitivities(base, cells, relation, la
     are replayed."""
     images, labels = base
     bound = {"moment1": sum_sensitivity(relation, 1.0), "moment2": sum_sensitivity(relation, 0.7),
-             "counts": count_sensitivity(relation, labelled=labelled, cells_per_class=M)}
+             "counts": count_sensitivity(relation, labelled=labelled, cells_per_class=cells.cells_per_class)}
     assert bound["counts"] == (1.0 if relation is Neighbouring.ADD_REMOVE else pytest.approx(math.sqrt(2)))
     y = labels if labelled else None
     ref = sums_of(images, y, num_classes=K, second_moment_bound=0.7, cells=cells)
-    assert ref.moment1.shape[0] == (K if labelled else 1) * M and np.count_nonzero(ref.counts) >= 3
+    assert ref.moment1.shape[0] == (K if labelled else 1) * cells.cells_per_class
+    assert np.count_nonzero(ref.counts) >= min(3, ref.counts.size)  # records in several rows
     moved_cells = 0
     for kind, _, _, img2, lab2 in _pairs(images, labels, relation, seed=3 + labelled):
         other = sums_of(img2, lab2 if labelled else None, num_classes=K, second_moment_bound=0.7, cells=cells)
@@ -98,10 +101,11 @@ def test_unlabelled_counts_are_private_under_replace_one_with_cells(cells):
         other[j] = x
         worst = max(worst, frob(ref.counts, sums_of(other, None, num_classes=1, moments=1, cells=cells).counts))
     assert worst == pytest.approx(math.sqrt(2))
-    assert count_sensitivity(Neighbouring.REPLACE_ONE, labelled=False, cells_per_class=M) == pytest.approx(math.sqrt(2))
+    m = cells.cells_per_class
+    assert count_sensitivity(Neighbouring.REPLACE_ONE, labelled=False, cells_per_class=m) == pytest.approx(math.sqrt(2))
     assert count_sensitivity(Neighbouring.REPLACE_ONE, labelled=False, cells_per_class=1) == 0.0
     mech = design_mechanism(target_epsilon=1.0, target_delta=1e-5, relation=Neighbouring.REPLACE_ONE, labelled=False,
-                            moments=1, norm_bound=1.0, second_moment_bound=1.0, cells_per_class=M)
+                            moments=1, norm_bound=1.0, second_moment_bound=1.0, cells_per_class=m)
     assert mech.part("counts").noised
 
 
@@ -124,7 +128,7 @@ def test_a_records_cell_depends_on_that_record_only(base, cells):
     phi, _ = fixed_batch_features(fm, images, 16, norm_bound=1.0)
     alone = torch.cat([cells.rows(fixed_batch_features(fm, images[i : i + 1], 16, norm_bound=1.0)[0], labels[i : i + 1])
                        for i in range(len(images))])
-    assert torch.equal(cells.rows(phi, labels), alone) and torch.equal(alone // M, labels)
+    assert torch.equal(cells.rows(phi, labels), alone) and torch.equal(alone // cells.cells_per_class, labels)
     assert torch.equal(cells.rows(phi.flip(0), labels.flip(0)).flip(0), alone)
 
 
@@ -230,6 +234,12 @@ def test_default_cells_follow_epsilon_and_labels():
                         {"split": "test"}, {"labelled": False}):
         assert ReleaseParams(target_epsilon=0.2, **hyperplanes).cells == 1, hyperplanes
     assert ReleaseParams(target_epsilon=0.1).cells == 1
+    # the default reference only where its table was made for the declared settings (eleventh DP
+    # review: --norm-bound 2 at epsilon 0.3 resolved to 2 cells, then failed the preflight): else no reference
+    for settings in ({"norm_bound": 2.0}, {"encoder": "vgg19"}, {"encoder_weights": "/w.pt"}):
+        assert ReleaseParams(target_epsilon=0.3, **settings).cells == 1, settings
+        params = ReleaseParams(target_epsilon=10.0, **settings)
+        assert (params.cells, params.resolved_cell_reference) == (8, None), settings  # hyperplanes through 0
     assert ReleaseParams(target_epsilon=10.0, cells_per_class=2, cell_reference="none").resolved_cell_reference is None
     assert ReleaseParams(target_epsilon=10.0, dataset="imagefolder:/x").resolved_cell_reference is None
     assert ReleaseParams(target_epsilon=10.0, cell_seed=2).resolved_cell_reference is None  # not tabulated: offsets 0
@@ -354,12 +364,19 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
     ({"cell_reference": "imagefolder:/data:test"}, "has no tabulated centroids"),
     ({"cell_reference": "fashion-mnist:test-select "}, "has no tabulated centroids"),
     ({"cell_seed": -1}, "cell_seed"),
+    # the reference is part of the split being released: its centroids are no public constants for it
+    ({"cell_reference": "fashion-mnist:test-select", "split": "test"}, "is drawn from the fashion-mnist test split"),
+    ({"cell_reference": "fashion-mnist:test-select", "split": "test", "target_epsilon": 0.3}, "is drawn from"),
+    # a reference is checked whatever the number of cells: below 0.5 it is not silently dropped
+    ({"cell_reference": "mnist:test-select", "target_epsilon": 0.3}, "has no tabulated centroids"),
+    ({"cell_reference": "fashion-mnist:test-select", "cell_seed": 2, "target_epsilon": 0.3}, "has no tabulated"),
+    ({"cell_reference": "mnist:test-select", "target_epsilon": 0.1}, "any number of cells per class"),
     ({"batch_size": 1, "cells_per_class": 8}, "needs batch_size >= 16"),
     ({"batch_size": 15, "cells_per_class": 2}, "needs batch_size >= 16"),  # the fifth review's thread-count break, below
 ])
 def test_cell_settings_that_could_leak_are_refused(settings, message):
     with pytest.raises(ValidationError, match=message):
-        ReleaseParams(target_epsilon=1.0, **settings)
+        ReleaseParams(**{"target_epsilon": 1.0, **settings})
 
 
 def _cells_metadata(relation=Neighbouring.ADD_REMOVE, labelled=True, m=M, voronoi=False):
