@@ -14,7 +14,7 @@ that produced it.
 
     python bench/bench_quality.py [--epsilons 0.2 1 10] [--seeds 0 1 2] [--steps 10000] [--n-samples 10000]
         [--fid-samples 1000] [--fid-reference 1000] [--ema-decay D] [--cells-per-class M] [--resnet]
-        [--resnet-samples 60000] [--ceiling] [--fid-floor N] [--tag NAME]
+        [--resnet-samples 60000] [--ceiling] [--ceiling-from DIR] [--fid-floor N] [--tag NAME]
     python bench/bench_quality.py --add-resnet DIR... [--resnet-samples 60000]   # finished runs' rows
 
 Rows merge into bench/results/quality_split.json by (epsilon, seed, tag): a new row replaces an old
@@ -207,6 +207,8 @@ def main() -> None:
                     "(evaluated with --reference fashion-mnist:test-report)")
     ap.add_argument("--ceiling", action="store_true",
                     help="train the classifiers on real images too (against the first run's synthetic set size)")
+    ap.add_argument("--ceiling-from", type=Path, metavar="DIR",
+                    help="the same as --ceiling against a finished run of this script (DIR: its eps<E>-seed<S> folder)")
     ap.add_argument("--fid-floor", type=int, metavar="N", help="FID of N real training images (needs --fid-reference)")
     ap.add_argument("--tag", default="defaults", help="configuration label; rows merge by (epsilon, seed, tag)")
     ap.add_argument("--workdir", default="runs/bench-quality")
@@ -228,6 +230,8 @@ def main() -> None:
             print(table(rows[-1:], [k for k in rows[-1] if k not in ("commands", "resnet_choice")]), flush=True)
     if args.ceiling and args.epsilons:
         rows.append(ceiling_row(work / f"eps{args.epsilons[0]:g}-seed{args.seeds[0]}" / "run", args))
+    if args.ceiling_from:
+        rows.append(ceiling_row(args.ceiling_from / "run", args))
     if args.fid_floor:
         rows.append(fid_floor_row(args.fid_floor, args.fid_reference, args))
     previous = RESULTS / f"{RESULT}.json"
