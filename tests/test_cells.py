@@ -345,8 +345,11 @@ def test_placing_cells_reads_no_data_whatever_the_data_root(monkeypatch, tmp_pat
         tasks.custodian.cell_split(params, (1, 28, 28), 3)
     with pytest.raises(ValueError, match="no tabulated centroids for encoder efficientnet-lite0"):
         tasks.custodian.cell_split(params, (3, 32, 32))
-    with pytest.raises(ValueError, match="no tabulated centroids"):
-        tasks.custodian.cell_split(params.model_copy(update={"norm_bound": 2.0}), (1, 28, 28))
+    given = {"norm_bound": 2.0, "cell_reference": "fashion-mnist:test-select"}
+    with pytest.raises(ValueError, match="no tabulated centroids"):  # a given reference is looked up exactly
+        tasks.custodian.cell_split(params.model_copy(update=given), (1, 28, 28))
+    # the default reference only where its table was made for the settings (eleventh DP review): else hyperplanes
+    assert isinstance(tasks.custodian.cell_split(params.model_copy(update={"norm_bound": 2.0}), (1, 28, 28)), CellSplit)
     # the fourth review: a data-dependent overflow check let one record decide whether a release failed
     # (uncharged); the range is now checked on C and the normals alone, before any data is read
     with pytest.raises(ValueError, match="too large for within-class cells"):
