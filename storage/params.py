@@ -57,9 +57,8 @@ class ReleaseParams(BaseModel):
     neighbouring: Neighbouring = Neighbouring.ADD_REMOVE
     count_share: float = Field(0.1, strict=True, description="share of the privacy precision spent on the class counts")
     cells_per_class: int | None = Field(None, strict=True, description="within-class cells: released rows per class, "
-                                        "1 | 2 | 4 | 8 | 16 (default for a labelled release with batch_size >= 16: 8 "
-                                        "at target_epsilon >= 0.5, 2 at >= 0.2 with tabulated centroids, else 1; "
-                                        "mepf_core.cells.cells_for_epsilon)")
+                                        "1 | 2 | 4 | 8 | 16 (default: 8 for a labelled release at target_epsilon "
+                                        ">= 0.5 with batch_size >= 16, else 1; mepf_core.cells)")
     cell_seed: int = Field(1, strict=True, ge=0, description="seed of the cells' public projection (Voronoi cells) "
                            "or hyperplane normals (1: the seed of the measured setting, bench/README.md)")
     cell_reference: str | None = Field(None, description="public split whose tabulated constants place the cells: "
@@ -248,12 +247,11 @@ class ReleaseParams(BaseModel):
     @property
     def cells(self) -> int:
         """M, the rows per class: cells_per_class, or its default for this epsilon (mepf_core.cells)."""
-        from mepf_core.cells import LOW_EPSILON_CELLS, cells_for_epsilon
+        from mepf_core.cells import cells_for_epsilon
 
         if self.cells_per_class is not None:
             return self.cells_per_class
-        centroids = self._tabulated_reference(LOW_EPSILON_CELLS) is not None
-        return cells_for_epsilon(self.target_epsilon, self.labelled, self.batch_size, centroids)
+        return cells_for_epsilon(self.target_epsilon, self.labelled, self.batch_size)
 
     @property
     def resolved_cell_reference(self) -> str | None:

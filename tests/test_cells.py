@@ -38,14 +38,14 @@ FMNIST_KEY = ("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (
 @pytest.fixture(scope="module", params=["hyperplanes", "voronoi", "voronoi2"])
 def cells(request) -> CellSplit | VoronoiSplit:
     """hyperplanes: 8 cells per class from seed 1, offsets at the median projections of 64 PUBLIC test
-    images (as PUBLIC_OFFSETS); voronoi, voronoi2: the production defaults at epsilon 10 and 0.3, 8 and 2
-    cells per class by the tabulated centroids of the public half."""
+    images (as PUBLIC_OFFSETS); voronoi, voronoi2: 8 (the production default) and 2 cells per class by the
+    tabulated centroids of the public half."""
     from storage.datasets import open_dataset
     from tasks.custodian import cell_split
 
     if request.param.startswith("voronoi"):
-        epsilon, m = (10.0, M) if request.param == "voronoi" else (0.3, 2)
-        split = cell_split(ReleaseParams(target_epsilon=epsilon), (1, 28, 28), 10)
+        m = M if request.param == "voronoi" else 2
+        split = cell_split(ReleaseParams(target_epsilon=10.0, cells_per_class=m), (1, 28, 28), 10)
         assert isinstance(split, VoronoiSplit) and split.cells_per_class == m
         return split
     images, _ = next(open_dataset("fashion-mnist", "test").iter_batches(64))
@@ -216,28 +216,18 @@ def test_cell_bits_and_normals_are_fixed_by_the_seed():
 
 
 def test_default_cells_follow_epsilon_and_labels():
-    for centroids in (False, True):
-        assert cells_for_epsilon(10.0, True, 256, centroids) == 8
-        assert cells_for_epsilon(0.5, True, MIN_CELL_BATCH, centroids) == 8
-        assert cells_for_epsilon(10.0, False, 256, centroids) == 1
-        assert cells_for_epsilon(10.0, True, MIN_CELL_BATCH - 1, centroids) == 1  # too small a batch for cells: one
-        assert cells_for_epsilon(0.1, True, 256, centroids) == 1  # below the measured range: one
-    # between 0.2 and 0.5, two cells only where centroids place them (hyperplane cells lose there)
-    assert cells_for_epsilon(0.2, True, 256, True) == 2 and cells_for_epsilon(0.49, True, 256, True) == 2
-    assert cells_for_epsilon(0.2, True, 256, False) == 1 and cells_for_epsilon(0.2, False, 256, True) == 1
+    assert cells_for_epsilon(10.0, True, 256) == 8 and cells_for_epsilon(0.5, True, MIN_CELL_BATCH) == 8
+    assert cells_for_epsilon(0.2, True, 256) == 1 and cells_for_epsilon(10.0, False, 256) == 1
+    assert cells_for_epsilon(10.0, True, MIN_CELL_BATCH - 1) == 1  # too small a batch for cells: one
     assert ReleaseParams(target_epsilon=10.0, batch_size=8).cells == 1
     params = ReleaseParams(target_epsilon=10.0)
     assert (params.cells, params.resolved_cell_reference) == (8, "fashion-mnist:test-select")
-    params = ReleaseParams(target_epsilon=0.2)
+    assert ReleaseParams(target_epsilon=0.2).cells == 1
+    params = ReleaseParams(target_epsilon=0.2, cells_per_class=2)
     assert (params.cells, params.resolved_cell_reference) == (2, "fashion-mnist:test-select")
-    for hyperplanes in ({"cell_reference": "none"}, {"dataset": "imagefolder:/x"}, {"cell_seed": 2},
-                        {"split": "test"}, {"labelled": False}):
-        assert ReleaseParams(target_epsilon=0.2, **hyperplanes).cells == 1, hyperplanes
-    assert ReleaseParams(target_epsilon=0.1).cells == 1
     # the default reference only where its table was made for the declared settings (eleventh DP
-    # review: --norm-bound 2 at epsilon 0.3 resolved to 2 cells, then failed the preflight): else no reference
+    # review: --norm-bound 2 resolved to the reference, then failed the preflight): else hyperplanes
     for settings in ({"norm_bound": 2.0}, {"encoder": "vgg19"}, {"encoder_weights": "/w.pt"}):
-        assert ReleaseParams(target_epsilon=0.3, **settings).cells == 1, settings
         params = ReleaseParams(target_epsilon=10.0, **settings)
         assert (params.cells, params.resolved_cell_reference) == (8, None), settings  # hyperplanes through 0
     assert ReleaseParams(target_epsilon=10.0, cells_per_class=2, cell_reference="none").resolved_cell_reference is None
