@@ -259,22 +259,19 @@ class ReleaseParams(BaseModel):
         cell_reference, else fashion-mnist:test-select for fashion-mnist's train split when tabulated."""
         if self.cells == 1 or self.cell_reference == "none":
             return None
-        return self.cell_reference or self._tabulated_reference(self.cells)
+        return self.cell_reference or self._default_cell_reference()
 
-    def _tabulated_reference(self, cells: int) -> str | None:
-        """The cell reference when `PUBLIC_CENTROIDS` holds centroids of it for cell_seed and `cells` cells per
-        class, else None: the given one; by default fashion-mnist:test-select for fashion-mnist's train split,
-        only where the table was made for the declared settings (encoder, its packaged weights, image shape,
-        norm bound; the preflight checks the weights' hash), so other settings fall back to no reference."""
+    def _default_cell_reference(self) -> str | None:
+        """fashion-mnist:test-select for fashion-mnist's train split where `PUBLIC_CENTROIDS` holds centroids
+        made for the declared settings (encoder, its packaged weights, image shape, norm bound, cell_seed and
+        the number of cells; the preflight checks the weights' hash), else None (hyperplanes through 0)."""
         from mepf_core.cells import tabulated_references
         from storage.datasets import declared_image_shape
 
-        if self.cell_reference is not None:
-            return self.cell_reference if self.cell_reference in tabulated_references(self.cell_seed, cells) else None
         default = "fashion-mnist:test-select"
         if (self.dataset, self.split) != ("fashion-mnist", "train") or self.encoder_weights is not None:
             return None
-        known = tabulated_references(self.cell_seed, cells, encoder=self.encoder, norm_bound=self.norm_bound,
+        known = tabulated_references(self.cell_seed, self.cells, encoder=self.encoder, norm_bound=self.norm_bound,
                                      image_shape=declared_image_shape(self.dataset, self.image_size, self.channels))
         return default if default in known else None
 
