@@ -224,7 +224,7 @@ class ReleaseParams(BaseModel):
             raise ValueError(f"cell_reference {ref!r} has no tabulated centroids for cell_seed {self.cell_seed} and "
                              f"{self.cells if self.cells > 1 else 'any number of'} cells per class (tabulated: "
                              f"{', '.join(known) or 'none'}); use cell_reference 'none' (no public constants)")
-        if ref.partition(":")[0] == self.dataset and self.split == ref.partition(":")[2].partition("-")[0]:
+        if parse_reference(ref) == (self.dataset, self.split):
             raise ValueError(f"cell_reference {ref!r} is drawn from the {self.dataset} {self.split} split this release "
                              "protects: its centroids are not public constants for it; use cell_reference 'none'")
         return self
