@@ -55,7 +55,6 @@ PIPELINE_FLOW = "dp-mepf-pipeline"
 # subflow name -> stage name
 STAGES = {"custodian-release": "release", "train-generator": "training", "sample": "sampling",
           "evaluate": "evaluation"}
-CLASSIFIER_TASK = "downstream-accuracy-"  # flows.evaluate.scores_by_classifier: one task run per classifier
 CLASSIFIER_LINE = re.compile(r"\b(\w+): test accuracy [0-9.]+ \(([0-9.]+) s\)")
 LOG_TIME = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*"
 SERVER_START = re.compile(LOG_TIME + "Starting temporary server", re.M)
@@ -159,9 +158,12 @@ def breakdown(wall: float, pipeline: dict, subflows: list[dict], tasks: list[dic
                          "start_s": sub["start_s"], "tasks": by_name, "untracked_s": round(untracked, 3)}
     ev = stages.get("evaluation")
     if ev:
+        from flows.evaluate import CLASSIFIER_RUN_NAME  # one task run per classifier: RUN_NAME-CLASSIFIER
+
+        prefix = f"{CLASSIFIER_RUN_NAME}-"
         fid = ev["tasks"].get("fid", {}).get("seconds", 0.0)
-        ev["classifiers"] = {k.removeprefix(CLASSIFIER_TASK): v["seconds"] for k, v in ev["tasks"].items()
-                             if k.startswith(CLASSIFIER_TASK)}
+        ev["classifiers"] = {k.removeprefix(prefix): v["seconds"] for k, v in ev["tasks"].items()
+                             if k.startswith(prefix)}
         clf = round(sum(ev["classifiers"].values()), 3)
         ev["fid_s"], ev["classifiers_s"] = fid, clf
         ev["other_s"] = round(ev["seconds"] - fid - clf, 3)

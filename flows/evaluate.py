@@ -111,8 +111,11 @@ def publish_evaluation(report: Path, rows: list[MetricRow], meta, run_name: str,
                      description=f"evaluation of {run_name}")
 
 
+CLASSIFIER_RUN_NAME = "downstream-accuracy"  # task runs RUN_NAME-CLASSIFIER; bench/bench_pipeline.py reads them
+
+
 def scores_by_classifier(train_images, train_labels, test_images, test_labels, classifiers, seed: int,
-                         run_name: str = "downstream-accuracy") -> dict:
+                         run_name: str = CLASSIFIER_RUN_NAME) -> dict:
     """Classifier name -> ClassifierScore, one `downstream-accuracy` task run per classifier, named
     RUN_NAME-CLASSIFIER (e.g. downstream-accuracy-cnn), so Prefect records each one's run time. The
     same scores as one call over all: each classifier is seeded with `seed` on its own
