@@ -9,12 +9,14 @@ fixed schedule (--resnet: `mepf_core.classifiers.resnet_select`, DPImageBench's 
 ResNet-style network on the synthetic images, the best (learning rate, epoch) on validation data);
 hyperparameters are chosen with bench/bench_levers.py on the selection half. No choice looks at the
 private training split. With --ceiling, the first run also trains the same classifiers on real
-training images: the non-private ceiling. Every number in the result file comes with the command
+training images: the non-private ceiling (--resnet-ceiling: the `resnet` classifier on --resnet-samples
+real training images). Every number in the result file comes with the command
 that produced it.
 
     python bench/bench_quality.py [--epsilons 0.2 1 10] [--seeds 0 1 2] [--steps 10000] [--n-samples 10000]
         [--fid-samples 1000] [--fid-reference 1000] [--ema-decay D] [--cells-per-class M] [--resnet]
-        [--resnet-samples 60000] [--ceiling] [--ceiling-from DIR] [--fid-floor N] [--tag NAME]
+        [--resnet-samples 60000] [--ceiling] [--ceiling-from DIR] [--resnet-ceiling] [--fid-floor N]
+        [--tag NAME]
     python bench/bench_quality.py --add-resnet DIR... [--resnet-samples 60000]   # finished runs' rows
 
 Rows merge into bench/results/quality_split.json by (epsilon, seed, tag): a new row replaces an old
@@ -59,13 +61,20 @@ def resnet_row(run_dir: Path, n: int) -> dict:
     """DPImageBench-style classifier: `resnet_select` on n images sampled from the finished `mepf train`
     run `run_dir` (DPImageBench: 60,000), the schedule's (lr, epoch) chosen on the selection half, the
     accuracy of that choice on the report half. The row's update includes the `mepf sample` command."""
-    from mepf_core.classifiers import resnet_select
     from storage.synthetic import read_synthetic
-    from tasks.evaluation import load_reference
 
     synthetic = run_dir / f"synthetic-resnet-{n}.h5"
     _, _, sample_cmd = mepf("sample", "--run", str(run_dir), "--n", str(n), "--out", str(synthetic))
     images, labels, _ = read_synthetic(synthetic)
+    return resnet_scores(images, labels, [sample_cmd])
+
+
+def resnet_scores(images, labels, commands: list[str]) -> dict:
+    """`resnet_select` trained on (images uint8 N x 1 x 28 x 28, labels (N,)): the (lr, epoch) chosen on the
+    selection half, its accuracy on the report half, the minutes it took and the commands."""
+    from mepf_core.classifiers import resnet_select
+    from tasks.evaluation import load_reference
+
     select_x, select_y = load_reference.fn(SELECT)
     report_x, report_y = load_reference.fn(REPORT)
     start = time.perf_counter()
@@ -74,7 +83,17 @@ def resnet_row(run_dir: Path, n: int) -> dict:
             "resnet_choice": {"lr": chosen.lr, "epoch": chosen.epoch,
                               "select_acc": round(chosen.select_accuracy[(chosen.lr, chosen.epoch)], 4)},
             "resnet_train_images": len(images), "resnet_minutes": round((time.perf_counter() - start) / 60, 1),
-            "resnet_commands": [sample_cmd, "python " + shlex.join(sys.argv) + "  (mepf_core.classifiers.resnet_select)"]}
+            "resnet_commands": [*commands, "python " + shlex.join(sys.argv) + "  (mepf_core.classifiers.resnet_select)"]}
+
+
+def resnet_ceiling_row(n: int, args) -> dict:
+    """The `resnet` classifier's non-private ceiling: the same schedule and choice on the first n real
+    training images (Fashion-MNIST's training split is public here; n = --resnet-samples)."""
+    from tasks.evaluation import load_reference
+
+    images, labels = load_reference.fn("fashion-mnist:train", limit=n)
+    return {"epsilon": "real data (resnet ceiling)", "seed": None, "tag": args.tag, "reference": REPORT,
+            **resnet_scores(images, labels, [])}
 
 
 def release_run(eps: float, seed: int, d: Path, args) -> dict:
@@ -209,6 +228,8 @@ def main() -> None:
                     help="train the classifiers on real images too (against the first run's synthetic set size)")
     ap.add_argument("--ceiling-from", type=Path, metavar="DIR",
                     help="the same as --ceiling against a finished run of this script (DIR: its eps<E>-seed<S> folder)")
+    ap.add_argument("--resnet-ceiling", action="store_true",
+                    help="train the --resnet classifier on --resnet-samples real training images (its ceiling)")
     ap.add_argument("--fid-floor", type=int, metavar="N", help="FID of N real training images (needs --fid-reference)")
     ap.add_argument("--tag", default="defaults", help="configuration label; rows merge by (epsilon, seed, tag)")
     ap.add_argument("--workdir", default="runs/bench-quality")
@@ -232,6 +253,8 @@ def main() -> None:
         rows.append(ceiling_row(work / f"eps{args.epsilons[0]:g}-seed{args.seeds[0]}" / "run", args))
     if args.ceiling_from:
         rows.append(ceiling_row(args.ceiling_from / "run", args))
+    if args.resnet_ceiling:
+        rows.append(resnet_ceiling_row(args.resnet_samples, args))
     if args.fid_floor:
         rows.append(fid_floor_row(args.fid_floor, args.fid_reference, args))
     previous = RESULTS / f"{RESULT}.json"
