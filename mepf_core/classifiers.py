@@ -241,9 +241,8 @@ class SmallResNet(nn.Module):
 # Adam at each learning rate for RESNET_EPOCHS epochs; the (learning rate, epoch) with the best
 # accuracy on the selection data is kept (`resnet_select`). `resnet` alone (no selection data, e.g.
 # `mepf evaluate --classifiers resnet`) trains the schedule's end point at its first learning rate,
-# untuned. The full schedule on 60,000 images took 13 min at one thread on an AVX-512 host (README,
-# quality table), hours on a loaded AVX2 one: `bench/bench_quality.py --resnet` runs it, nothing runs it
-# by default.
+# untuned. The full schedule on 60,000 images took 13 min at one thread on an idle AVX-512 host (README,
+# quality table, with its command): `bench/bench_quality.py --resnet` runs it, nothing runs it by default.
 RESNET_LRS = (1e-3, 3e-3)
 RESNET_EPOCHS = 6
 RESNET_LR = RESNET_LRS[0]
