@@ -265,7 +265,7 @@ def extract(args) -> None:
             for v, m in variants.items():
                 feats = m.features([outs[i] for i in m.stages])
                 if v not in sums:
-                    sums[v] = FeatureSums.zeros(10 * per_class[v], feats.shape[1], 1)
+                    sums[v] = FeatureSums.zeros(10 * per_class[v], feats.shape[1], 1, norm_bound=NORM_BOUND)
                 if v in planes:
                     rows = labels.long() * per_class[v] + lsh_cells(feats, *planes[v])
                 elif v in centroids:

@@ -1,10 +1,12 @@
 """The release file: the noisy embedding and everything the public side needs, in HDF5.
 
-Layout (schema version 1):
+Layout (schema version 2; version 1 files, whose noise was floating-point, are refused on reading):
 
     /moment1   float64 K x D   noisy per-class sums of phi_1
     /moment2   float64 K x D   noisy per-class sums of phi_2 (only when moments = 2)
     /counts    float64 K       noisy per-class counts (exact only when public under the relation)
+    Every value is an integer times its part's lattice_unit (`mepf_core.privacy.lattice`): integer sums
+    plus exact discrete Gaussian noise, so no floating-point noise bit is ever written.
     attrs: schema_version (int), metadata_json (str), metadata_sha256 (str)
     optional attrs (a signed release, all four or none): signature (hex, 64 bytes),
         signer_public_key (hex, 32 bytes), signer_fingerprint (str), signer_name (str)
@@ -27,8 +29,9 @@ What `read_release` proves before it returns, in this order (the first failure r
 5. each dataset's dtype, shape and stored size against the metadata, before its data is read: a
    contiguous, unfiltered dataset stores exactly its raw bytes in the file, so nothing read can be
    larger than the file itself (no decompression bombs, whatever shape the metadata claims);
-6. the arrays: SHA-256, finite values, exact counts equal to the recorded public n, and sums no
-   larger than the recorded norm bounds allow (`check_sums_within_bounds`).
+6. the arrays: SHA-256, finite values, every value on its part's lattice (integer x lattice_unit),
+   exact counts equal to the recorded public n, and sums no larger than the recorded norm bounds allow
+   (`check_sums_within_bounds`).
 """
 
 from __future__ import annotations
@@ -51,11 +54,12 @@ from mepf_core.embedding import mean_embeddings
 from mepf_core.encoders import EncoderSpec
 from mepf_core.errors import DiskFullError, InvalidArgumentError, MepfError, PathNotFoundError, file_access_error
 from mepf_core.privacy.calibration import MAX_TARGET_DELTA, epsilon_spent, validate_delta
+from mepf_core.privacy.lattice import lattice_unit
 from mepf_core.privacy.sensitivity import count_sensitivity, parse_neighbouring, sum_sensitivity
 from storage import signing
 from storage.atomic import TargetExistsError, atomic_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: lattice releases (discrete Gaussian noise, zCDP accounting); 1 had float noise
 PART_NAMES = ("moment1", "moment2", "counts")
 REQUIRED_ATTRS = ("schema_version", "metadata_json", "metadata_sha256")
 SIGNATURE_ATTRS = ("signature", "signer_public_key", "signer_fingerprint", "signer_name")
@@ -111,8 +115,10 @@ class PartRecord:
     name: "moment1" | "moment2" | "counts"; shape: the array's shape (K x D for the sums, (K,) for the
     counts); sensitivity: its L2 sensitivity under the release's relation (0: released exactly);
     sigma: the noise standard deviation added to every entry (units of the part, 0 when exact);
-    noise_multiplier: z = sigma / sensitivity, None when released exactly; sha256: hex digest of
-    the array's float64 bytes as written (checked on reading: ReleaseCorruptError).
+    noise_multiplier: z = sigma / sensitivity, None when released exactly; lattice_unit: feature units
+    per integer step (norm bound / 2^20 for the sums, 1 for the counts): every released value is an
+    integer times it; sha256: hex digest of the array's float64 bytes as written (checked on reading:
+    ReleaseCorruptError).
     """
 
     name: str
@@ -120,7 +126,14 @@ class PartRecord:
     sensitivity: float
     sigma: float
     noise_multiplier: float | None  # None when released exactly (sensitivity 0)
+    lattice_unit: float
     sha256: str = ""
+
+    @classmethod
+    def of(cls, part, shape: tuple[int, ...]) -> "PartRecord":
+        """The record of a `mepf_core.privacy.mechanism.GaussianPart` released with `shape` (no checksum yet)."""
+        return cls(part.name, tuple(shape), part.sensitivity, part.sigma,
+                   part.noise_multiplier if part.noised else None, part.lattice_unit)
 
 
 @dataclass(frozen=True)
@@ -251,6 +264,13 @@ class Release:
     def mean_embeddings(self) -> dict[str, np.ndarray]:
         """Per-class mean embeddings (post-processing): {"moment1": K x D, ["moment2": K x D]}."""
         return mean_embeddings(self.noisy)
+
+
+def on_lattice(values: np.ndarray, unit: float) -> bool:
+    """True when every value is float64(k) x unit for an integer k, bit for bit (as `sums_to_noisy_parts`
+    writes them): what a release made on the integer lattice holds, and float noise almost never does."""
+    steps = np.round(np.asarray(values, dtype=np.float64) / unit)
+    return bool(np.array_equal(steps * unit, values))
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -398,19 +418,25 @@ def verify_claim(meta: ReleaseMetadata) -> float:
         bound = _number(bound, what)
         if bound <= 0:
             raise ReleaseClaimError(f"{what} must be > 0, got {bound!r}")
-        derived[name] = (sum_sensitivity(relation, bound), f"{relation.value} with {what} {bound!r}")
+        try:
+            unit = lattice_unit(bound)
+        except ValueError as exc:
+            raise ReleaseClaimError(str(exc)) from None
+        derived[name] = (sum_sensitivity(relation, bound), f"{relation.value} with {what} {bound!r}", unit)
     labelled = f"{'labelled' if meta.labelled else 'unlabelled'} counts under {relation.value}"
     if meta.cells_per_class != 1:
         labelled += f" with {meta.cells_per_class} cells per class"
     derived["counts"] = (count_sensitivity(relation, labelled=meta.labelled, cells_per_class=meta.cells_per_class),
-                         labelled)
+                         labelled, 1.0)
 
     multipliers, exact = [], []
     for p in meta.parts:
-        want, why = derived[p.name]
+        want, why, unit = derived[p.name]
         sens = _number(p.sensitivity, f"sensitivity of {p.name!r}")
         if not (sens == want or (want > 0 and _close(sens, want, SENSITIVITY_RTOL))):
             raise ReleaseClaimError(f"part {p.name!r} records sensitivity {sens!r}, but {why} gives {want!r}")
+        if _number(p.lattice_unit, f"lattice_unit of {p.name!r}") != unit:
+            raise ReleaseClaimError(f"part {p.name!r} records lattice_unit {p.lattice_unit!r}, but its bound gives {unit!r}")
         sigma = _number(p.sigma, f"sigma of {p.name!r}")
         if want == 0:
             if p.noise_multiplier is not None or sigma != 0:
@@ -448,10 +474,18 @@ def verify_claim(meta: ReleaseMetadata) -> float:
     return recomputed
 
 
+def _version_message(version) -> str:
+    if str(version) == "1":
+        return ("schema version 1 is no longer read: its noise was drawn in floating point, whose low-order bits "
+                "can leak the sums (mepf_core.privacy.lattice); make a new release with this version of mepf "
+                f"(schema {SCHEMA_VERSION}, discrete Gaussian noise on an integer lattice)")
+    return f"schema version {version} is not supported (expected {SCHEMA_VERSION})"
+
+
 def check_metadata(meta: ReleaseMetadata) -> float:
     """All metadata-only checks (schema, shapes, claim); returns the recomputed epsilon."""
     if _number(meta.schema_version, "schema_version", ReleaseSchemaError) != SCHEMA_VERSION:
-        raise ReleaseSchemaError(f"schema version {meta.schema_version} is not supported (expected {SCHEMA_VERSION})")
+        raise ReleaseSchemaError(_version_message(meta.schema_version))
     _check_shapes(meta)
     return verify_claim(meta)
 
@@ -513,6 +547,9 @@ def embedding_to_release(path: str | os.PathLike, metadata: ReleaseMetadata, noi
         parts.append(PartRecord(**{**asdict(p), "shape": tuple(p.shape), "sha256": _sha256(arr)}))
     meta = ReleaseMetadata(**{**metadata.__dict__, "parts": tuple(parts)})
     check_metadata(meta)  # never write what the reader would refuse
+    for p in meta.parts:
+        if not on_lattice(noisy[p.name], p.lattice_unit):
+            raise ValueError(f"part {p.name} holds values off its lattice (integer x {p.lattice_unit!r}); refusing to write")
     check_sums_within_bounds(meta, {name: np.asarray(v, dtype=np.float64) for name, v in noisy.items()})
     text = meta.to_json()
     path = Path(path)
@@ -640,7 +677,7 @@ def _check_signature(path: Path, attrs: dict, text: str, trusted: list[tuple[str
     return SignatureInfo(signed=True, fingerprint=fp, signer=name, trusted=is_trusted)
 
 
-# Tail of the bound below, in standard deviations: each part fails it with probability < 1e-21.
+# Tail of the bound below, in standard deviations: each part fails it with probability < 2e-22.
 SUMS_BOUND_SIGMAS = 10.0
 
 
@@ -652,12 +689,16 @@ def check_sums_within_bounds(meta: ReleaseMetadata, noisy: dict[str, np.ndarray]
     sums themselves give it away. For class c, part p with per-record bound C_p (shapes K x D, K):
 
         S~_c = S_c + g,   ||S_c|| <= N_c C_p            (N_c records, each of norm <= C_p)
-        N_c <= N~_c + T sigma_N                          (fails w.p. Phi(-T); exact counts: sigma_N = 0)
-        ||g|| <= sigma_p (sqrt(D) + T)                   (Gaussian norm concentration, 1-Lipschitz:
-                                                          P(||g|| >= E||g|| + t) <= exp(-t^2 / 2), E||g|| <= sqrt D)
+        N_c <= N~_c + T sigma_N                          (fails w.p. <= exp(-T^2 / 2); exact counts: sigma_N = 0)
+        ||g|| <= sigma_p (sqrt(D) + T)                   (fails w.p. <= exp(-T^2 / 2), below)
 
-    so an honest release has ||S~_c|| <= C_p max(N~_c + T sigma_N, 0) + sigma_p (sqrt(D) + T) except
-    with probability < 1e-21 per part and class at T = 10 (Boucheron, Lugosi & Massart 2013, Thm 5.6).
+    The noise is discrete Gaussian, which is sub-Gaussian with parameter sigma: E exp(t g_j) <=
+    exp(t^2 sigma^2 / 2) (Canonne, Kamath & Steinke 2020, Cor. 9). That gives the count tail by Chernoff, and
+    E exp(l g_j^2) <= (1 - 2 l sigma^2)^-1/2 (average the bound over t ~ N(0, 2l)), the chi-square MGF, so
+    the Chernoff bound behind Laurent & Massart 2000 (Lemma 1) holds for ||g||^2 / sigma^2:
+    P(||g||^2 >= sigma^2 (D + 2 sqrt(D x) + 2 x)) <= exp(-x); at x = T^2 / 2 the radius is <= sigma (sqrt D + T).
+    So an honest release has ||S~_c|| <= C_p max(N~_c + T sigma_N, 0) + sigma_p (sqrt(D) + T) except
+    with probability < 2e-22 per part and class at T = 10.
     This checks consistency, not honesty: it cannot see noise that was never drawn on sums that fit.
     """
     counts, t = noisy["counts"], SUMS_BOUND_SIGMAS
@@ -729,6 +770,9 @@ def read_release(path: str | os.PathLike, *, trusted_keys=None) -> Release:
             raise ReleaseCorruptError(f"{path}: checksum of dataset {p.name!r} does not match")
         if not np.all(np.isfinite(arrays[p.name])):
             raise ReleaseCorruptError(f"{path}: dataset {p.name!r} holds non-finite values")
+        if not on_lattice(arrays[p.name], p.lattice_unit):
+            raise ReleaseClaimError(f"{path}: dataset {p.name!r} holds values off its lattice (integer x "
+                                    f"{p.lattice_unit!r}): its noise was not drawn on the integers")
     if meta.n_public is not None and not np.array_equal(arrays["counts"], np.array([float(meta.n_public)])):
         raise ReleaseClaimError(f"{path}: the exact counts do not equal the recorded public n")
     try:
@@ -748,7 +792,7 @@ def _parse_metadata(path: Path, attrs: dict) -> tuple[ReleaseMetadata, str]:
     except (TypeError, ValueError):
         raise ReleaseCorruptError(f"{path}: damaged schema_version attribute") from None
     if not version_ok:
-        raise ReleaseSchemaError(f"{path}: schema version {version} is not supported (expected {SCHEMA_VERSION})")
+        raise ReleaseSchemaError(f"{path}: {_version_message(version)}")
     text = _str_attr(attrs["metadata_json"], "metadata_json")  # damaged bytes: UnicodeError -> corrupt
     digest = _str_attr(attrs["metadata_sha256"], "metadata_sha256")
     if hashlib.sha256(text.encode()).hexdigest() != digest:

@@ -216,7 +216,8 @@ def place_cells(params: ReleaseParams, image_shape: tuple[int, int, int],
 
 @sanitize_errors("extraction")
 def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells: CellSplit | VoronoiSplit | None = None) -> FeatureSums:
-    """The release's extraction of one shard: records chosen by `open_dataset`, bounded features, float64 sums.
+    """The release's extraction of one shard: records chosen by `open_dataset`, bounded features, exact
+    integer sums of their lattice points (`mepf_core.privacy.lattice`).
 
     `progress`: inside a Prefect run, show the shard's progress as a progress artifact that reports only
     the fixed steps 0, 10, ..., 100 % (tasks.artifacts.FixedStepProgress: the same sequence for every
@@ -260,8 +261,9 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
     wanted = (params.cells, params.cell_seed if params.cells > 1 else None, params.resolved_cell_reference)
     if given != wanted:
         raise _safe(ValueError(f"the cells given ({cells!r}) are not this release's: {wanted}"))
-    sums = FeatureSums.zeros(k * params.cells, fm.feature_dim, params.moments)
     bound2 = params.second_moment_bound if params.moments == 2 else None
+    sums = FeatureSums.zeros(k * params.cells, fm.feature_dim, params.moments, norm_bound=params.norm_bound,
+                             second_moment_bound=bound2)
     ui = FixedStepProgress(EXTRACTION_PROGRESS_KEY, f"extraction, shard {shard + 1} of {params.shards} "
                            "(fixed 10% steps: no count is shown)") if progress else None
     done = 0
@@ -300,7 +302,7 @@ def shard_sums(params: ReleaseParams, shard: int, progress: bool = False, cells:
 
 @task(name="extract-shard", **_PRIVATE)
 def extract_shard(params: ReleaseParams, shard: int, cells: CellSplit | VoronoiSplit | None = None) -> FeatureSums:
-    """One streaming pass over a shard: bounded features added into float64 per-row sums (rows: classes,
+    """One streaming pass over a shard: bounded features added into int64 lattice sums per row (rows: classes,
     or (class, cell) pairs with `cells`)."""
     return shard_sums(params, shard, progress=True, cells=cells)
 
@@ -339,11 +341,7 @@ def charge_noise_and_release(params: ReleaseParams, mechanism: ReleaseMechanism,
     n_public = None
     if not mechanism.part("counts").noised:  # replace-one, unlabelled: n is public by the relation
         n_public = int(round(float(sums.counts.sum())))
-    parts = tuple(
-        PartRecord(p.name, tuple(sums.parts()[p.name].shape), p.sensitivity, p.sigma,
-                   p.noise_multiplier if p.noised else None)
-        for p in mechanism.parts
-    )
+    parts = tuple(PartRecord.of(p, sums.parts()[p.name].shape) for p in mechanism.parts)
     meta = ReleaseMetadata(
         dataset_id=params.published_dataset_id, neighbouring=mechanism.relation.value, epsilon=mechanism.epsilon,
         delta=mechanism.target_delta, target_epsilon=mechanism.target_epsilon, norm_bound=params.norm_bound,

@@ -19,6 +19,29 @@ def lite0():
     return build_feature_map("efficientnet-lite0")
 
 
+def zcdp_epsilon(z: float, delta: float) -> float:
+    """Independent of autodp: epsilon of rho-zCDP (rho = 1 / (2 z^2)) at delta by the conversion of Balle et
+    al. 2020 (Thm 21), eps = min over alpha > 1 of alpha rho + (log(1/delta) + (alpha - 1) log(1 - 1/alpha)
+    - log alpha) / (alpha - 1), on a dense grid of alpha."""
+    rho = 0.5 / z**2
+    a = np.exp(np.linspace(np.log(1.0001), np.log(1e4), 2_000_001))
+    return float(np.min(a * rho + (np.log(1 / delta) + (a - 1) * np.log1p(-1 / a) - np.log(a)) / (a - 1)))
+
+
+def lattice_sums(moment1, moment2, counts, *, norm_bound: float = 1.0, second_moment_bound: float = 1.0) -> FeatureSums:
+    """Test fixture: FeatureSums holding these float sums (feature units) rounded to the lattice of the bounds.
+
+    Not the custodian's path (that maps each RECORD to the lattice, `FeatureSums.add`); for tests that need
+    sums of a given value, e.g. to build a release file."""
+    sums = FeatureSums.zeros(len(counts), np.shape(moment1)[1], 1 if moment2 is None else 2, norm_bound=norm_bound,
+                             second_moment_bound=None if moment2 is None else second_moment_bound)
+    sums.moment1 = np.round(np.asarray(moment1) / sums.units["moment1"]).astype(np.int64)
+    if moment2 is not None:
+        sums.moment2 = np.round(np.asarray(moment2) / sums.units["moment2"]).astype(np.int64)
+    sums.counts = np.round(np.asarray(counts)).astype(np.int64)
+    return sums
+
+
 def sums_of(images: torch.Tensor, labels: torch.Tensor | None, *, num_classes: int, moments: int = 2,
             norm_bound: float = 1.0, second_moment_bound: float = 1.0, batch_size: int = 8,
             cells=None) -> FeatureSums:
@@ -28,7 +51,8 @@ def sums_of(images: torch.Tensor, labels: torch.Tensor | None, *, num_classes: i
 
     fm = lite0()
     m = 1 if cells is None else cells.cells_per_class
-    sums = FeatureSums.zeros((num_classes if labels is not None else 1) * m, fm.feature_dim, moments)
+    sums = FeatureSums.zeros((num_classes if labels is not None else 1) * m, fm.feature_dim, moments,
+                             norm_bound=norm_bound, second_moment_bound=second_moment_bound if moments == 2 else None)
     for lo in range(0, len(images), batch_size):
         x = images[lo : lo + batch_size]
         y = torch.zeros(len(x), dtype=torch.long) if labels is None else labels[lo : lo + batch_size]
@@ -116,8 +140,7 @@ def tiny_release(path, *, classes=("a", "b"), per_class: int = 4, epsilon: float
         dataset_id="test:tiny", neighbouring=mech.relation.value, epsilon=mech.epsilon, delta=mech.target_delta,
         target_epsilon=epsilon, norm_bound=1.0, second_moment_bound=None, moments=1, labelled=True,
         class_names=tuple(classes), image_shape=(1, 28, 28), encoder=lite0().spec,
-        parts=tuple(PartRecord(p.name, noisy[p.name].shape, p.sensitivity, p.sigma,
-                               p.noise_multiplier if p.noised else None) for p in mech.parts),
+        parts=tuple(PartRecord.of(p, noisy[p.name].shape) for p in mech.parts),
         **({} if cells is None else dict(cells_per_class=cells_per_class, cell_seed=0,
                                          cell_offsets=(0.0,) * cells.normals.shape[1])),
     )

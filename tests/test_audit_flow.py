@@ -33,7 +33,7 @@ def test_privacy_audit_flow_runs_and_publishes_its_artifact():
     report = state.result()
     assert report["draws"] == 100 and report["pass"] and report["within_sensitivity"]
     assert report["neighbours"] == "add-remove: D plus one Fashion-MNIST test image"
-    assert report["shift"] == pytest.approx(report["shift_bound"], rel=1e-9)
+    assert report["shift"] == pytest.approx(report["shift_bound"], rel=1e-5)  # the lattice keeps a norm-C record to within about a step of 2^20 (1e-6)
     assert "broken_releases" not in report and report["seconds"] > 0
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(

@@ -38,10 +38,10 @@ def test_a_hidden_copy_counted_doubles_the_sensitivity_and_fails_the_audit(monke
     _count_hidden_files(monkeypatch)
     report = run_audit(target_epsilon=epsilon, broken=False)
     # the canary is summed twice: the data move by 2C and 2 counts against claimed sensitivities 1 and 1
-    assert report["movement"]["moment1"]["moved"] == pytest.approx(2.0, rel=1e-9)
+    assert report["movement"]["moment1"]["moved"] == pytest.approx(2.0, rel=1e-5)  # the lattice keeps a norm-C record to within about a step of 2^20 (1e-6)
     assert report["movement"]["counts"]["moved"] == pytest.approx(2.0, rel=1e-9)
     assert not report["within_sensitivity"]
-    assert report["shift"] == pytest.approx(2 * report["shift_bound"], rel=1e-9)
+    assert report["shift"] == pytest.approx(2 * report["shift_bound"], rel=1e-5)
     # the white-box check measures the doubled shift from the draws alone, and refutes the claim
     white = report["white_box"]
     assert not white["pass"] and white["ci"][0] > white["allowed_shift"]
@@ -53,5 +53,5 @@ def test_a_hidden_copy_counted_doubles_the_sensitivity_and_fails_the_audit(monke
 def test_without_the_fault_the_same_folders_pass(monkeypatch):
     """Control for the test above, cheap: the record rule leaves the hidden copy out."""
     report = run_audit(target_epsilon=1.0, draws=200, broken=False)
-    assert report["movement"]["moment1"]["moved"] == pytest.approx(1.0, rel=1e-9)
+    assert report["movement"]["moment1"]["moved"] == pytest.approx(1.0, rel=1e-5)  # the lattice keeps a norm-C record to within about a step of 2^20 (1e-6)
     assert report["within_sensitivity"] and report["pass"]

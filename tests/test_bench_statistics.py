@@ -47,9 +47,9 @@ def test_every_record_vector_and_every_neighbouring_sum_stays_within_the_bound(l
     labels = torch.tensor([0, 1, 0, 1, 0, 1])
 
     def class_sums(keep: list[int]) -> torch.Tensor:  # what extraction accumulates, before the noise
-        sums = FeatureSums.zeros(2, feats.shape[1], 1)
+        sums = FeatureSums.zeros(2, feats.shape[1], 1, norm_bound=1.0)
         sums.add(feats[keep], None, labels[keep])
-        return torch.as_tensor(sums.moment1)
+        return torch.as_tensor(sums.values()["moment1"])
 
     full = class_sums(list(range(len(labels))))
     for removed in range(len(labels)):  # add-remove neighbours: drop each record in turn
@@ -71,14 +71,14 @@ def test_cells_put_each_record_in_one_row_so_neighbours_move_the_sums_by_at_most
     rows = torch.tensor([0, 1, 0, 1, 0, 1]) * 4 + cells
 
     def sums(keep: list[int]) -> FeatureSums:
-        out = FeatureSums.zeros(8, feats.shape[1], 1)
+        out = FeatureSums.zeros(8, feats.shape[1], 1, norm_bound=1.0)
         out.add(feats[keep], None, rows[keep])
         return out
 
     full = sums(list(range(6)))
     for removed in range(6):
         neighbour = sums([i for i in range(6) if i != removed])
-        assert float(torch.as_tensor(full.moment1 - neighbour.moment1).norm()) <= bs.NORM_BOUND * (1 + 1e-12)
+        assert float(torch.as_tensor(full.values()["moment1"] - neighbour.values()["moment1"]).norm()) <= bs.NORM_BOUND * (1 + 1e-12)
         assert float(abs(full.counts - neighbour.counts).sum()) == 1.0
 
 

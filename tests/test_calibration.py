@@ -9,11 +9,17 @@ from hypothesis import strategies as st
 from mepf_core.privacy.calibration import calibrate_parts, effective_noise_multiplier, epsilon_spent
 from mepf_core.privacy.mechanism import design_mechanism
 from mepf_core.privacy.sensitivity import Neighbouring
+from tests.helpers import zcdp_epsilon
 
 
-def test_pinned_analytic_gaussian_sigma():
-    # sensitivity 1, delta 1e-5, epsilon 1: the analytic Gaussian mechanism needs sigma = 3.7306
-    assert effective_noise_multiplier(target_epsilon=1.0, target_delta=1e-5) == pytest.approx(3.7306, abs=1e-4)
+def test_pinned_discrete_gaussian_sigma():
+    # sensitivity 1, delta 1e-5, epsilon 1: the discrete Gaussian (zCDP, rho = 1 / (2 z^2)) needs z = 4.0451,
+    # 8 % above the continuous analytic Gaussian's 3.7306, which a computer cannot draw (mepf_core.privacy.lattice)
+    z = effective_noise_multiplier(target_epsilon=1.0, target_delta=1e-5)
+    assert z == pytest.approx(4.0451, abs=1e-4)
+    for epsilon, delta in ((1.0, 1e-5), (10.0, 1e-5), (0.2, 1e-5), (1.0, 1e-9)):
+        z = effective_noise_multiplier(target_epsilon=epsilon, target_delta=delta)
+        assert zcdp_epsilon(z, delta) == pytest.approx(epsilon, rel=1e-6)
 
 
 def test_composition_of_gaussians_is_one_gaussian():
@@ -43,11 +49,11 @@ def test_mechanism_parts_and_sigmas():
     assert m.part("moment1").sensitivity == 2.0 and m.part("counts").sensitivity == 1.0
     assert m.part("moment1").sigma == pytest.approx(2.0 * m.part("moment1").noise_multiplier)
     assert m.epsilon <= 1.0
-    assert m.effective_noise_multiplier == pytest.approx(3.7306, abs=1e-4)
+    assert m.effective_noise_multiplier == pytest.approx(4.0451, abs=1e-4)
     r = design_mechanism(target_epsilon=1.0, target_delta=1e-5, relation=Neighbouring.REPLACE_ONE, labelled=False,
                          moments=1, norm_bound=1.0, second_moment_bound=1.0)
     assert not r.part("counts").noised and r.part("moment1").sensitivity == 2.0
-    assert r.part("moment1").noise_multiplier == pytest.approx(3.7306, abs=1e-4)
+    assert r.part("moment1").noise_multiplier == pytest.approx(4.0451, abs=1e-4)
 
 
 @pytest.mark.parametrize("eps,delta,msg", [
@@ -63,12 +69,12 @@ def test_bad_privacy_parameters(eps, delta, msg):
 
 
 def test_delta_floor_is_the_smallest_normal_double():
-    """autodp calibrates exactly down to 2.2250738585072014e-308 and fails on every subnormal delta."""
+    """Deltas are refused below 2.2250738585072014e-308 (autodp fails on subnormal deltas)."""
     from mepf_core.privacy.calibration import MIN_DELTA
 
     assert MIN_DELTA == 2.2250738585072014e-308
     z = effective_noise_multiplier(target_epsilon=1.0, target_delta=MIN_DELTA)
-    assert z == pytest.approx(37.3394, abs=1e-4)
+    assert z == pytest.approx(37.4340, abs=1e-4)
     assert epsilon_spent([z], delta=MIN_DELTA) == pytest.approx(1.0, rel=1e-6)
     for subnormal in (5e-324, 1e-320, 1e-309):
         with pytest.raises(ValueError, match=r"target_delta must be >= 2.22507e-308 \(the smallest delta autodp"):
@@ -76,11 +82,11 @@ def test_delta_floor_is_the_smallest_normal_double():
 
 
 def test_autodp_failure_becomes_a_value_error_naming_target_delta(monkeypatch):
-    from autodp.mechanism_zoo import ExactGaussianMechanism
+    from autodp.mechanism_zoo import DiscreteGaussianMechanism
 
     def fail(self, delta):
         raise RuntimeError("Failed to find epsilon: convergence error")
 
-    monkeypatch.setattr(ExactGaussianMechanism, "get_approxDP", fail)
+    monkeypatch.setattr(DiscreteGaussianMechanism, "get_approxDP", fail)
     with pytest.raises(ValueError, match="autodp could not compute epsilon at target_delta 1e-05: Failed to find"):
         effective_noise_multiplier(target_epsilon=1.0, target_delta=1e-5)

@@ -17,14 +17,14 @@ from mepf_core.cells import (CENTROID_DIM, LITE0_SHA256, MIN_CELL_BATCH, PUBLIC_
                              centroid_projection, draw_rows, hyperplane_normals, median_offsets, projections,
                              public_centroids, row_shares, tabulated_centroids, voronoi_directions)
 from mepf_core.features import fixed_batch_features
-from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
+from mepf_core.embedding import sums_to_noisy_parts
 from mepf_core.privacy.mechanism import design_mechanism
 from mepf_core.privacy.sensitivity import Neighbouring, count_sensitivity, sum_sensitivity
 from storage.checkpoints import grid_labels
 from storage.params import ReleaseParams
 from storage.provenance import ReleaseInfo
 from storage.release import ReleaseClaimError, ReleaseSchemaError, check_metadata, read_release
-from tests.helpers import fmnist_subset, frob, lite0, sums_of, tiny_release
+from tests.helpers import lattice_sums, fmnist_subset, frob, lite0, sums_of, tiny_release
 from tests.test_release_verify import honest_metadata
 from tests.test_sensitivity_replay import KINDS, N, _pairs
 
@@ -79,8 +79,8 @@ def test_neighbours_move_rows_within_the_sensitivities(base, cells, relation, la
     moved_cells = 0
     for kind, _, _, img2, lab2 in _pairs(images, labels, relation, seed=3 + labelled):
         other = sums_of(img2, lab2 if labelled else None, num_classes=K, second_moment_bound=0.7, cells=cells)
-        for name, value in ref.parts().items():
-            change = frob(value, other.parts()[name])
+        for name, value in ref.values().items():
+            change = frob(value, other.values()[name])
             assert change <= bound[name] * SLACK + 1e-12, f"{relation.value} {kind}: {name} moved {change}"
         if relation is Neighbouring.ADD_REMOVE:
             assert frob(ref.counts, other.counts) == 1.0  # exactly one row gains the record
@@ -187,7 +187,7 @@ def test_adding_a_record_that_changes_the_batch_moves_no_other_record(tmp_path):
     after = shard_sums(params, 0, cells=near)
     assert before.counts[1] >= 10  # the 10 copies sit in cell 1 of class a
     assert frob(before.counts, after.counts) == 1.0
-    assert frob(before.moment1, after.moment1) <= 1.0 * SLACK
+    assert frob(before.values()["moment1"], after.values()["moment1"]) <= 1.0 * SLACK
 
 
 def test_cell_bits_and_normals_are_fixed_by_the_seed():
@@ -380,7 +380,7 @@ def _cells_metadata(relation=Neighbouring.ADD_REMOVE, labelled=True, m=M, vorono
     k = classes if labelled else 1
     mech = design_mechanism(target_epsilon=1.0, target_delta=1e-5, relation=relation, labelled=labelled, moments=1,
                             norm_bound=1.0, second_moment_bound=1.0, cells_per_class=m)
-    noisy = sums_to_noisy_parts(FeatureSums(np.zeros((k * m, 50)), None, np.full(k * m, 5.0)), mech)
+    noisy = sums_to_noisy_parts(lattice_sums(np.zeros((k * m, 50)), None, np.full(k * m, 5.0)), mech)
     parts = tuple(dataclasses.replace(p, shape=noisy[p.name].shape, sensitivity=mp.sensitivity, sigma=mp.sigma,
                                       noise_multiplier=mp.noise_multiplier if mp.noised else None)
                   for p, mp in zip(meta.parts, mech.parts))

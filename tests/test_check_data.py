@@ -226,7 +226,7 @@ def test_an_empty_folder_and_its_one_record_neighbour_are_both_released(tmp_path
     assert empty_info["image_shape"] == one_info["image_shape"] == (1, 28, 28)
     assert not empty.counts.any() and not empty.moment1.any()
     assert np.abs(one.counts - empty.counts).sum() == 1.0
-    assert 0 < np.linalg.norm(one.moment1 - empty.moment1) <= 1.0 + 1e-9
+    assert 0 < np.linalg.norm(one.values()["moment1"] - empty.values()["moment1"]) <= 1.0 + 1e-9
 
 
 def test_limit_window_without_a_class_is_released_with_a_warning(tmp_path, capsys, caplog):

@@ -23,7 +23,7 @@ import pytest
 import torch
 from prefect.logging import disable_run_logger
 
-from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
+from mepf_core.embedding import sums_to_noisy_parts
 from mepf_core.encoders import EncoderSpec
 from mepf_core.privacy.calibration import effective_noise_multiplier
 from mepf_core.privacy.mechanism import design_mechanism
@@ -35,6 +35,7 @@ from storage.params import ReleaseParams
 from storage.release import (PartRecord, ReleaseCorruptError, ReleaseError, ReleaseMetadata, ReleaseSchemaError,
                              embedding_to_release, read_release)
 from tasks.custodian import calibrate, charge_noise_and_release, check_budget
+from tests.helpers import lattice_sums
 
 FORK = mp.get_context("fork")
 SPEC = EncoderSpec("efficientnet-lite0", ("stem",), 32, (0.5,) * 3, (0.5,) * 3, weights_sha256="ab" * 32)
@@ -44,8 +45,7 @@ MECH = design_mechanism(target_epsilon=1.0, target_delta=1e-5, relation=Neighbou
 
 def _metadata(shape: tuple[int, int], dataset_id: str = "toy") -> ReleaseMetadata:
     k = shape[0]
-    parts = tuple(PartRecord(p.name, shape if p.name != "counts" else (k,), p.sensitivity, p.sigma,
-                             p.noise_multiplier) for p in MECH.parts)
+    parts = tuple(PartRecord.of(p, shape if p.name != "counts" else (k,)) for p in MECH.parts)
     return ReleaseMetadata(dataset_id=dataset_id, neighbouring=MECH.relation.value, epsilon=MECH.epsilon,
                            delta=MECH.target_delta, target_epsilon=1.0, norm_bound=1.0, second_moment_bound=1.0,
                            moments=2, labelled=True, class_names=tuple(f"c{i}" for i in range(k)),
@@ -63,7 +63,7 @@ def _generation(k: int, d: int, gen: int) -> dict[str, np.ndarray]:
 def release_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("faults") / "r.h5"
     rng = np.random.default_rng(0)
-    sums = FeatureSums(rng.normal(size=(3, 64)), rng.random((3, 64)), np.full(3, 40.0))
+    sums = lattice_sums(rng.normal(size=(3, 64)), rng.random((3, 64)), np.full(3, 40.0))
     embedding_to_release(path, _metadata((3, 64)), sums_to_noisy_parts(sums, MECH))
     return path
 
@@ -339,7 +339,7 @@ def _release_worker(params: ReleaseParams, barrier, results) -> None:
             results.put((params.out, "refused-early"))
             return
         rng = np.random.default_rng()
-        sums = FeatureSums(rng.normal(size=(2, 8)), None, np.full(2, 5.0))
+        sums = lattice_sums(rng.normal(size=(2, 8)), None, np.full(2, 5.0))
         info = {"class_names": ("a", "b"), "image_shape": (1, 28, 28), "encoder": SPEC}
         try:
             result = charge_noise_and_release.fn(params, mech, sums, info)

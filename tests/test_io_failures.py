@@ -51,7 +51,7 @@ from mepf_core.errors import (DiskFullError, FileAccessError, FileLockedError, M
                               ReadOnlyFileSystemError, file_access_error)
 from storage.release import read_release
 from tasks.retries import is_transient
-from tests.helpers import write_image_folder
+from tests.helpers import lattice_sums, write_image_folder
 from tests.test_release_file import make_release
 
 NOBODY = 65534
@@ -300,7 +300,7 @@ def test_a_disk_without_room_for_the_release_refuses_it_before_the_charge(tmp_pa
 
     from storage.params import ReleaseParams
     from tasks.custodian import calibrate, charge_noise_and_release, check_budget
-    from tests.test_release_file import D, K, FeatureSums, np
+    from tests.test_release_file import D, K, np
 
     meta, _ = make_release(tmp_path / "other.h5")
     out, ledger = tmp_path / "out" / "r.h5", tmp_path / "ledger.jsonl"
@@ -308,7 +308,7 @@ def test_a_disk_without_room_for_the_release_refuses_it_before_the_charge(tmp_pa
     _statvfs_with(monkeypatch, out.parent, f_bavail=0)
     params = ReleaseParams(target_epsilon=1.0, out=str(out), ledger=str(ledger), budget=5.0, dataset_id="ds",
                            labelled=True, moments=2)
-    sums = FeatureSums(np.zeros((K, D)), np.zeros((K, D)), np.full(K, 30.0))
+    sums = lattice_sums(np.zeros((K, D)), np.zeros((K, D)), np.full(K, 30.0))
     info = {"class_names": ("a", "b", "c"), "image_shape": (1, 28, 28), "encoder": meta.encoder}
     with disable_run_logger():
         mech = calibrate.fn(params)

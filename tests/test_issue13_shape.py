@@ -165,7 +165,7 @@ def _metadata_json() -> str:
     from storage.release import PartRecord
 
     spec = EncoderSpec(name="efficientnet-lite0", layers=("stem",), image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
-    parts = (PartRecord("moment1", (2, 4), 1.0, 1.0, 1.0), PartRecord("counts", (2,), 1.0, 1.0, 1.0))
+    parts = (PartRecord("moment1", (2, 4), 1.0, 1.0, 1.0, 2.0**-20), PartRecord("counts", (2,), 1.0, 1.0, 1.0, 1.0))
     return ReleaseMetadata(dataset_id="x", neighbouring="add-remove", epsilon=1.0, delta=1e-5, target_epsilon=1.0,
                            norm_bound=1.0, second_moment_bound=None, moments=1, labelled=True, class_names=("a", "b"),
                            image_shape=(1, 28, 28), encoder=spec, parts=parts,

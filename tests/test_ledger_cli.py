@@ -81,11 +81,11 @@ def test_budget_shows_spend_at_budget_delta_relation_and_remaining(tmp_path, cap
         ledger.charge("ds", release_id=rid, epsilon=1.0, delta=1e-5, noise_multiplier=z, neighbouring="replace-one")
     assert main(["budget", "--ledger", str(path), "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)["datasets"]
-    assert row["spent_epsilon"] == pytest.approx(1.4652, abs=1e-4) and row["spent_delta"] == 1e-5
+    assert row["spent_epsilon"] == pytest.approx(1.4600, abs=1e-4) and row["spent_delta"] == 1e-5
     assert row["budget_epsilon"] == 2.0 and row["budget_delta"] == 1e-5
     assert row["neighbouring"] == "replace-one" and row["releases"] == 2 and row["legacy_charges"] == 0
-    assert row["remaining_epsilon"] == pytest.approx(0.5348, abs=1e-4)
+    assert row["remaining_epsilon"] == pytest.approx(0.5400, abs=1e-4)
     assert main(["budget", "--ledger", str(path)]) == 0
     assert capsys.readouterr().out == (
-        "ds: spent epsilon 1.4652 at delta 1e-05 in 2 release(s) (replace-one); budget (epsilon 2, delta 1e-05), "
-        "remaining epsilon 0.5348\n")
+        "ds: spent epsilon 1.4600 at delta 1e-05 in 2 release(s) (replace-one); budget (epsilon 2, delta 1e-05), "
+        "remaining epsilon 0.5400\n")

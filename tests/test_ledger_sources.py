@@ -200,7 +200,7 @@ def test_legacy_key_keeps_its_spend(tmp_path, monkeypatch, spelling):
         _release(ledger, dataset=spec, budget=None)
     # with the hinted id: the old budget, already spent (the legacy charge counts at z / 2 under
     # replace-one, and cannot be bounded under add-remove)
-    with pytest.raises(BudgetExceededError, match=r"total epsilon .* exceeds the budget 1; already spent 2.155"):
+    with pytest.raises(BudgetExceededError, match=r"total epsilon .* exceeds the budget 1; already spent 2.34"):
         _release(ledger, dataset=spec, dataset_id="imagefolder:data:train", neighbouring="replace-one")
     with pytest.raises(RelationMismatchError, match="recorded without a relation"):
         _release(ledger, dataset=spec, dataset_id="imagefolder:data:train")

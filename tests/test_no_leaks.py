@@ -104,7 +104,8 @@ def clean(private_folder) -> dict:
     with torch.no_grad():
         raw = fm(sanitize_images(images)).to(torch.float64)
     sums = sums_of(images, labels, num_classes=source.num_classes, moments=MOMENTS, batch_size=16)  # as the flow
-    sums1, sums2, counts = sums.moment1, sums.moment2, sums.counts
+    values = sums.values()  # feature units: what a careless custodian would print
+    sums1, sums2, counts = values["moment1"], values["moment2"], values["counts"]
     mech = design_mechanism(target_epsilon=TARGET_EPSILON, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
                             labelled=True, moments=MOMENTS, norm_bound=1.0, second_moment_bound=1.0)
     sigma1, d = mech.part("moment1").sigma, fm.feature_dim
@@ -185,7 +186,7 @@ def test_release_file_holds_only_the_documented_fields(run, clean):
     assert meta["n_public"] is None  # add-remove: n is private
     assert meta["class_names"] == sorted(CLASS_SIZES)
     assert not np.array_equal(noisy_counts, np.asarray(clean["counts"], dtype=float))
-    assert all(abs(c - round(c)) > 1e-9 for c in noisy_counts)  # noised, not rounded clean counts
+    assert all(c == round(c) for c in noisy_counts)  # integer counts plus integer (discrete Gaussian) noise
 
 
 def test_the_artifacts_show_public_fields_and_no_count(run, clean):
@@ -402,9 +403,9 @@ def test_reduce_sums_errors_print_no_sums(monkeypatch):
     from storage.datasets import ExtractionError
     from tasks.custodian import reduce_sums
 
-    a = FeatureSums.zeros(2, 4, 1)
+    a = FeatureSums.zeros(2, 4, 1, norm_bound=1.0)
     a.counts[:] = [12345.0, 67890.0]
     with pytest.raises(ExtractionError) as info:
-        reduce_sums.fn([a, FeatureSums.zeros(3, 4, 1)])
+        reduce_sums.fn([a, FeatureSums.zeros(3, 4, 1, norm_bound=1.0)])
     text = "".join(traceback.format_exception(info.value))
     assert "12345" not in text and "67890" not in text and info.value.__context__ is None

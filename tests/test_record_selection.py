@@ -49,7 +49,7 @@ def _window(folder: Path, limit: int = 6):
     params = ReleaseParams(dataset=f"imagefolder:{folder}", target_epsilon=1.0, labelled=True, limit=limit,
                            neighbouring=Neighbouring.REPLACE_ONE, batch_size=4)
     sums = shard_sums(params, 0)
-    return sums.moment1, sums.counts
+    return sums.values()["moment1"], sums.values()["counts"]
 
 
 def _delta(a, b) -> tuple[float, float]:
@@ -71,7 +71,7 @@ def test_first_n_breaks_add_remove_by_sqrt2(tmp_path):
     _image(d / "a" / "000.png", seed=999)  # D + x: x sorts first
     after = _window(d)
     sums_change, count_change = _delta(before, after)
-    assert sums_change == pytest.approx(math.sqrt(2), abs=1e-6)  # 1.4142: one in, one out, each of norm C = 1
+    assert sums_change == pytest.approx(math.sqrt(2), abs=1e-5)  # 1.4142: one in, one out, each of norm C = 1 (to a lattice step)
     assert count_change == pytest.approx(math.sqrt(2), abs=1e-12)  # a +1, b -1
     assert _claimed(Neighbouring.ADD_REMOVE) == (1.0, 1.0)  # what an add-remove release would have claimed
 

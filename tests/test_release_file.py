@@ -10,13 +10,14 @@ import h5py
 import numpy as np
 import pytest
 
-from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
+from mepf_core.embedding import sums_to_noisy_parts
 from mepf_core.encoders import EncoderSpec
 from mepf_core.privacy.mechanism import design_mechanism
 from mepf_core.privacy.sensitivity import Neighbouring
 from storage.atomic import TargetExistsError, atomic_path, atomic_write_bytes
 from storage.release import (PartRecord, ReleaseCorruptError, ReleaseError, ReleaseExistsError, ReleaseMetadata,
                              ReleaseSchemaError, embedding_to_release, read_release)
+from tests.helpers import lattice_sums
 
 K, D = 3, 50
 
@@ -25,14 +26,14 @@ def make_release(path, moments=2):
     mech = design_mechanism(target_epsilon=2.0, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE, labelled=True,
                             moments=moments, norm_bound=1.0, second_moment_bound=1.0)
     rng = np.random.default_rng(0)
-    sums = FeatureSums(rng.normal(size=(K, D)), rng.normal(size=(K, D)) if moments == 2 else None, np.full(K, 100.0))
+    sums = lattice_sums(rng.normal(size=(K, D)), rng.normal(size=(K, D)) if moments == 2 else None, np.full(K, 100.0))
     noisy = sums_to_noisy_parts(sums, mech)
     meta = ReleaseMetadata(
         dataset_id="toy", neighbouring=mech.relation.value, epsilon=mech.epsilon, delta=mech.target_delta,
         target_epsilon=2.0, norm_bound=1.0, second_moment_bound=1.0 if moments == 2 else None, moments=moments,
         labelled=True, class_names=("a", "b", "c"), image_shape=(1, 28, 28),
         encoder=EncoderSpec("efficientnet-lite0", ("stem",), 32, (0.5,) * 3, (0.5,) * 3, weights_sha256="ab" * 32),
-        parts=tuple(PartRecord(p.name, noisy[p.name].shape, p.sensitivity, p.sigma, p.noise_multiplier)
+        parts=tuple(PartRecord.of(p, noisy[p.name].shape)
                     for p in mech.parts),
     )
     embedding_to_release(path, meta, noisy)
@@ -179,7 +180,7 @@ def test_release_loser_gets_a_clear_error_winner_intact_and_its_charge_stays(tmp
     monkeypatch.setattr(storage.release, "atomic_path", racing)
     params = ReleaseParams(target_epsilon=1.0, out=str(out), ledger=str(ledger), budget=5.0, dataset_id="ds",
                            labelled=True, moments=2)
-    sums = FeatureSums(np.random.default_rng(2).normal(size=(K, D)), np.random.default_rng(3).random((K, D)),
+    sums = lattice_sums(np.random.default_rng(2).normal(size=(K, D)), np.random.default_rng(3).random((K, D)),
                        np.full(K, 30.0))
     info = {"class_names": ("a", "b", "c"), "image_shape": (1, 28, 28), "encoder": winner_meta.encoder}
     with disable_run_logger():

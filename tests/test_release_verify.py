@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from mepf_core.embedding import FeatureSums, sums_to_noisy_parts
+from mepf_core.embedding import sums_to_noisy_parts
 from mepf_core.encoders import EncoderSpec, build_feature_map
 from mepf_core.privacy.calibration import epsilon_spent
 from mepf_core.privacy.mechanism import design_mechanism
 from mepf_core.privacy.sensitivity import Neighbouring
-from storage.release import (PartRecord, ReleaseClaimError, ReleaseMetadata, ReleaseSchemaError,
-                             ReleaseStorageError, embedding_to_release, read_release)
+from storage.release import (SCHEMA_VERSION, PartRecord, ReleaseClaimError, ReleaseMetadata, ReleaseSchemaError,
+                             ReleaseStorageError, embedding_to_release, on_lattice, read_release)
+from tests.helpers import lattice_sums
 
 K, D = 3, 50
 LITE_STEM = EncoderSpec("efficientnet-lite0", ("stem",), 32, (0.5,) * 3, (0.5,) * 3, weights_sha256="ab" * 32)
@@ -38,7 +39,7 @@ def honest_metadata(*, relation=Neighbouring.ADD_REMOVE, labelled=True, moments=
     mech = design_mechanism(target_epsilon=target_epsilon, target_delta=1e-5, relation=relation, labelled=labelled,
                             moments=moments, norm_bound=1.0, second_moment_bound=1.0)
     rng = np.random.default_rng(0)
-    sums = FeatureSums(rng.normal(size=(k, d)), rng.random((k, d)) if moments == 2 else None,
+    sums = lattice_sums(rng.normal(size=(k, d)), rng.random((k, d)) if moments == 2 else None,
                        np.full(k, n / k))
     noisy = sums_to_noisy_parts(sums, mech)
     meta = ReleaseMetadata(
@@ -46,8 +47,7 @@ def honest_metadata(*, relation=Neighbouring.ADD_REMOVE, labelled=True, moments=
         target_epsilon=target_epsilon, norm_bound=1.0, second_moment_bound=1.0 if moments == 2 else None,
         moments=moments, labelled=labelled, class_names=("a", "b", "c")[:k] if labelled else ("all",),
         image_shape=(1, 28, 28), encoder=encoder,
-        parts=tuple(PartRecord(p.name, noisy[p.name].shape, p.sensitivity, p.sigma,
-                               p.noise_multiplier if p.noised else None) for p in mech.parts),
+        parts=tuple(PartRecord.of(p, noisy[p.name].shape) for p in mech.parts),
         n_public=None if mech.part("counts").noised else n,
     )
     return meta, noisy
@@ -66,7 +66,7 @@ def forge(path, meta: ReleaseMetadata | dict, arrays: dict, skip: tuple[str, ...
             if name in skip:
                 continue
             f.create_dataset(name, data=a, **dataset_kwargs.get(name, {}))
-        f.attrs["schema_version"] = 1
+        f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["metadata_json"] = text
         f.attrs["metadata_sha256"] = hashlib.sha256(text.encode()).hexdigest()
 
@@ -126,13 +126,14 @@ def test_a_tiny_recorded_norm_bound_cannot_hide_exact_sums(tmp_path):
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
     labels = np.arange(120) % K
     exact_sums = np.stack([unit[labels == c].sum(0) for c in range(K)])
+    tiny = 2.0**-100  # a power of two: every float sum above 2^-68 lies on its lattice (unit 2^-120)
     mech = design_mechanism(target_epsilon=0.01, target_delta=1e-5, relation=Neighbouring.ADD_REMOVE,
-                            labelled=True, moments=1, norm_bound=1e-30, second_moment_bound=1.0)
-    noisy = sums_to_noisy_parts(FeatureSums(exact_sums, None, np.full(K, 40.0)), mech)
+                            labelled=True, moments=1, norm_bound=tiny, second_moment_bound=1.0)
+    noisy = {"moment1": exact_sums, "counts": np.full(K, 40.0)}  # noise of sigma ~1e-28 would hide nothing
     meta, _ = honest_metadata(target_epsilon=0.01)
-    meta = replace(meta, norm_bound=1e-30, epsilon=mech.epsilon, parts=tuple(
-        PartRecord(p.name, noisy[p.name].shape, p.sensitivity, p.sigma, p.noise_multiplier) for p in mech.parts))
-    assert np.max(np.abs(noisy["moment1"] - exact_sums)) < 1e-25  # the "noise" hides nothing
+    meta = replace(meta, norm_bound=tiny, epsilon=mech.epsilon, parts=tuple(
+        PartRecord.of(p, noisy[p.name].shape) for p in mech.parts))
+    assert on_lattice(noisy["moment1"], mech.part("moment1").lattice_unit)  # the lattice check cannot see it
     forge(tmp_path / "tiny-c.h5", meta, noisy)
     with pytest.raises(ReleaseClaimError, match=r"part 'moment1', class \d: the released sum has norm .* at most"):
         read_release(tmp_path / "tiny-c.h5")
@@ -163,6 +164,10 @@ def _claims():
          lambda m: replace(m, epsilon=0.01), r"claims epsilon 0.01, but its noise multipliers .* give epsilon 0.99"),
         ("honest epsilon above the target",
          lambda m: replace(m, target_epsilon=0.5), r"exceeds the release's target_epsilon 0.5"),
+        ("lattice unit that is not the bound's",
+         lambda m: with_parts(m, moment1={"lattice_unit": 2.0**-19}), r"records lattice_unit 1.9073486328125e-06, but its bound gives"),
+        ("norm bound below the lattice's range",
+         lambda m: replace(m, norm_bound=1e-320), r"norm_bound must be >= 2\^-1002"),
         ("doubled norm bound, old sensitivity",
          lambda m: replace(m, norm_bound=2.0), r"records sensitivity 1.0, but add-remove with norm_bound 2.0 gives 2.0"),
         ("halved sensitivity and sigma (z unchanged)",
@@ -332,3 +337,20 @@ def test_a_stored_shape_or_size_that_disagrees_is_refused_before_reading(tmp_pat
     with pytest.raises(ReleaseSchemaError, match="unexpected attribute"):
         read_release(tmp_path / "g.h5")
     assert reads == []
+
+
+def test_float_noise_and_schema_1_files_are_refused(tmp_path):
+    """The floating-point attack's precondition: noise drawn in floats puts values off the lattice; the reader
+    refuses them, and refuses schema-1 files (made with float noise) with a message that says why."""
+    meta, noisy = honest_metadata()
+    float_noised = {**noisy, "moment1": noisy["moment1"] + np.random.default_rng(0).normal(scale=1e-3, size=noisy["moment1"].shape)}
+    forge(tmp_path / "float.h5", meta, float_noised)
+    with pytest.raises(ReleaseClaimError, match="dataset 'moment1' holds values off its lattice"):
+        read_release(tmp_path / "float.h5")
+    with pytest.raises(ValueError, match="part moment1 holds values off its lattice"):
+        embedding_to_release(tmp_path / "float-written.h5", meta, float_noised)
+    forge(tmp_path / "v1.h5", meta, noisy)
+    with h5py.File(tmp_path / "v1.h5", "a") as f:
+        f.attrs["schema_version"] = 1
+    with pytest.raises(ReleaseSchemaError, match="schema version 1 is no longer read: its noise was drawn in floating point"):
+        read_release(tmp_path / "v1.h5")

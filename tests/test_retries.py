@@ -25,7 +25,7 @@ from prefect import flow
 from mepf_core.errors import InvalidArgumentError, PathExistsError
 from storage.checkpoints import BEST, LATEST, load_training_checkpoint, read_run_owner
 from storage.params import TrainParams
-from tests.helpers import tiny_release
+from tests.helpers import lattice_sums, tiny_release
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(batch_size=10, eval_samples=10, device="cpu", progress=False)
@@ -230,7 +230,6 @@ def test_sigkilled_training_flow_is_retried_and_resumes_to_the_same_final_step(r
 
 def test_a_failure_after_the_charge_is_not_retried_and_charges_once(tmp_path, monkeypatch):
     import tasks.custodian as custodian
-    from mepf_core.embedding import FeatureSums
     from mepf_core.encoders import EncoderSpec
     from storage.ledger import BudgetLedger
     from storage.params import ReleaseParams
@@ -253,7 +252,7 @@ def test_a_failure_after_the_charge_is_not_retried_and_charges_once(tmp_path, mo
         mechanism = custodian.calibrate(params)
         custodian.check_budget(params, mechanism)
         rng = np.random.default_rng(0)
-        sums = FeatureSums(rng.normal(size=(2, 8)), None, np.full(2, 5.0))
+        sums = lattice_sums(rng.normal(size=(2, 8)), None, np.full(2, 5.0))
         info = {"class_names": ("a", "b"), "image_shape": (1, 28, 28), "encoder": spec}
         return custodian.charge_noise_and_release(params, mechanism, sums, info)
 

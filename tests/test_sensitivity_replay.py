@@ -77,9 +77,9 @@ def test_each_part_moves_at_most_its_sensitivity(base, relation, labelled):
     checked = 0
     for kind, _, _, img2, lab2 in _pairs(images, labels, relation, seed=10 * list(Neighbouring).index(relation) + labelled):
         other = sums_of(img2, lab2 if labelled else None, num_classes=K, norm_bound=c1, second_moment_bound=c2)
-        for name, value in ref.parts().items():
-            assert np.all(np.isfinite(other.parts()[name])), f"{kind}: {name} not finite"
-            change = frob(value, other.parts()[name])
+        for name, value in ref.values().items():
+            assert np.all(np.isfinite(other.values()[name])), f"{kind}: {name} not finite"
+            change = frob(value, other.values()[name])
             assert change <= bound[name] * SLACK + 1e-12, f"{relation.value} {kind}: {name} moved {change} > {bound[name]}"
         checked += 1
     assert checked == len(KINDS) * 7  # 56 pairs here, 224 over the four parametrisations
@@ -91,20 +91,20 @@ def test_sum_bound_is_attained_by_antipodal_features():
     c = 1.0
     u = torch.zeros(1, 5, dtype=torch.float64)
     u[0, 0] = c
-    a, b = FeatureSums.zeros(1, 5, 1), FeatureSums.zeros(1, 5, 1)
+    a, b = FeatureSums.zeros(1, 5, 1, norm_bound=1.0), FeatureSums.zeros(1, 5, 1, norm_bound=1.0)
     a.add(u, None, None)
     b.add(-u, None, None)
-    assert math.isclose(frob(a.moment1, b.moment1), sum_sensitivity(Neighbouring.REPLACE_ONE, c))
+    assert math.isclose(frob(a.values()["moment1"], b.values()["moment1"]), sum_sensitivity(Neighbouring.REPLACE_ONE, c))
     # add-remove: one record of norm C moves the sum by exactly C, and the count by 1
-    z = FeatureSums.zeros(1, 5, 1)
-    assert math.isclose(frob(a.moment1, z.moment1), sum_sensitivity(Neighbouring.ADD_REMOVE, c))
+    z = FeatureSums.zeros(1, 5, 1, norm_bound=1.0)
+    assert math.isclose(frob(a.values()["moment1"], z.values()["moment1"]), sum_sensitivity(Neighbouring.ADD_REMOVE, c))
     assert math.isclose(frob(a.counts, z.counts), count_sensitivity(Neighbouring.ADD_REMOVE, labelled=False))
 
 
 def test_label_change_moves_two_counts():
-    a, b = FeatureSums.zeros(3, 2, 1), FeatureSums.zeros(3, 2, 1)
+    a, b = FeatureSums.zeros(3, 2, 1, norm_bound=1.0), FeatureSums.zeros(3, 2, 1, norm_bound=1.0)
     phi = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
     a.add(phi, None, torch.tensor([0]))
     b.add(phi, None, torch.tensor([2]))
     assert math.isclose(frob(a.counts, b.counts), count_sensitivity(Neighbouring.REPLACE_ONE, labelled=True))
-    assert frob(a.moment1, b.moment1) <= sum_sensitivity(Neighbouring.REPLACE_ONE, 1.0)
+    assert frob(a.values()["moment1"], b.values()["moment1"]) <= sum_sensitivity(Neighbouring.REPLACE_ONE, 1.0)

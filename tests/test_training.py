@@ -35,8 +35,7 @@ def _make_release(path, *, encoder=None, moments=2, epsilon=1000.0):
         delta=mech.target_delta, target_epsilon=epsilon, norm_bound=1.0,
         second_moment_bound=1.0 if moments == 2 else None, moments=moments, labelled=True,
         class_names=FASHION_CLASSES, image_shape=(1, 28, 28), encoder=encoder or lite0().spec,
-        parts=tuple(PartRecord(p.name, noisy[p.name].shape, p.sensitivity, p.sigma,
-                               p.noise_multiplier if p.noised else None) for p in mech.parts),
+        parts=tuple(PartRecord.of(p, noisy[p.name].shape) for p in mech.parts),
     )
     return embedding_to_release(path, meta, noisy)
 

@@ -6,23 +6,25 @@ files: storage.ledger persists the events and asks this module what they cost.
 
 Derivation (why epsilon at one delta is a valid guarantee, whatever each release's own delta)
 ------------------------------------------------------------------------------------------------
-Every release is a Gaussian mechanism: all its parts are sums with L2 sensitivity Delta_k under the
-release's relation, noised with sigma_k, so it is ONE Gaussian mechanism with effective multiplier
-z = (sum_k (sigma_k / Delta_k)^-2)^-1/2. A Gaussian mechanism is not "(epsilon, delta)" for one
-pair: it satisfies (epsilon, delta(epsilon)) for EVERY epsilon >= 0 at once, where delta(.) is its
-privacy profile, delta(eps) = Phi(1/(2z) - eps z) - e^eps Phi(-1/(2z) - eps z) (Balle & Wang 2018,
-Thm 8; autodp ExactGaussianMechanism). The delta a release was calibrated at only picks the point
-of that curve it reports; the mechanism, and so the privacy loss, is fixed by z alone.
-Releases of one dataset compose (adaptively) to a Gaussian mechanism with 1/z^2 = sum_r 1/z_r^2
-(the composition of Gaussian mechanisms is exactly Gaussian: Dong, Roth & Su 2019, mu-GDP with
-mu = 1/z; autodp ComposeGaussian), which again satisfies (eps, delta(eps)) for every eps. Reading
-the composed curve at the account's delta gives eps* with (eps*, delta)-DP for all releases
-together. Consequences:
+Every release is a discrete Gaussian mechanism on an integer lattice (`mepf_core.privacy.lattice`): all
+its parts are sums with L2 sensitivity Delta_k under the release's relation, noised with scale sigma_k, and
+part k is rho_k-zCDP with rho_k = 1 / (2 z_k^2) (z_k = sigma_k / Delta_k), so the release is rho-zCDP with
+rho = 1 / (2 z^2), effective multiplier z = (sum_k z_k^-2)^-1/2. A zCDP mechanism is not "(epsilon,
+delta)" for one pair: it satisfies (epsilon, delta(epsilon)) for EVERY epsilon >= 0 at once (its Renyi
+divergences bound a whole privacy profile; Bun & Steinke 2016, Prop. 1.3, and the tighter conversion of
+Balle et al. 2020, Thm 21, that autodp implements). The delta a release was calibrated at only picks the
+point of that profile it reports; the mechanism, and so the privacy loss, is fixed by z alone.
+Releases of one dataset compose (adaptively) by adding rho (Bun & Steinke 2016, Lemma 2.3), so to rho-zCDP
+with 1/z^2 = sum_r 1/z_r^2, which again satisfies (eps, delta(eps)) for every eps. Reading the composed
+profile at the account's delta gives eps* with (eps*, delta)-DP for all releases together. Consequences:
   * no delta is summed, and no release's own delta enters the account, so a release calibrated at
     a large delta is charged for the noise it really has and cannot make the reported spend drop;
   * adding a release only lowers the composed z, so spent epsilon never decreases;
-  * the exact composition is never looser than basic composition (sum of epsilons at the sum of
-    deltas), because the Gaussian profile is the tightest guarantee of the composed mechanism.
+  * composing rho is never looser than basic composition of the releases' own zCDP (epsilon, delta)
+    pairs (sum of epsilons at the sum of deltas) at the deltas this code uses.
+Ledger events written before schema 2 (float Gaussian noise) are counted the same way, at the rho of
+the ideal continuous Gaussian they claimed; what their floating-point bits may have leaked beyond it
+(`mepf_core.privacy.lattice`) no account can charge, which is why the reader refuses those files.
 
 Relation rule. Sensitivities, and so z, are relative to one neighbouring relation, and the
 composition above is only valid for releases of one relation. An account's relation is that of its

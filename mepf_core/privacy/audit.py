@@ -23,17 +23,20 @@ the best pair is not a selection bias.
 White-box check (`gaussian_shift_check`). The black-box bound needs the rare tail events that a
 large epsilon is made of, so at a few thousand draws it cannot refute a claim that is off by a
 factor 2 (sigma halved at epsilon 1: true epsilon 2.15, bound about 0.9). But the auditor knows
-more: the release is a sum plus Gaussian noise, so each test's score is a LINEAR function of that
-noise, hence exactly Gaussian, with the same variance under D and D' (the noise does not depend on
-the data). So the scores are N(a, s^2) under D and N(b, s^2) under D', and the whole pair is a
+more: the release is a sum plus Gaussian noise (discrete Gaussian on a lattice of 2^20 steps per norm
+bound, so hundreds of thousands of steps per sigma: Gaussian to far below what any number of draws can
+resolve), so each test's score is a LINEAR function of that noise, hence Gaussian, with the same
+variance under D and D' (the noise does not depend on the data). So the scores are N(a, s^2) under D and N(b, s^2) under D', and the whole pair is a
 Gaussian mechanism of shift mu = (b - a) / s (Nasr et al. 2021, "Adversary instantiation", and
 Nasr et al. 2023, "Tight auditing of differentially private machine learning", audit DP-SGD the
 same way: fit Gaussians to the canary's scores and read off their mu). The score is
 post-processing of one release, so if the release is (epsilon, delta)-DP, so is this shift
-mechanism; by Balle & Wang 2018 (Theorem 8) a Gaussian mechanism of shift mu is (epsilon, delta)-DP
-iff Phi(mu / 2 - epsilon / mu) - e^epsilon Phi(-mu / 2 - epsilon / mu) <= delta, whose left side
-grows with mu: the claim allows |mu| <= mu*(epsilon, delta) = 1 / z*(epsilon, delta), z* being the
-smallest noise multiplier the calibration (`effective_noise_multiplier`) finds for the claim.
+mechanism. The claim's calibration (`effective_noise_multiplier`: zCDP of the discrete Gaussian, turned
+into (epsilon, delta)) allows |mu| <= mu*(epsilon, delta) = 1 / z*(epsilon, delta), z* being the smallest
+noise multiplier it finds for the claim; the epsilon it gives grows with mu, so a larger shift is less
+noise than the claim was calibrated for. (A continuous Gaussian of shift mu is (epsilon, delta)-DP iff
+Phi(mu / 2 - epsilon / mu) - e^epsilon Phi(-mu / 2 - epsilon / mu) <= delta, Balle & Wang 2018, Thm 8; the
+zCDP calibration allows a smaller mu than that curve, so the check is on the strict side.)
 A confidence interval for mu whose lower end exceeds mu* refutes the claim. It only needs means and
 variances, so 5,000 draws measure mu to a few percent and catch a factor-2 mistake at epsilon >= 1.
 What it trusts is the noise's form (additive, Gaussian, independent of the data): that is the
@@ -203,18 +206,17 @@ def audit_epsilon(null: Mapping[str, np.ndarray], alternative: Mapping[str, np.n
 
 @functools.lru_cache(maxsize=64)  # a bisection of autodp calls: about a second each time
 def allowed_shift(epsilon: float, delta: float) -> float:
-    """Largest shift mu = Delta / sigma of a Gaussian mechanism that is (epsilon, delta)-DP.
+    """Largest shift mu = Delta / sigma that the release calibration allows at (epsilon, delta).
 
-    The analytic Gaussian mechanism (Balle & Wang 2018) is (epsilon, delta)-DP iff
-    Phi(mu / 2 - epsilon / mu) - e^epsilon Phi(-mu / 2 - epsilon / mu) <= delta, increasing in mu;
-    `effective_noise_multiplier` finds the smallest z = 1 / mu meeting it (autodp, to 1e-10, on the
-    safe side), so this is mu* to 1e-10 relative, never above it.
+    `effective_noise_multiplier` finds the smallest z = 1 / mu whose zCDP guarantee (rho = mu^2 / 2) gives
+    (epsilon, delta) (autodp, to 1e-10, on the safe side), so this is mu* to 1e-10 relative, never above it.
     """
     return 1.0 / effective_noise_multiplier(target_epsilon=epsilon, target_delta=delta)
 
 
 def implied_epsilon(shift: float, *, delta: float) -> float | None:
-    """Epsilon at `delta` of a Gaussian mechanism of this shift (0 for shift 0, None when unbounded)."""
+    """Epsilon at `delta` the calibration gives a mechanism of this shift (zCDP, rho = shift^2 / 2; 0 for
+    shift 0, None when unbounded)."""
     mu = abs(float(shift))
     if math.isnan(mu):
         raise ValueError(f"shift must be a number, got {shift}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from mepf_core.cells import validate_cells
 from mepf_core.errors import InvalidArgumentError
 from mepf_core.privacy.calibration import calibrate_parts, epsilon_spent, validate_epsilon_delta
+from mepf_core.privacy.lattice import integer_scale, lattice_unit
 from mepf_core.privacy.sensitivity import Neighbouring, count_sensitivity, sum_sensitivity
 
 # Default split of the privacy precision (1/z^2) between parts. Counts are K scalars whose relative
@@ -21,18 +22,26 @@ COUNT_SHARE = 0.1
 
 @dataclass(frozen=True)
 class GaussianPart:
-    """One released array and the Gaussian mechanism that protects it (Dwork & Roth 2014, App. A).
+    """One released array and the discrete Gaussian mechanism that protects it (`mepf_core.privacy.lattice`).
 
     name: "moment1" (K x D first-moment sums), "moment2" (K x D second-moment sums) or "counts"
     (K class counts); sensitivity: the part's L2 sensitivity (Frobenius norm for K x D, in the
     units of the features, bounded by the norm bounds) under the release's neighbouring relation
     (`mepf_core.privacy.sensitivity`), 0 when the relation makes the part public; noise_multiplier:
-    z = sigma / sensitivity (no unit), `math.inf` for a part released exactly.
+    z = sigma / sensitivity (no unit), `math.inf` for a part released exactly; lattice_unit: feature units
+    per integer step of the part's lattice (`mepf_core.privacy.lattice`: C / 2^20 for the sums, 1 for counts).
     """
 
     name: str  # "moment1", "moment2" or "counts"
     sensitivity: float  # L2 sensitivity under the release's neighbouring relation
     noise_multiplier: float  # z = sigma / sensitivity; inf for a part released exactly (sensitivity 0)
+    lattice_unit: float  # feature units per lattice step
+
+    @property
+    def integer_scale(self) -> float:
+        """Scale (lattice steps) of the discrete Gaussian added to the integer sums: s^2 >= z^2 (Delta /
+        unit)^2 exactly (`lattice.integer_scale`); 0 when exact. s x lattice_unit is sigma up to a few ulps."""
+        return 0.0 if self.sensitivity == 0 else integer_scale(self.noise_multiplier, self.sensitivity / self.lattice_unit)
 
     @property
     def sigma(self) -> float:
@@ -52,9 +61,9 @@ class ReleaseMechanism:
     Depends on public settings only (built by `design_mechanism` before any private data is read).
     relation: the neighbouring relation the guarantee is stated under; target_epsilon, target_delta:
     the (epsilon, delta)-DP target (no unit; delta a probability); parts: one `GaussianPart` per
-    released array, in release order. All noised parts together are one Gaussian mechanism with
-    1/z^2 = sum_k 1/z_k^2 (composition of Gaussians, autodp's ComposeGaussian), whose (epsilon, delta)
-    curve is the analytic Gaussian mechanism's (Balle & Wang 2018) - see `mepf_core.privacy.calibration`.
+    released array, in release order. Each noised part is rho_k-zCDP with rho_k <= 1 / (2 z_k^2) (discrete
+    Gaussian on its lattice); zCDP composes by adding rho, so the release is rho-zCDP with
+    rho = 1 / (2 z^2), 1/z^2 = sum_k 1/z_k^2, turned into (epsilon, delta) by `mepf_core.privacy.calibration`.
     """
 
     relation: Neighbouring
@@ -99,8 +108,8 @@ def design_mechanism(
     public: unlabelled with one cell under replace-one). norm_bound, second_moment_bound: the L2 bounds
     C1, C2 of each record's features; cells_per_class: M rows per class (`mepf_core.cells`). Raises
     InvalidArgumentError (a ValueError) for an epsilon or delta out of
-    range, moments not 1 or 2, count_share outside (0, 1), cells_per_class not in mepf_core.cells.CELLS_PER_CLASS, a bound not finite and > 0, or a target
-    autodp cannot reach.
+    range, moments not 1 or 2, count_share outside (0, 1), cells_per_class not in mepf_core.cells.CELLS_PER_CLASS, a bound not finite and > 0, a target
+    autodp cannot reach, or a part whose noise scale exceeds the int64 lattice (`lattice.MAX_INTEGER_SCALE`).
     """
     validate_epsilon_delta(target_epsilon, target_delta)
     if moments not in (1, 2):
@@ -119,6 +128,9 @@ def design_mechanism(
     if counts_sens > 0:
         shares["counts"] = count_share
     z = calibrate_parts(shares, target_epsilon=target_epsilon, target_delta=target_delta)
-    parts = [GaussianPart(name, s, z[name]) for name, s in sens.items()]
-    parts.append(GaussianPart("counts", counts_sens, z.get("counts", math.inf)))
+    units = {"moment1": lattice_unit(norm_bound), "moment2": lattice_unit(second_moment_bound) if moments == 2 else None}
+    parts = [GaussianPart(name, s, z[name], units[name]) for name, s in sens.items()]
+    parts.append(GaussianPart("counts", counts_sens, z.get("counts", math.inf), 1.0))
+    for p in parts:
+        p.integer_scale  # InvalidArgumentError now, before any data is read, for a scale the int64 sums cannot hold
     return ReleaseMechanism(relation, float(target_epsilon), float(target_delta), tuple(parts))

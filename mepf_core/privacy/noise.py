@@ -1,42 +1,52 @@
-"""Gaussian noise in float64 from the operating system's cryptographically secure source.
+"""Exact discrete Gaussian noise on the integers, from OpenDP's sampler.
 
-A real release takes no seed: uniforms come from `os.urandom` (53 random bits each) and are turned
-into normals by the Box-Muller transform, so two releases of the same data always differ and
-nobody can reproduce the noise. `generator` exists for statistical tests of the transform only.
+`discrete_gaussian_noise` draws integers from N_Z(0, s^2) (probability proportional to
+exp(-x^2 / (2 s^2)) on Z) with OpenDP's exact sampler (Canonne, Kamath & Steinke 2020, Alg. 3: rational
+arithmetic, no floating point; randomness from OpenDP's cryptographically secure source). A real release
+takes no seed: two releases of the same data always differ and nobody can reproduce the noise. The noise
+is drawn for a zero vector and added to the integer sums with numpy, so no private value passes through
+the library. Why integers: `mepf_core.privacy.lattice`.
 """
 
 from __future__ import annotations
 
-import os
+import math
 
 import numpy as np
 
-_TWO_53 = float(2**53)
+from mepf_core.errors import InvalidArgumentError
+
+_measurement_cache: dict[float, object] = {}
+_SATURATED = 2**62  # |noise| at or above it is refused (MAX_INTEGER_SCALE keeps honest draws far below)
 
 
-def _secure_uniform53(n: int) -> np.ndarray:
-    """n uniforms on the grid {0, 1, ..., 2^53 - 1} / 2^53, from os.urandom."""
-    words = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
-    return (words >> np.uint64(11)).astype(np.float64) / _TWO_53
+def _opendp_gaussian(scale: float):
+    """OpenDP's discrete Gaussian measurement on i64 vectors with L2 distance, at `scale` (cached)."""
+    if scale not in _measurement_cache:
+        import opendp.prelude as dp  # imported on use: only the custodian's noise step needs it
+
+        dp.enable_features("contrib")  # make_gaussian on integer vectors is under OpenDP's "contrib" flag
+        space = dp.vector_domain(dp.atom_domain(T="i64")), dp.l2_distance(T="i64")
+        _measurement_cache.clear()
+        _measurement_cache[scale] = dp.m.make_gaussian(*space, scale=scale)
+    return _measurement_cache[scale]
 
 
-def secure_standard_normal(shape: tuple[int, ...] | int) -> np.ndarray:
-    """Standard normal float64 samples of `shape` (Box-Muller on secure uniforms)."""
+def discrete_gaussian_noise(shape: tuple[int, ...] | int, *, scale: float) -> np.ndarray:
+    """int64 array of `shape` with independent N_Z(0, scale^2) entries (scale in lattice steps).
+
+    InvalidArgumentError unless scale is finite and > 0 and shape is non-negative. Cost: about 8 us an
+    entry on one core (1.36 M entries, an 8-cell Fashion-MNIST release, in about 11 s).
+    """
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise InvalidArgumentError(f"scale must be a finite number > 0, got {scale}")
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if any(s < 0 for s in shape):
+        raise InvalidArgumentError(f"shape must be non-negative, got {shape}")
     n = int(np.prod(shape, dtype=np.int64))
-    if n < 0:
-        raise ValueError(f"shape must be non-negative, got {shape}")
-    half = (n + 1) // 2
-    u1 = 1.0 - _secure_uniform53(half)  # in (0, 1]: log is finite
-    u2 = _secure_uniform53(half)
-    r = np.sqrt(-2.0 * np.log(u1))
-    theta = 2.0 * np.pi * u2
-    z = np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:n]
-    return z.reshape(shape)
-
-
-def gaussian_noise(shape: tuple[int, ...] | int, *, sigma: float) -> np.ndarray:
-    """N(0, sigma^2) float64 noise of `shape` from the secure source; ValueError unless 0 <= sigma < inf."""
-    if not (np.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
-    return sigma * secure_standard_normal(shape)
+    if n == 0:
+        return np.zeros(shape, dtype=np.int64)
+    draws = np.asarray(_opendp_gaussian(float(scale))([0] * n), dtype=np.int64).reshape(shape)
+    if np.any(np.abs(draws) >= _SATURATED):  # OpenDP saturates at the int64 range: not a Gaussian draw any more
+        raise InvalidArgumentError(f"discrete Gaussian draws at scale {scale:g} reached the int64 range")
+    return draws
