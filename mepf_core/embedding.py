@@ -119,7 +119,7 @@ def sums_to_noisy_parts(sums: FeatureSums, mechanism: ReleaseMechanism,
         steps = values[part.name]
         if part.noised:
             steps = steps + noise(steps.shape, scale=part.integer_scale)
-        noisy[part.name] = steps.astype(np.float64) * part.lattice_unit  # exact below 2^53 steps; post-processing
+        noisy[part.name] = steps.astype(np.float64) * part.lattice_unit  # post-processing; exact below 2^51 steps
     return noisy
 
 

@@ -152,3 +152,16 @@ def test_norm_bounds_whose_unit_is_not_a_normal_float_are_refused():
     k = to_lattice(_adversarial_rows(c, 256), c)
     assert all(sq <= B * B for sq in _exact_sq_norms(k))
     assert sum_sensitivity(Neighbouring.ADD_REMOVE, c) / lattice_unit(c) == B
+
+
+def test_rows_over_the_bound_keep_their_norm_and_huge_bounds_are_refused():
+    """Second DP review: a row 0.1% over C ran out of trim passes and was zeroed (out of contract, but a
+    record lost for nothing); norm bounds near 1e154 overflowed the reader's norm check after the charge."""
+    g = torch.tensor(np.random.default_rng(5).normal(size=(1, D)), dtype=torch.float64)
+    g = g / g.norm()
+    for over in (1.0, 1.0001, 1.001, 1.02, 1.5, 1e300):
+        k = to_lattice(g * over, 1.0)
+        norm_sq = _exact_sq_norms(k)[0]
+        assert norm_sq <= B * B and norm_sq > (B - 2) ** 2, over
+    with pytest.raises(InvalidArgumentError, match="2\\^100"):
+        lattice_unit(1e154)

@@ -43,21 +43,25 @@ from mepf_core.errors import InvalidArgumentError
 LATTICE_NORM = 2**20  # B: a record's integer feature vector has L2 norm <= B (steps of C / B: 1e-6 of C)
 _MAX_DIM = 2**22  # sum_j k_j^2 with |k_j| <= B = 2^20 stays below 2^63 for D <= 2^22 (exact int64)
 MIN_NORM_BOUND = 2.0**-1002  # C / 2^20 is then a normal float: the unit, and Delta / unit = B or 2B, are exact
+MAX_NORM_BOUND = 2.0**100  # sums of int64 steps x unit, and their squares in the reader's norm check, stay finite
 # Largest noise scale in lattice steps. Noise beyond 2^62 would overflow int64 (OpenDP saturates, numpy
 # wraps: a "noisy" value that no longer hides anything); at scale 2^46, |noise| > 2^52 needs a 64-sigma
-# draw (probability < 1e-890), so sums of fewer than 2^31 records plus noise stay below 2^53, where the
-# float64 file values are exact. Only absurd settings reach it (epsilon ~ 1e-7, count_share ~ 1e-27).
+# draw (probability < 1e-890), so sums of fewer than 2^29 records plus noise stay below 2^51 steps, where
+# the float64 file values are exact and `storage.release.on_lattice` recognises every one of them.
+# Only absurd settings reach the cap (epsilon ~ 1e-7, count_share ~ 1e-27).
 MAX_INTEGER_SCALE = 2.0**46
 
 
 def lattice_unit(norm_bound: float) -> float:
     """Feature units per lattice step for features of L2 norm <= `norm_bound`: C / LATTICE_NORM (exact:
     a division by a power of two that stays a normal float). InvalidArgumentError unless norm_bound is
-    finite and >= MIN_NORM_BOUND (2^-1002)."""
+    finite and in [MIN_NORM_BOUND, MAX_NORM_BOUND] = [2^-1002, 2^100]."""
     if not (math.isfinite(norm_bound) and norm_bound > 0):
         raise InvalidArgumentError(f"norm_bound must be a finite number > 0, got {norm_bound}")
     if norm_bound < MIN_NORM_BOUND:
         raise InvalidArgumentError(f"norm_bound must be >= 2^-1002 (its lattice unit must be a normal float), got {norm_bound}")
+    if norm_bound > MAX_NORM_BOUND:
+        raise InvalidArgumentError(f"norm_bound must be <= 2^100 (sums and their norms must stay finite), got {norm_bound}")
     return float(norm_bound) / LATTICE_NORM
 
 
@@ -67,8 +71,9 @@ def to_lattice(phi: torch.Tensor, norm_bound: float) -> torch.Tensor:
 
     k = round(phi / lattice_unit) clamped to [-B, B] (non-finite entries count as 0); a row whose exact
     integer squared norm exceeds B^2 (a float row of norm C rounds over it by a step about half the time)
-    has its largest entries lowered by one step each until it fits (`_trim`; a row far over is first
-    scaled back to about B), and a row still over the bound after that becomes all zeros.
+    has its largest entries lowered by one step each until it fits (`_trim`; a row more than 16 steps over
+    is first scaled back to about B), and a row still over the bound after that (none was found by fuzzing)
+    becomes all zeros.
     Each output row is a function of its input row alone, and the bound holds for every input (module docstring).
     Raises InvalidArgumentError for D > 2^22 (the exact int64 norm would overflow) or a bad norm_bound.
     """
@@ -80,7 +85,7 @@ def to_lattice(phi: torch.Tensor, norm_bound: float) -> torch.Tensor:
     b = LATTICE_NORM
     x = torch.nan_to_num(phi.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0) / unit
     k = x.round().clamp_(-b, b).to(torch.int64)
-    far = (k * k).sum(dim=1) > (b + k.shape[1]) ** 2  # far over (absurd input): scale back to about norm B first
+    far = (k * k).sum(dim=1) > (b + 16) ** 2  # more than 16 steps over (outside the contract): scale back to about B
     if bool(far.any()):
         factor = b / torch.sqrt((k[far] * k[far]).sum(dim=1).to(torch.float64))
         k[far] = (k[far].to(torch.float64) * factor[:, None]).round().to(torch.int64)

@@ -47,6 +47,6 @@ def discrete_gaussian_noise(shape: tuple[int, ...] | int, *, scale: float) -> np
     if n == 0:
         return np.zeros(shape, dtype=np.int64)
     draws = np.asarray(_opendp_gaussian(float(scale))([0] * n), dtype=np.int64).reshape(shape)
-    if np.any(np.abs(draws) >= _SATURATED):  # OpenDP saturates at the int64 range: not a Gaussian draw any more
+    if np.any((draws >= _SATURATED) | (draws <= -_SATURATED)):  # OpenDP saturates at the int64 range (not abs: abs(min) < 0)
         raise InvalidArgumentError(f"discrete Gaussian draws at scale {scale:g} reached the int64 range")
     return draws
