@@ -108,7 +108,7 @@ def _trim(k: torch.Tensor, excess: torch.Tensor, width: int | None) -> torch.Ten
     Entries are ranked by the key |k_j| D + (D - 1 - j), distinct for every entry (equal magnitudes: the
     lower index first), so which entries are lowered is a function of the row alone."""
     d = k.shape[1]
-    key = k.abs() * d + torch.arange(d - 1, -1, -1)  # < 2^42: |k_j| <= 2^20, D <= 2^22
+    key = k.abs() * d + torch.arange(d - 1, -1, -1)  # < 2^43: |k_j| <= 2^20, D <= 2^22
     ranked = key.topk(d if width is None else min(width, d), dim=1, sorted=True).values
     magnitude, order = ranked // d, d - 1 - ranked % d
     removed = (2 * magnitude - 1).clamp_min(0).cumsum(dim=1)
