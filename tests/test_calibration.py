@@ -77,7 +77,7 @@ def test_delta_floor_is_the_smallest_normal_double():
     assert z == pytest.approx(37.4340, abs=1e-4)
     assert epsilon_spent([z], delta=MIN_DELTA) == pytest.approx(1.0, rel=1e-6)
     for subnormal in (5e-324, 1e-320, 1e-309):
-        with pytest.raises(ValueError, match=r"target_delta must be >= 2.22507e-308 \(the smallest delta autodp"):
+        with pytest.raises(ValueError, match=r"target_delta must be >= 2.22507e-308 \(the smallest normal double"):
             effective_noise_multiplier(target_epsilon=1.0, target_delta=subnormal)
 
 

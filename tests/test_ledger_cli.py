@@ -18,7 +18,7 @@ def _release(tmp_path, *extra):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (("--target-delta", "5e-324"), "target_delta must be >= 2.22507e-308 (the smallest delta autodp calibrates), "
+    (("--target-delta", "5e-324"), "target_delta must be >= 2.22507e-308 (the smallest normal double), "
                                    "got 4.94066e-324"),
     (("--target-delta", "1e-309"), "target_delta must be >= 2.22507e-308"),
     (("--target-delta", "0.3"), "target_delta must be <= 0.001"),

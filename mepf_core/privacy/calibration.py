@@ -17,9 +17,10 @@ comment in autodp's DiscreteGaussianMechanism says the same). It costs 6-10 % mo
 target (z at delta 1e-5: 0.530 against 0.500 at epsilon 10, 4.05 against 3.73 at 1, 17.9 against 16.3 at 0.2).
 
 Delta limits (probabilities, no unit):
-  MIN_DELTA = the smallest normal double, 2.2250738585072014e-308: below it (subnormal deltas) autodp's
-  conversions raise "Failed to find epsilon" or overflow; smaller deltas are refused here with a
-  ValueError instead.
+  MIN_DELTA = the smallest normal double, 2.2250738585072014e-308: a floor kept from the analytic
+  calibration, which failed on subnormal deltas (the zCDP conversion does not, but a delta below 1e-308
+  means nothing a custodian could want, and ledgers already hold this limit); smaller deltas are refused
+  with a ValueError.
   MAX_TARGET_DELTA = 1e-3: delta is the probability of a catastrophic leak ((0, delta)-DP allows
   publishing each record in full with probability delta, about n * delta records), so it must be far
   below 1/n; 1e-3 is a hard ceiling that refuses meaningless values, and the default 1e-5 is the
@@ -40,7 +41,7 @@ from autodp.mechanism_zoo import DiscreteGaussianMechanism
 from mepf_core.errors import InvalidArgumentError
 
 
-MIN_DELTA = sys.float_info.min  # 2.2250738585072014e-308: autodp fails on every subnormal delta
+MIN_DELTA = sys.float_info.min  # 2.2250738585072014e-308: the smallest normal double
 MAX_TARGET_DELTA = 1e-3  # per release (and per budget): delta must stay far below 1/n
 
 
@@ -52,7 +53,7 @@ def validate_delta(delta: float, *, name: str = "delta", cap: float | None = Non
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
         raise InvalidArgumentError(f"{name} must be in (0, 1), got {delta}")
     if delta < MIN_DELTA:
-        raise InvalidArgumentError(f"{name} must be >= {MIN_DELTA:g} (the smallest delta autodp calibrates), got {delta:g}")
+        raise InvalidArgumentError(f"{name} must be >= {MIN_DELTA:g} (the smallest normal double), got {delta:g}")
     if cap is not None and delta > cap:
         raise InvalidArgumentError(f"{name} must be <= {cap:g} (delta is the probability of a catastrophic leak; keep it far "
                          f"below 1/n), got {delta:g}")

@@ -35,8 +35,8 @@ def _opendp_gaussian(scale: float):
 def discrete_gaussian_noise(shape: tuple[int, ...] | int, *, scale: float) -> np.ndarray:
     """int64 array of `shape` with independent N_Z(0, scale^2) entries (scale in lattice steps).
 
-    InvalidArgumentError unless scale is finite and > 0 and shape is non-negative. Cost: about 8 us an
-    entry on one core (1.36 M entries, an 8-cell Fashion-MNIST release, in about 11 s).
+    InvalidArgumentError unless scale is finite and > 0 and shape is non-negative. Cost: about 10 us an
+    entry on one core (1.36 M entries, an 8-cell Fashion-MNIST release, in 12-17 s).
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise InvalidArgumentError(f"scale must be a finite number > 0, got {scale}")
