@@ -63,17 +63,16 @@ class FeatureSums:
         if labels.numel() and (labels.min() < 0 or labels.max() >= k):
             # no label values or counts in the message: it can reach Prefect's logs from a custodian task
             raise ValueError(f"labels must be in [0, {k}); this batch holds a label outside that range")
-        self.moment1 += self._row_sums(phi1, "moment1", labels)
+        self._add_rows(self.moment1, phi1, "moment1", labels)
         if self.moment2 is not None:
             if phi2 is None:
                 raise ValueError("second-moment features are required: this accumulator has moments=2")
-            self.moment2 += self._row_sums(phi2, "moment2", labels)
+            self._add_rows(self.moment2, phi2, "moment2", labels)
         self.counts += torch.bincount(labels, minlength=k).numpy()
 
-    def _row_sums(self, phi: torch.Tensor, part: str, labels: torch.Tensor) -> np.ndarray:
+    def _add_rows(self, sums: np.ndarray, phi: torch.Tensor, part: str, labels: torch.Tensor) -> None:
         steps = to_lattice(phi, self.units[part] * LATTICE_NORM)  # unit x B = the norm bound, exactly
-        out = torch.zeros(self.moment1.shape, dtype=torch.int64)
-        return out.index_add_(0, labels, steps).numpy()  # exact integer sums
+        torch.from_numpy(sums).index_add_(0, labels, steps)  # exact integer sums, in place (shares memory)
 
     def merge(self, other: "FeatureSums") -> "FeatureSums":
         if (self.moment1.shape != other.moment1.shape or (self.moment2 is None) != (other.moment2 is None)

@@ -10,26 +10,24 @@ the library. Why integers: `mepf_core.privacy.lattice`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from mepf_core.errors import InvalidArgumentError
 
-_measurement_cache: dict[float, object] = {}
 _SATURATED = 2**62  # |noise| at or above it is refused (MAX_INTEGER_SCALE keeps honest draws far below)
 
 
+@functools.lru_cache(maxsize=4)  # a release has up to 3 noised parts
 def _opendp_gaussian(scale: float):
-    """OpenDP's discrete Gaussian measurement on i64 vectors with L2 distance, at `scale` (cached)."""
-    if scale not in _measurement_cache:
-        import opendp.prelude as dp  # imported on use: only the custodian's noise step needs it
+    """OpenDP's discrete Gaussian measurement on i64 vectors with L2 distance, at `scale`."""
+    import opendp.prelude as dp  # imported on use: only the custodian's noise step needs it
 
-        dp.enable_features("contrib")  # make_gaussian on integer vectors is under OpenDP's "contrib" flag
-        space = dp.vector_domain(dp.atom_domain(T="i64")), dp.l2_distance(T="i64")
-        _measurement_cache.clear()
-        _measurement_cache[scale] = dp.m.make_gaussian(*space, scale=scale)
-    return _measurement_cache[scale]
+    dp.enable_features("contrib")  # make_gaussian on integer vectors is under OpenDP's "contrib" flag
+    space = dp.vector_domain(dp.atom_domain(T="i64")), dp.l2_distance(T="i64")
+    return dp.m.make_gaussian(*space, scale=scale)
 
 
 def discrete_gaussian_noise(shape: tuple[int, ...] | int, *, scale: float) -> np.ndarray:
