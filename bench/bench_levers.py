@@ -37,7 +37,7 @@ from mepf_core.classifiers import CLASSIFIERS  # noqa: E402
 from mepf_core.public_map import build_public_map  # noqa: E402
 from mepf_core.training import Trainer, TrainConfig, WeightAverage, balanced_labels, generate  # noqa: E402
 from storage.release import read_release  # noqa: E402
-from storage.synthetic import quantise  # noqa: E402
+from storage.synthetic import quantise, read_synthetic  # noqa: E402
 from tasks.evaluation import fid_against_reference, load_reference  # noqa: E402
 
 LEVERS = RESULTS / "levers.jsonl"
@@ -135,17 +135,35 @@ def resnet_cost(args) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def saved_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images N x C x H x W uint8, labels) of a --save file (VARIANT.npz: images, labels) or of a labelled
+    dataset `mepf sample` wrote (.h5 / .npz / .parquet: storage.synthetic)."""
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            if "images" in data:
+                return data["images"], data["labels"]
+    images, labels, _ = read_synthetic(path)
+    if labels is None:
+        raise SystemExit(f"{path} holds no labels: the classifiers need a labelled synthetic dataset")
+    return images, labels
+
+
 def score_saved(args) -> None:
-    """Score the images of an earlier --save run with --classifiers; rows name the run's folder."""
+    """Score saved images with --classifiers (and FID with --fid N against the selection half): each
+    --save file (VARIANT.npz) or `mepf sample` dataset (.npz / .h5) in the folder; rows name the file."""
     halves = test_halves()
     command = "python " + shlex.join(sys.argv)
-    for path in sorted(args.from_images.glob("*.npz")):
+    paths = sorted(p for p in args.from_images.iterdir() if p.suffix in (".npz", ".h5"))
+    for path in paths:
         if args.variants and path.stem not in args.variants:
             continue
-        data = np.load(path)
-        scores = score(data["images"], data["labels"], halves, args.classifiers)
-        row = {"lever": args.lever, "variant": path.stem, "images": str(path), "n_synthetic": len(data["labels"]),
+        images, labels = saved_images(path)
+        scores = score(images, labels, halves, args.classifiers)
+        fid = (fid_against_reference(images, halves["select"][0][: args.fid],
+                                     "fashion-mnist:test#test-select", args.fid) if args.fid else None)
+        row = {"lever": args.lever, "variant": path.stem, "images": str(path), "n_synthetic": len(labels),
                "select": scores["select"], "report": scores["report"], "classifier_s": scores["seconds"],
+               f"fid_select_{args.fid}": None if fid is None else round(fid, 2),
                "note": args.note, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}
         print(json.dumps(row), flush=True)
         with open(LEVERS, "a") as f:

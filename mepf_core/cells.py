@@ -48,6 +48,7 @@ import hashlib
 import io
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 from importlib import resources
 
 import numpy as np
@@ -80,20 +81,43 @@ MIN_CELL_BATCH = 16
 # PUBLIC_TEST_SHA256["fashion-mnist"]; tests/test_cells.py recomputes every entry from that file.
 PUBLIC_TEST_SHA256 = {"fashion-mnist": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"}
 LITE0_SHA256 = "c8d774fe1ecb47f855f08d1c515fd387798b7a4d1b53ab1f6612bcf44ec00f75"  # efficientnet-lite0's packaged weights
-_FMNIST = ("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (1, 28, 28), 1.0, 1)
-PUBLIC_OFFSETS: dict[tuple, tuple[float, ...]] = {
-    (*_FMNIST, 2): (-0.11025606538169086,),
-    (*_FMNIST, 4): (-0.8690621431451291, -0.7737186523154378),
-    (*_FMNIST, 8): (0.4459965240675956, 0.7146274384576827, -0.7181547172367573),
-    (*_FMNIST, 16): (-0.5119542174506932, 0.5192786005791277, 0.6080305317882448, -0.27437580609694123),
+
+
+class TableKey(NamedTuple):
+    """Key of `PUBLIC_OFFSETS` and `PUBLIC_CENTROIDS`: the public settings a table was made for."""
+    reference: str  # public split of the images (storage.references)
+    encoder: str  # encoder name
+    encoder_sha256: str  # SHA-256 of its weights file
+    image_shape: tuple[int, int, int]  # C x H x W
+    norm_bound: float  # C1
+    cell_seed: int
+    cells_per_class: int
+
+    @classmethod
+    def of(cls, reference: str, encoder: str, encoder_sha256: str, image_shape, norm_bound: float, seed: int,
+           cells_per_class: int) -> "TableKey":
+        """The key with its fields in canonical types (ints, a tuple shape, a float bound)."""
+        return cls(reference, encoder, encoder_sha256, tuple(int(v) for v in image_shape), float(norm_bound),
+                   int(seed), int(cells_per_class))
+
+
+def _fmnist(cells_per_class: int) -> TableKey:
+    return TableKey("fashion-mnist:test-select", "efficientnet-lite0", LITE0_SHA256, (1, 28, 28), 1.0, 1,
+                    cells_per_class)
+
+
+PUBLIC_OFFSETS: dict[TableKey, tuple[float, ...]] = {
+    _fmnist(2): (-0.11025606538169086,),
+    _fmnist(4): (-0.8690621431451291, -0.7737186523154378),
+    _fmnist(8): (0.4459965240675956, 0.7146274384576827, -0.7181547172367573),
+    _fmnist(16): (-0.5119542174506932, 0.5192786005791277, 0.6080305317882448, -0.27437580609694123),
 }
 
 
 def tabulated_offsets(reference: str, encoder: str, encoder_sha256: str, image_shape, norm_bound: float, seed: int,
                       cells_per_class: int) -> tuple[float, ...] | None:
     """The `PUBLIC_OFFSETS` entry for these settings (encoder: its name), None when there is none."""
-    key = (reference, encoder, encoder_sha256, tuple(int(v) for v in image_shape), float(norm_bound), int(seed),
-           int(cells_per_class))
+    key = TableKey.of(reference, encoder, encoder_sha256, image_shape, norm_bound, seed, cells_per_class)
     return PUBLIC_OFFSETS.get(key)
 
 
@@ -102,9 +126,11 @@ def tabulated_references(seed: int, cells_per_class: int, *, encoder: str | None
     """The references `PUBLIC_CENTROIDS` holds centroids of for this seed and number of cells (a new release's
     cell reference; `PUBLIC_OFFSETS` only verifies releases made with hyperplane cells before); with
     encoder (name), image_shape (C, H, W) or norm_bound given, only entries made for those settings."""
-    want = {5: int(seed), 6: int(cells_per_class), 1: encoder, 4: None if norm_bound is None else float(norm_bound),
-            3: None if image_shape is None else tuple(int(v) for v in image_shape)}
-    return sorted({k[0] for k in PUBLIC_CENTROIDS if all(v is None or k[i] == v for i, v in want.items())})
+    want = {"cell_seed": int(seed), "cells_per_class": int(cells_per_class), "encoder": encoder,
+            "norm_bound": None if norm_bound is None else float(norm_bound),
+            "image_shape": None if image_shape is None else tuple(int(v) for v in image_shape)}
+    return sorted({k.reference for k in PUBLIC_CENTROIDS
+                   if all(v is None or getattr(k, field) == v for field, v in want.items())})
 
 
 def validate_cells(cells_per_class: int) -> int:
@@ -271,11 +297,11 @@ _CENTROID_FILES = {m: f"fashion-mnist-test-select_efficientnet-lite0_1x28x28_c1_
 # Key: as PUBLIC_OFFSETS; value: (file in mepf_core/cell_tables, its SHA-256). Each file holds a float64
 # array K x M x CENTROID_DIM made by `public_centroids` from the same features as PUBLIC_OFFSETS
 # (tests/test_cells.py recomputes every one from the pinned official test file).
-PUBLIC_CENTROIDS: dict[tuple, tuple[str, str]] = {
-    (*_FMNIST, 2): (_CENTROID_FILES[2], "b5342361ffd8657847315460e046a5d6e560eac4d49574062571a79138da2168"),
-    (*_FMNIST, 4): (_CENTROID_FILES[4], "f08e0dd3b08018a269e620226b08d460c034f99852b3b568227cb93e19a0b8fa"),
-    (*_FMNIST, 8): (_CENTROID_FILES[8], "cdd983ce1f6fa06e1f22e104d3429b362dd7e3a41f5f8e36f984889007d19503"),
-    (*_FMNIST, 16): (_CENTROID_FILES[16], "fd585ff06e2f0baf2fddbfd145604a2f3e1b679acdb571421189f7de25ba8c05"),
+PUBLIC_CENTROIDS: dict[TableKey, tuple[str, str]] = {
+    _fmnist(2): (_CENTROID_FILES[2], "b5342361ffd8657847315460e046a5d6e560eac4d49574062571a79138da2168"),
+    _fmnist(4): (_CENTROID_FILES[4], "f08e0dd3b08018a269e620226b08d460c034f99852b3b568227cb93e19a0b8fa"),
+    _fmnist(8): (_CENTROID_FILES[8], "cdd983ce1f6fa06e1f22e104d3429b362dd7e3a41f5f8e36f984889007d19503"),
+    _fmnist(16): (_CENTROID_FILES[16], "fd585ff06e2f0baf2fddbfd145604a2f3e1b679acdb571421189f7de25ba8c05"),
 }
 
 
@@ -312,8 +338,7 @@ def tabulated_centroids(reference: str, encoder: str, encoder_sha256: str, image
     """(K x M x CENTROID_DIM float64 centroids, their file's SHA-256) of the `PUBLIC_CENTROIDS` entry for
     these settings, None when there is none. Raises RuntimeError when the packaged file's bytes are not the
     pinned ones (a damaged or altered installation)."""
-    key = (reference, encoder, encoder_sha256, tuple(int(v) for v in image_shape), float(norm_bound), int(seed),
-           int(cells_per_class))
+    key = TableKey.of(reference, encoder, encoder_sha256, image_shape, norm_bound, seed, cells_per_class)
     if key not in PUBLIC_CENTROIDS:
         return None
     name, sha256 = PUBLIC_CENTROIDS[key]

@@ -57,7 +57,7 @@ def main() -> None:
         buffer = io.BytesIO()
         np.save(buffer, public_centroids(phi, labels, 10, m, projection), allow_pickle=False)
         (TABLES / _CENTROID_FILES[m]).write_bytes(buffer.getvalue())
-        print(f"    (*_FMNIST, {m}): ({_CENTROID_FILES[m]!r}, {hashlib.sha256(buffer.getvalue()).hexdigest()!r}),")
+        print(f"    _fmnist({m}): ({_CENTROID_FILES[m]!r}, {hashlib.sha256(buffer.getvalue()).hexdigest()!r}),")
 
 
 if __name__ == "__main__":

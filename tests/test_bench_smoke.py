@@ -8,9 +8,11 @@ the same features as the registry's VGG19 map.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,27 @@ def test_quality_rows_merge_by_epsilon_and_a_pipeline_run_becomes_a_row(tmp_path
     assert summary["seeds"] == [0, 1, 2] and summary["acc_cnn"]["n"] == 3
     assert summary["fid@2000v2000"] == {"mean": 54.91, "sd": 1.4142, "min": 53.91, "max": 55.91, "n": 2}
     assert "fid@1000v1000" not in summary and "fid" not in summary
+
+
+def test_levers_score_saved_images_of_either_layout(tmp_path):
+    """bench_levers --from-images reads its own VARIANT.npz (images N x C x H x W, labels) and what `mepf
+    sample` writes (.h5 / .npz, channels last in .npz), to the same pixels and labels; unlabelled refused."""
+    from bench import bench_levers
+    from storage.provenance import SyntheticInfo
+    from storage.synthetic import write_synthetic
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 1, 8, 8), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    info = SyntheticInfo(release_id="r", epsilon=1.0, delta=1e-5, encoder="efficientnet-lite0",
+                         class_names=("a", "b", "c"), steps=1)
+    np.savez_compressed(tmp_path / "raw.npz", images=images, labels=labels)
+    write_synthetic(tmp_path / "sampled.npz", images, labels, info)
+    write_synthetic(tmp_path / "sampled.h5", images, labels, info)
+    for name in ("raw.npz", "sampled.npz", "sampled.h5"):
+        got_images, got_labels = bench_levers.saved_images(tmp_path / name)
+        assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels), name
+    unlabelled = dataclasses.replace(info, class_names=None)
+    write_synthetic(tmp_path / "u.h5", images, None, unlabelled)
+    with pytest.raises(SystemExit, match="no labels"):
+        bench_levers.saved_images(tmp_path / "u.h5")

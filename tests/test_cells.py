@@ -273,12 +273,12 @@ def test_tabulated_centroids_are_the_kmeans_of_the_official_public_half(public_h
     the official public half, the way scripts/make_cell_centroids.py made it: public images only."""
     phi, labels = public_half
     projection = centroid_projection(phi.shape[1], 1)
-    assert sorted(key[6] for key in PUBLIC_CENTROIDS) == [2, 4, 8, 16]
+    assert sorted(key.cells_per_class for key in PUBLIC_CENTROIDS) == [2, 4, 8, 16]
     for key in PUBLIC_CENTROIDS:
         assert key[:6] == FMNIST_KEY
         table, sha256 = tabulated_centroids(*key)
-        assert sha256 == PUBLIC_CENTROIDS[key][1] and table.shape == (10, key[6], CENTROID_DIM)
-        recomputed = public_centroids(phi, labels, 10, key[6], projection)
+        assert sha256 == PUBLIC_CENTROIDS[key][1] and table.shape == (10, key.cells_per_class, CENTROID_DIM)
+        recomputed = public_centroids(phi, labels, 10, key.cells_per_class, projection)
         assert np.abs(recomputed - table).max() < 1e-5, key
 
 
